@@ -1,0 +1,605 @@
+//! The per-node state machine, as pure transitions.
+//!
+//! ```text
+//! Pending → Cordoned → Drained → Labelled → AgentRestarted → AgentReady → Uncordoned
+//!         → PodsRestarted → Verified → Done
+//! any step fails or times out → RollingBack → RolledBack   (or Failed, if the rollback itself
+//!                                                            cannot finish: a person must look)
+//! ```
+//!
+//! A [`NodeRecord`] holds the node's phase (the last step that is complete) and what the machine
+//! must remember across a crash: whether the node was cordoned before the run, and which agent
+//! pod it restarted. It serialises to the compact JSON kept in the node annotation
+//! [`STATE_ANNOTATION`].
+//!
+//! [`decide`] takes the record, an [`Observation`] of the node and `now`, advances the record
+//! through every step the observation shows complete, and returns the next [`Action`]. The caller
+//! persists the new record *before* acting, so that a run killed at any point resumes from what
+//! the cluster holds and never repeats a completed, disruptive step.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{OwnerKind, Pod, PodNetwork, PodRef, Time};
+use crate::ports::{AgentObservation, CniDirState, NodeView, Verification};
+
+/// The node annotation that holds a node's [`NodeRecord`].
+pub const STATE_ANNOTATION: &str = "cnimig.io/migration";
+
+/// The last completed step of a node's migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Phase {
+    /// Nothing done yet.
+    Pending,
+    /// `spec.unschedulable` is set (by us, or before the run).
+    Cordoned,
+    /// No drainable pod is left on the node.
+    Drained,
+    /// The migration label is on the node.
+    Labelled,
+    /// The Cilium agent pod was replaced.
+    AgentRestarted,
+    /// The new agent is Ready and resolved the node config (Cilium owns the CNI config).
+    AgentReady,
+    /// The node is schedulable again (skipped for nodes cordoned before the run).
+    Uncordoned,
+    /// No pod on the node uses Calico any more.
+    PodsRestarted,
+    /// The verifier found the node healthy.
+    Verified,
+    /// Migrated.
+    Done,
+    /// Undoing the node's migration.
+    RollingBack,
+    /// Back on Calico, as it was.
+    RolledBack,
+    /// The rollback could not finish; a person must look (the record says why).
+    Failed,
+}
+
+impl Phase {
+    /// True for phases a node ends in.
+    #[must_use]
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Phase::Done | Phase::RolledBack | Phase::Failed)
+    }
+    /// True while the node's drain may still disrupt PDB-covered pods.
+    #[must_use]
+    pub fn is_draining(self) -> bool {
+        matches!(self, Phase::Pending | Phase::Cordoned)
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// The steps of a rollback, in order. Each is skipped when the observation shows it is not needed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum RollbackStep {
+    /// Cordon, so nothing new lands on the node while it changes back.
+    Cordon,
+    /// Evict the drainable pods that already run on Cilium.
+    DrainCilium,
+    /// Restore Calico's CNI config in `/etc/cni/net.d`.
+    RestoreCni,
+    /// Remove the migration label.
+    Unlabel,
+    /// Restart the agent so it drops the node config.
+    RestartAgent,
+    /// Recycle the remaining Cilium pods (DaemonSet pods) onto Calico.
+    Recycle,
+    /// Uncordon, unless the node was cordoned before the run.
+    Uncordon,
+}
+
+/// A rollback in progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rollback {
+    /// The phase the node had reached when it failed.
+    pub failed_after: Phase,
+    /// One line: the step and the cause.
+    pub cause: String,
+    /// The rollback step under way.
+    pub step: RollbackStep,
+    /// When the current rollback step started.
+    pub step_since: Time,
+    /// The agent pod we restarted during rollback, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_restarted_from: Option<String>,
+}
+
+/// What the machine remembers about one node, persisted in the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Last completed step.
+    pub phase: Phase,
+    /// When `phase` was entered.
+    pub since: Time,
+    /// When the node's migration started.
+    pub started: Time,
+    /// Whether the node was cordoned before the run (then it stays cordoned). `None` until known.
+    #[serde(default)]
+    pub pre_cordoned: Option<bool>,
+    /// The agent pod UID we deleted to restart the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_restarted_from: Option<String>,
+    /// Set while rolling back, and kept afterwards for the report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<Rollback>,
+    /// Verification problems seen so far in the current verification window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_problem: Option<String>,
+}
+
+/// A stored record that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the {STATE_ANNOTATION} annotation holds {value:?}, which is not a cnimig node record ({detail}); if no cnimig run owns it, remove the annotation"
+)]
+pub struct BadRecord {
+    /// The stored text.
+    pub value: String,
+    /// The parser's complaint.
+    pub detail: String,
+}
+
+impl NodeRecord {
+    /// A fresh record for a node about to start.
+    #[must_use]
+    pub fn new(now: Time) -> Self {
+        NodeRecord {
+            phase: Phase::Pending,
+            since: now,
+            started: now,
+            pre_cordoned: None,
+            agent_restarted_from: None,
+            rollback: None,
+            last_problem: None,
+        }
+    }
+    /// The annotation value.
+    #[must_use]
+    pub fn to_annotation(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+    /// Parses an annotation value.
+    ///
+    /// # Errors
+    /// [`BadRecord`] when `value` is not a record.
+    pub fn from_annotation(value: &str) -> Result<Self, BadRecord> {
+        serde_json::from_str(value).map_err(|e| BadRecord { value: value.to_string(), detail: e.to_string() })
+    }
+    fn enter(&mut self, phase: Phase, now: Time) {
+        self.phase = phase;
+        self.since = now;
+        self.last_problem = None;
+    }
+}
+
+/// Per-step limits and drain options the machine needs from the config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepConfig {
+    /// The migration label key (value `"true"`).
+    pub label: String,
+    /// The `CiliumNodeConfig` name the agent must have resolved.
+    pub node_config: String,
+    /// Drain limit.
+    pub drain_timeout: Duration,
+    /// Limit for every other step (and each rollback step).
+    pub step_timeout: Duration,
+    /// Evict pods with emptyDir volumes.
+    pub delete_emptydir_data: bool,
+    /// Evict pods without a controller.
+    pub evict_unmanaged_pods: bool,
+}
+
+impl From<&crate::config::MigrationConfig> for StepConfig {
+    fn from(c: &crate::config::MigrationConfig) -> Self {
+        StepConfig {
+            label: c.migration_label.clone(),
+            node_config: c.node_config_name.clone(),
+            drain_timeout: c.drain_timeout,
+            step_timeout: c.step_timeout,
+            delete_emptydir_data: c.delete_emptydir_data,
+            evict_unmanaged_pods: c.evict_unmanaged_pods,
+        }
+    }
+}
+
+/// One look at a node, assembled by the orchestrator from the ports.
+#[derive(Debug, Clone, Copy)]
+pub struct Observation<'a> {
+    /// The node and its pods.
+    pub view: &'a NodeView,
+    /// The Cilium agent on the node.
+    pub agent: Option<&'a AgentObservation>,
+    /// The node's CNI config directory.
+    pub cni: CniDirState,
+}
+
+impl Observation<'_> {
+    fn labelled(&self, cfg: &StepConfig) -> bool {
+        self.view.node.labels.get(&cfg.label).is_some_and(|v| v == "true")
+    }
+    fn unschedulable(&self) -> bool {
+        self.view.node.unschedulable
+    }
+    fn drainable(&self) -> impl Iterator<Item = &Pod> {
+        self.view.pods.iter().filter(|p| p.is_drainable())
+    }
+}
+
+/// What the orchestrator must do next for a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Set `spec.unschedulable`.
+    Cordon,
+    /// Evict these pods (UID preconditions); refusals are retried on the next look.
+    Evict(Vec<PodRef>),
+    /// Put the migration label on the node.
+    Label,
+    /// Delete the agent pod with this UID.
+    RestartAgent(String),
+    /// Clear `spec.unschedulable`.
+    Uncordon,
+    /// Move pods still on the wrong network: evict those a budget may cover, delete DaemonSet pods.
+    Recycle {
+        /// To evict.
+        evict: Vec<PodRef>,
+        /// To delete.
+        delete: Vec<PodRef>,
+    },
+    /// Run the verifier and report with [`on_verification`].
+    Verify,
+    /// Restore Calico's CNI config on the node.
+    RestoreCni,
+    /// Remove the migration label.
+    Unlabel,
+    /// Nothing to do until the node changes; the string says what we wait for.
+    Wait(String),
+    /// The node is in a terminal phase.
+    Finished,
+}
+
+/// The result of [`decide`]: the record to persist (if it changed) and the action to take after.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// The new record; persist it before acting.
+    pub record: NodeRecord,
+    /// True when `record` differs from the input.
+    pub changed: bool,
+    /// What to do.
+    pub action: Action,
+}
+
+fn fail(rec: &mut NodeRecord, cause: String, now: Time) {
+    rec.rollback = Some(Rollback {
+        failed_after: rec.phase,
+        cause,
+        step: RollbackStep::Cordon,
+        step_since: now,
+        agent_restarted_from: None,
+    });
+    rec.enter(Phase::RollingBack, now);
+}
+
+/// Advances `record` through every step `obs` shows complete and returns the next action.
+///
+/// Pure: no IO, no clock. Timeouts are judged from `now` and the record's timestamps.
+#[must_use]
+pub fn decide(record: &NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, now: Time) -> Decision {
+    let mut rec = record.clone();
+    let action = loop {
+        match step(&mut rec, obs, cfg, now) {
+            Step::Advance(p) => rec.enter(p, now),
+            Step::Act(a) => break a,
+        }
+    };
+    let changed = &rec != record;
+    Decision { record: rec, changed, action }
+}
+
+enum Step {
+    Advance(Phase),
+    Act(Action),
+}
+
+fn timed_out(rec: &NodeRecord, limit: Duration, now: Time) -> bool {
+    now.since(rec.since) > limit
+}
+
+fn step(rec: &mut NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, now: Time) -> Step {
+    match rec.phase {
+        Phase::Pending => {
+            if rec.pre_cordoned.is_none() {
+                rec.pre_cordoned = Some(obs.unschedulable());
+            }
+            if obs.unschedulable() {
+                Step::Advance(Phase::Cordoned)
+            } else {
+                Step::Act(Action::Cordon)
+            }
+        }
+        Phase::Cordoned => drain(rec, obs, cfg, now),
+        Phase::Drained => {
+            if obs.labelled(cfg) {
+                Step::Advance(Phase::Labelled)
+            } else {
+                Step::Act(Action::Label)
+            }
+        }
+        Phase::Labelled => match (obs.agent, rec.agent_restarted_from.as_deref()) {
+            (Some(a), Some(old)) if a.pod_uid != old => Step::Advance(Phase::AgentRestarted),
+            (Some(a), _) => {
+                if timed_out(rec, cfg.step_timeout, now) {
+                    fail(rec, format!("step RestartAgent: agent pod {} was not replaced within {:?}", a.pod_uid, cfg.step_timeout), now);
+                    return Step::Act(Action::Wait("rolling back".into()));
+                }
+                rec.agent_restarted_from = Some(a.pod_uid.clone());
+                Step::Act(Action::RestartAgent(a.pod_uid.clone()))
+            }
+            (None, _) => {
+                if timed_out(rec, cfg.step_timeout, now) {
+                    fail(rec, format!("step RestartAgent: no Cilium agent pod on the node for {:?}", cfg.step_timeout), now);
+                    return Step::Act(Action::Wait("rolling back".into()));
+                }
+                Step::Act(Action::Wait("waiting for the Cilium agent pod to be scheduled".into()))
+            }
+        },
+        Phase::AgentRestarted => {
+            let ok = obs.agent.is_some_and(|a| a.ready && a.node_config.as_deref() == Some(cfg.node_config.as_str()))
+                && obs.cni.cilium_conflist;
+            if ok {
+                return Step::Advance(Phase::AgentReady);
+            }
+            if timed_out(rec, cfg.step_timeout, now) {
+                let why = match obs.agent {
+                    None => "no agent pod".to_string(),
+                    Some(a) if !a.ready => format!("agent {} not Ready", a.pod_uid),
+                    Some(a) if a.node_config.as_deref() != Some(cfg.node_config.as_str()) => format!(
+                        "agent {} resolved node config {:?}, not {:?}",
+                        a.pod_uid, a.node_config, cfg.node_config
+                    ),
+                    Some(_) => "05-cilium.conflist not written".to_string(),
+                };
+                fail(rec, format!("step AgentReady: {why} after {:?}", cfg.step_timeout), now);
+                return Step::Act(Action::Wait("rolling back".into()));
+            }
+            Step::Act(Action::Wait("waiting for the new Cilium agent to become Ready with the node config".into()))
+        }
+        Phase::AgentReady => {
+            if rec.pre_cordoned == Some(true) || !obs.unschedulable() {
+                Step::Advance(Phase::Uncordoned)
+            } else {
+                Step::Act(Action::Uncordon)
+            }
+        }
+        Phase::Uncordoned => recycle(rec, obs, cfg, now, PodNetwork::Calico, Phase::PodsRestarted),
+        Phase::PodsRestarted => Step::Act(Action::Verify),
+        Phase::Verified => Step::Advance(Phase::Done),
+        Phase::Done | Phase::RolledBack | Phase::Failed => Step::Act(Action::Finished),
+        Phase::RollingBack => rollback_step(rec, obs, cfg, now),
+    }
+}
+
+fn drain(rec: &mut NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, now: Time) -> Step {
+    let mut to_evict = Vec::new();
+    let mut remaining = 0usize;
+    for p in obs.drainable() {
+        remaining += 1;
+        if p.terminating {
+            continue;
+        }
+        if p.empty_dir && !cfg.delete_emptydir_data {
+            fail(rec, format!("step Drain: pod {} uses emptyDir and deleteEmptydirData is off", p.pod), now);
+            return Step::Act(Action::Wait("rolling back".into()));
+        }
+        if p.owner == OwnerKind::None && !cfg.evict_unmanaged_pods {
+            fail(rec, format!("step Drain: pod {} has no controller and evictUnmanagedPods is off", p.pod), now);
+            return Step::Act(Action::Wait("rolling back".into()));
+        }
+        to_evict.push(p.pod.clone());
+    }
+    if remaining == 0 {
+        return Step::Advance(Phase::Drained);
+    }
+    if timed_out(rec, cfg.drain_timeout, now) {
+        let what = rec.last_problem.clone().unwrap_or_else(|| format!("{remaining} pod(s) still on the node"));
+        fail(rec, format!("step Drain: not finished after {:?}: {what}", cfg.drain_timeout), now);
+        return Step::Act(Action::Wait("rolling back".into()));
+    }
+    if to_evict.is_empty() {
+        Step::Act(Action::Wait(format!("waiting for {remaining} evicted pod(s) to terminate")))
+    } else {
+        Step::Act(Action::Evict(to_evict))
+    }
+}
+
+/// Pods on the node still on `wrong` that use the pod network and can be moved.
+fn misplaced<'a>(obs: &'a Observation<'_>, wrong: PodNetwork) -> impl Iterator<Item = &'a Pod> {
+    obs.view.pods.iter().filter(move |p| p.uses_pod_network() && !p.mirror && p.network == wrong)
+}
+
+fn recycle(rec: &mut NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, now: Time, wrong: PodNetwork, next: Phase) -> Step {
+    let (mut evict, mut delete) = (Vec::new(), Vec::new());
+    let mut remaining = 0usize;
+    for p in misplaced(obs, wrong) {
+        remaining += 1;
+        if p.terminating {
+            continue;
+        }
+        if p.owner == OwnerKind::DaemonSet {
+            delete.push(p.pod.clone());
+        } else {
+            evict.push(p.pod.clone());
+        }
+    }
+    if remaining == 0 {
+        return Step::Advance(next);
+    }
+    if timed_out(rec, cfg.step_timeout, now) {
+        let what = rec.last_problem.clone().unwrap_or_else(|| format!("{remaining} pod(s) still on {wrong:?}"));
+        fail(rec, format!("step RestartPods: not finished after {:?}: {what}", cfg.step_timeout), now);
+        return Step::Act(Action::Wait("rolling back".into()));
+    }
+    if evict.is_empty() && delete.is_empty() {
+        Step::Act(Action::Wait(format!("waiting for {remaining} pod(s) to restart off {wrong:?}")))
+    } else {
+        Step::Act(Action::Recycle { evict, delete })
+    }
+}
+
+/// Feeds a verification result back to a node in [`Phase::PodsRestarted`]. Unhealthy results are
+/// retried until the step timeout, then the node rolls back naming the problems.
+#[must_use]
+pub fn on_verification(record: &NodeRecord, result: &Verification, cfg: &StepConfig, now: Time) -> NodeRecord {
+    let mut rec = record.clone();
+    if rec.phase != Phase::PodsRestarted {
+        return rec;
+    }
+    match result {
+        Verification::Healthy => rec.enter(Phase::Verified, now),
+        Verification::Unhealthy(problems) => {
+            let text = problems.join("; ");
+            if timed_out(&rec, cfg.step_timeout, now) {
+                fail(&mut rec, format!("step Verify: {text}"), now);
+            } else {
+                rec.last_problem = Some(text);
+            }
+        }
+    }
+    rec
+}
+
+/// Records a problem the orchestrator met while acting (e.g. the budget blocking an eviction),
+/// so that a timeout names it.
+#[must_use]
+pub fn with_problem(record: &NodeRecord, problem: String) -> NodeRecord {
+    let mut rec = record.clone();
+    rec.last_problem = Some(problem);
+    rec
+}
+
+/// Starts a rollback from any non-terminal phase (e.g. on an operator's request or a fault the
+/// orchestrator saw).
+#[must_use]
+pub fn start_rollback(record: &NodeRecord, cause: String, now: Time) -> NodeRecord {
+    let mut rec = record.clone();
+    if !rec.phase.is_terminal() && rec.phase != Phase::RollingBack {
+        fail(&mut rec, cause, now);
+    }
+    rec
+}
+
+fn rollback_step(rec: &mut NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, now: Time) -> Step {
+    let Some(rb) = rec.rollback.clone() else {
+        // A RollingBack record without its details cannot be trusted: stop for a person.
+        rec.rollback = Some(Rollback {
+            failed_after: Phase::Pending,
+            cause: "record in RollingBack without rollback details".into(),
+            step: RollbackStep::Uncordon,
+            step_since: now,
+            agent_restarted_from: None,
+        });
+        return Step::Advance(Phase::Failed);
+    };
+    let set_step = |rec: &mut NodeRecord, s: RollbackStep| {
+        if let Some(r) = rec.rollback.as_mut() {
+            r.step = s;
+            r.step_since = now;
+        }
+    };
+    if now.since(rb.step_since) > cfg.step_timeout.max(cfg.drain_timeout) {
+        if let Some(r) = rec.rollback.as_mut() {
+            r.cause = format!("{}; rollback step {:?} did not finish", r.cause, rb.step);
+        }
+        return Step::Advance(Phase::Failed);
+    }
+    let wait = |s: String| Step::Act(Action::Wait(s));
+    match rb.step {
+        RollbackStep::Cordon => {
+            if obs.unschedulable() {
+                set_step(rec, RollbackStep::DrainCilium);
+                rollback_step(rec, obs, cfg, now)
+            } else {
+                Step::Act(Action::Cordon)
+            }
+        }
+        RollbackStep::DrainCilium => {
+            let pods: Vec<&Pod> = obs.drainable().filter(|p| p.network == PodNetwork::Cilium).collect();
+            if pods.is_empty() {
+                set_step(rec, RollbackStep::RestoreCni);
+                return rollback_step(rec, obs, cfg, now);
+            }
+            let evict: Vec<PodRef> = pods.iter().filter(|p| !p.terminating).map(|p| p.pod.clone()).collect();
+            if evict.is_empty() { wait("waiting for Cilium pods to leave the node".into()) } else { Step::Act(Action::Evict(evict)) }
+        }
+        RollbackStep::RestoreCni => {
+            if obs.cni == CniDirState::CALICO {
+                set_step(rec, RollbackStep::Unlabel);
+                rollback_step(rec, obs, cfg, now)
+            } else {
+                Step::Act(Action::RestoreCni)
+            }
+        }
+        RollbackStep::Unlabel => {
+            if obs.view.node.labels.contains_key(&cfg.label) {
+                Step::Act(Action::Unlabel)
+            } else {
+                set_step(rec, RollbackStep::RestartAgent);
+                rollback_step(rec, obs, cfg, now)
+            }
+        }
+        RollbackStep::RestartAgent => match obs.agent {
+            // Done when the agent no longer carries the node config (a fresh agent, or one that
+            // never resolved it). Readiness is not needed: Calico's CNI config is back in place.
+            Some(a) if a.node_config.as_deref() != Some(cfg.node_config.as_str()) => {
+                set_step(rec, RollbackStep::Recycle);
+                rollback_step(rec, obs, cfg, now)
+            }
+            None => wait("waiting for the Cilium agent pod to be recreated".into()),
+            Some(a) => {
+                // Either the agent we have not restarted yet, or a fresh one that resolved the
+                // config again (the label was still there when it started): restart it.
+                if let Some(r) = rec.rollback.as_mut() {
+                    r.agent_restarted_from = Some(a.pod_uid.clone());
+                }
+                Step::Act(Action::RestartAgent(a.pod_uid.clone()))
+            }
+        },
+        RollbackStep::Recycle => {
+            let (mut evict, mut delete, mut remaining) = (Vec::new(), Vec::new(), 0);
+            for p in misplaced(obs, PodNetwork::Cilium) {
+                remaining += 1;
+                if p.terminating {
+                    continue;
+                }
+                if p.owner == OwnerKind::DaemonSet { delete.push(p.pod.clone()) } else { evict.push(p.pod.clone()) }
+            }
+            if remaining == 0 {
+                set_step(rec, RollbackStep::Uncordon);
+                return rollback_step(rec, obs, cfg, now);
+            }
+            if evict.is_empty() && delete.is_empty() {
+                wait(format!("waiting for {remaining} pod(s) to restart onto Calico"))
+            } else {
+                Step::Act(Action::Recycle { evict, delete })
+            }
+        }
+        RollbackStep::Uncordon => {
+            if rec.pre_cordoned == Some(true) || !obs.unschedulable() {
+                Step::Advance(Phase::RolledBack)
+            } else {
+                Step::Act(Action::Uncordon)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
