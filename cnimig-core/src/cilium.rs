@@ -138,7 +138,11 @@ pub fn settings(cfg: &MigrationConfig, inputs: ValueInputs, phase: CiliumPhase) 
             helm: "bpf.hostLegacyRouting",
             value: json!(mig || cfg.final_host_legacy_routing),
             key: Some("enable-host-legacy-routing"),
-            expect: s(if mig || cfg.final_host_legacy_routing { "true" } else { "false" }),
+            expect: s(if mig || cfg.final_host_legacy_routing {
+                "true"
+            } else {
+                "false"
+            }),
             why: "traffic between Calico and Cilium pods goes through the host's routing stack",
         },
         Setting {
@@ -213,7 +217,9 @@ pub fn helm_values(cfg: &MigrationConfig, inputs: ValueInputs, phase: CiliumPhas
                 map.insert((*part).to_string(), row.value.clone());
                 break;
             }
-            cur = map.entry((*part).to_string()).or_insert_with(|| Value::Object(serde_json::Map::new()));
+            cur = map
+                .entry((*part).to_string())
+                .or_insert_with(|| Value::Object(serde_json::Map::new()));
         }
     }
     root
@@ -280,9 +286,16 @@ impl CiliumNodeConfig {
     /// `none` there would leave hostPort pods without the `portmap` plugin.
     #[must_use]
     pub fn for_migration(cfg: &MigrationConfig, inputs: ValueInputs) -> Self {
-        let chaining = if inputs.host_port_pods { "portmap" } else { "none" };
+        let chaining = if inputs.host_port_pods {
+            "portmap"
+        } else {
+            "none"
+        };
         let mut defaults = BTreeMap::new();
-        defaults.insert("write-cni-conf-when-ready".to_string(), CILIUM_CONFLIST.to_string());
+        defaults.insert(
+            "write-cni-conf-when-ready".to_string(),
+            CILIUM_CONFLIST.to_string(),
+        );
         defaults.insert("custom-cni-conf".to_string(), "false".to_string());
         defaults.insert("cni-chaining-mode".to_string(), chaining.to_string());
         defaults.insert("cni-exclusive".to_string(), "true".to_string());
@@ -294,7 +307,12 @@ impl CiliumNodeConfig {
                 "no pod uses hostPort"
             }
         )];
-        CiliumNodeConfig { name: cfg.node_config_name.clone(), label: cfg.migration_label.clone(), defaults, reasons }
+        CiliumNodeConfig {
+            name: cfg.node_config_name.clone(),
+            label: cfg.migration_label.clone(),
+            defaults,
+            reasons,
+        }
     }
 
     /// The object as JSON, at `api`.
@@ -339,7 +357,9 @@ impl std::fmt::Display for ConfigMismatch {
             f,
             "cilium-config {} is {} but must be {} ({}); set Helm value {} and upgrade",
             self.key,
-            self.actual.as_deref().map_or_else(|| "absent".to_string(), |a| format!("{a:?}")),
+            self.actual
+                .as_deref()
+                .map_or_else(|| "absent".to_string(), |a| format!("{a:?}")),
             self.expected,
             self.why,
             self.helm
@@ -362,10 +382,19 @@ pub fn check_live_config(
         let (ok, expected) = match &row.expect {
             Expect::Any => continue,
             Expect::Equals(v) => (actual.as_deref() == Some(v.as_str()), format!("{v:?}")),
-            Expect::AbsentOr(v) => (actual.is_none() || actual.as_deref() == Some(v.as_str()), format!("absent or {v:?}")),
+            Expect::AbsentOr(v) => (
+                actual.is_none() || actual.as_deref() == Some(v.as_str()),
+                format!("absent or {v:?}"),
+            ),
         };
         if !ok {
-            out.push(ConfigMismatch { key: key.to_string(), expected, actual, helm: row.helm.to_string(), why: row.why.to_string() });
+            out.push(ConfigMismatch {
+                key: key.to_string(),
+                expected,
+                actual,
+                helm: row.helm.to_string(),
+                why: row.why.to_string(),
+            });
         }
     }
     out
@@ -374,7 +403,11 @@ pub fn check_live_config(
 /// The ConfigMap data the chart renders for `phase` (what a correct install holds); the simulator
 /// starts from it and tests use it as the "good" live config.
 #[must_use]
-pub fn rendered_config(cfg: &MigrationConfig, inputs: ValueInputs, phase: CiliumPhase) -> BTreeMap<String, String> {
+pub fn rendered_config(
+    cfg: &MigrationConfig,
+    inputs: ValueInputs,
+    phase: CiliumPhase,
+) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for row in settings(cfg, inputs, phase) {
         let Some(key) = row.key else { continue };
@@ -407,8 +440,14 @@ mod tests {
         assert_eq!(v["policyEnforcementMode"], json!("never"));
         assert_eq!(v["bpf"]["hostLegacyRouting"], json!(true));
         assert_eq!(v["kubeProxyReplacement"], json!(false));
-        assert_eq!(v["operator"]["unmanagedPodWatcher"]["restart"], json!(false));
-        assert_eq!(v["ipam"]["operator"]["clusterPoolIPv4PodCIDRList"], json!(["10.245.0.0/16"]));
+        assert_eq!(
+            v["operator"]["unmanagedPodWatcher"]["restart"],
+            json!(false)
+        );
+        assert_eq!(
+            v["ipam"]["operator"]["clusterPoolIPv4PodCIDRList"],
+            json!(["10.245.0.0/16"])
+        );
         assert_eq!(v["tunnelPort"], json!(8472));
         assert!(v.get("hostPort").is_none());
     }
@@ -417,9 +456,17 @@ mod tests {
     fn final_values_keep_the_network_and_switch_the_rest() {
         let m = helm_values(&cfg(), ValueInputs::default(), CiliumPhase::Migration);
         let f = helm_values(&cfg(), ValueInputs::default(), CiliumPhase::Final);
-        for path in [["tunnelPort"].as_slice(), &["tunnelProtocol"], &["ipam", "operator", "clusterPoolIPv4PodCIDRList"]] {
+        for path in [
+            ["tunnelPort"].as_slice(),
+            &["tunnelProtocol"],
+            &["ipam", "operator", "clusterPoolIPv4PodCIDRList"],
+        ] {
             let get = |v: &Value| path.iter().fold(v.clone(), |v, p| v[*p].clone());
-            assert_eq!(get(&m), get(&f), "{path:?} must not change in the final phase");
+            assert_eq!(
+                get(&m),
+                get(&f),
+                "{path:?} must not change in the final phase"
+            );
         }
         assert_eq!(f["cni"]["customConf"], json!(false));
         assert_eq!(f["policyEnforcementMode"], json!("default"));
@@ -428,21 +475,42 @@ mod tests {
 
     #[test]
     fn host_port_pods_get_portmap_on_migrated_nodes() {
-        let with = CiliumNodeConfig::for_migration(&cfg(), ValueInputs { host_port_pods: true });
+        let with = CiliumNodeConfig::for_migration(
+            &cfg(),
+            ValueInputs {
+                host_port_pods: true,
+            },
+        );
         assert_eq!(with.defaults["cni-chaining-mode"], "portmap");
         let without = CiliumNodeConfig::for_migration(&cfg(), ValueInputs::default());
         assert_eq!(without.defaults["cni-chaining-mode"], "none");
-        assert_eq!(without.defaults["write-cni-conf-when-ready"], CILIUM_CONFLIST);
+        assert_eq!(
+            without.defaults["write-cni-conf-when-ready"],
+            CILIUM_CONFLIST
+        );
         let obj = without.to_object(NodeConfigApi::V2);
-        assert_eq!(obj["spec"]["nodeSelector"]["matchLabels"]["io.cilium.migration/cilium-default"], json!("true"));
+        assert_eq!(
+            obj["spec"]["nodeSelector"]["matchLabels"]["io.cilium.migration/cilium-default"],
+            json!("true")
+        );
         assert_eq!(obj["apiVersion"], json!("cilium.io/v2"));
-        assert!(without.to_yaml(NodeConfigApi::V2Alpha1).contains("cilium.io/v2alpha1"));
+        assert!(
+            without
+                .to_yaml(NodeConfigApi::V2Alpha1)
+                .contains("cilium.io/v2alpha1")
+        );
     }
 
     #[test]
     fn api_version_by_discovery() {
-        assert_eq!(NodeConfigApi::from_served(["v2alpha1", "v2"]), Some(NodeConfigApi::V2));
-        assert_eq!(NodeConfigApi::from_served(["v2alpha1"]), Some(NodeConfigApi::V2Alpha1));
+        assert_eq!(
+            NodeConfigApi::from_served(["v2alpha1", "v2"]),
+            Some(NodeConfigApi::V2)
+        );
+        assert_eq!(
+            NodeConfigApi::from_served(["v2alpha1"]),
+            Some(NodeConfigApi::V2Alpha1)
+        );
         assert_eq!(NodeConfigApi::from_served(["v1"]), None);
     }
 
@@ -450,7 +518,9 @@ mod tests {
     fn rendered_config_passes_and_each_wrong_key_is_named() {
         let c = cfg();
         let good = rendered_config(&c, ValueInputs::default(), CiliumPhase::Migration);
-        assert!(check_live_config(&good, &c, ValueInputs::default(), CiliumPhase::Migration).is_empty());
+        assert!(
+            check_live_config(&good, &c, ValueInputs::default(), CiliumPhase::Migration).is_empty()
+        );
         // The classic mistake: policy-enforcement-mode instead of enable-policy.
         let mut bad = good.clone();
         bad.remove("enable-policy");
@@ -463,10 +533,16 @@ mod tests {
         let fin = rendered_config(&c, ValueInputs::default(), CiliumPhase::Final);
         let m = check_live_config(&fin, &c, ValueInputs::default(), CiliumPhase::Migration);
         let keys: Vec<_> = m.iter().map(|m| m.key.as_str()).collect();
-        assert!(keys.contains(&"custom-cni-conf") && keys.contains(&"enable-policy"), "{keys:?}");
+        assert!(
+            keys.contains(&"custom-cni-conf") && keys.contains(&"enable-policy"),
+            "{keys:?}"
+        );
         // cni-uninstall rendered true is caught; absent is fine.
         let mut bad = good;
         bad.insert("cni-uninstall".into(), "true".into());
-        assert_eq!(check_live_config(&bad, &c, ValueInputs::default(), CiliumPhase::Migration).len(), 1);
+        assert_eq!(
+            check_live_config(&bad, &c, ValueInputs::default(), CiliumPhase::Migration).len(),
+            1
+        );
     }
 }

@@ -135,8 +135,18 @@ impl fmt::Display for ConfigErrors {
 }
 impl std::error::Error for ConfigErrors {}
 
-fn err(field: &'static str, value: impl fmt::Display, problem: impl Into<String>, fix: impl Into<String>) -> ConfigError {
-    ConfigError { field, value: value.to_string(), problem: problem.into(), fix: fix.into() }
+fn err(
+    field: &'static str,
+    value: impl fmt::Display,
+    problem: impl Into<String>,
+    fix: impl Into<String>,
+) -> ConfigError {
+    ConfigError {
+        field,
+        value: value.to_string(),
+        problem: problem.into(),
+        fix: fix.into(),
+    }
 }
 
 /// The YAML form: every field optional except the pod CIDR, durations as `30s`, `10m`, `1h`.
@@ -178,13 +188,19 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let mut total = Duration::ZERO;
     let mut rest = s;
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
         if digits == 0 {
             return Err(format!("expected a number at {rest:?}"));
         }
-        let n: u64 = rest[..digits].parse().map_err(|_| format!("number too large in {s:?}"))?;
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("number too large in {s:?}"))?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
         let d = match unit {
@@ -192,8 +208,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "s" => Duration::from_secs(n),
             "m" => Duration::from_secs(n.saturating_mul(60)),
             "h" => Duration::from_secs(n.saturating_mul(3600)),
-            "" => return Err(format!("missing unit after {n} in {s:?} (use ms, s, m or h)")),
-            other => return Err(format!("unknown unit {other:?} in {s:?} (use ms, s, m or h)")),
+            "" => {
+                return Err(format!(
+                    "missing unit after {n} in {s:?} (use ms, s, m or h)"
+                ));
+            }
+            other => {
+                return Err(format!(
+                    "unknown unit {other:?} in {s:?} (use ms, s, m or h)"
+                ));
+            }
         };
         total = total.saturating_add(d);
     }
@@ -235,7 +259,8 @@ impl MigrationConfig {
     /// Cilium's effective tunnel port.
     #[must_use]
     pub fn effective_tunnel_port(&self) -> u16 {
-        self.tunnel_port.unwrap_or_else(|| self.tunnel_protocol.default_port())
+        self.tunnel_port
+            .unwrap_or_else(|| self.tunnel_protocol.default_port())
     }
 
     /// Parses and validates a YAML config.
@@ -258,35 +283,60 @@ impl MigrationConfig {
         let mut errors = Vec::new();
         let pod_cidr = match raw.pod_cidr.as_deref() {
             None => {
-                errors.push(err("podCIDR", "(missing)", "the new pod CIDR is required", "set podCIDR to an unused range, e.g. 10.245.0.0/16"));
+                errors.push(err(
+                    "podCIDR",
+                    "(missing)",
+                    "the new pod CIDR is required",
+                    "set podCIDR to an unused range, e.g. 10.245.0.0/16",
+                ));
                 None
             }
             Some(s) => match s.trim().parse::<Ipv4Net>() {
                 Ok(n) => Some(n),
                 Err(_) => {
-                    errors.push(err("podCIDR", s, "not an IPv4 CIDR", "write it as ADDRESS/PREFIX, e.g. 10.245.0.0/16"));
+                    errors.push(err(
+                        "podCIDR",
+                        s,
+                        "not an IPv4 CIDR",
+                        "write it as ADDRESS/PREFIX, e.g. 10.245.0.0/16",
+                    ));
                     None
                 }
             },
         };
-        let mut cfg = MigrationConfig::new(pod_cidr.unwrap_or_else(|| Ipv4Net::default()));
+        let mut cfg = MigrationConfig::new(pod_cidr.unwrap_or_default());
         if let Some(m) = raw.mask_size {
             match u8::try_from(m) {
                 Ok(m) => cfg.mask_size = m,
-                Err(_) => errors.push(err("maskSize", m, "out of range", "use a prefix length between the pod CIDR's and 30, e.g. 24")),
+                Err(_) => errors.push(err(
+                    "maskSize",
+                    m,
+                    "out of range",
+                    "use a prefix length between the pod CIDR's and 30, e.g. 24",
+                )),
             }
         }
         if let Some(p) = raw.tunnel_protocol {
             match p.as_str() {
                 "vxlan" => cfg.tunnel_protocol = TunnelProtocol::Vxlan,
                 "geneve" => cfg.tunnel_protocol = TunnelProtocol::Geneve,
-                _ => errors.push(err("tunnelProtocol", &p, "unknown tunnel protocol", "use vxlan or geneve")),
+                _ => errors.push(err(
+                    "tunnelProtocol",
+                    &p,
+                    "unknown tunnel protocol",
+                    "use vxlan or geneve",
+                )),
             }
         }
         if let Some(p) = raw.tunnel_port {
             match u16::try_from(p) {
                 Ok(p) => cfg.tunnel_port = Some(p),
-                Err(_) => errors.push(err("tunnelPort", p, "not a UDP port", "use a port between 1 and 65535 that nothing else uses")),
+                Err(_) => errors.push(err(
+                    "tunnelPort",
+                    p,
+                    "not a UDP port",
+                    "use a port between 1 and 65535 that nothing else uses",
+                )),
             }
         }
         if let Some(l) = raw.migration_label {
@@ -296,13 +346,23 @@ impl MigrationConfig {
             cfg.node_config_name = n;
         }
         match (raw.nodes, raw.node_selector) {
-            (Some(_), Some(_)) => errors.push(err("nodes", "(with nodeSelector)", "both nodes and nodeSelector are set", "keep one of them")),
+            (Some(_), Some(_)) => errors.push(err(
+                "nodes",
+                "(with nodeSelector)",
+                "both nodes and nodeSelector are set",
+                "keep one of them",
+            )),
             (Some(names), None) => {
                 let mut ok = Vec::new();
                 for n in names {
                     match NodeName::new(n) {
                         Ok(n) => ok.push(n),
-                        Err(e) => errors.push(err("nodes", &e.name, e.why, "list node names exactly as `kubectl get nodes` prints them")),
+                        Err(e) => errors.push(err(
+                            "nodes",
+                            &e.name,
+                            e.why,
+                            "list node names exactly as `kubectl get nodes` prints them",
+                        )),
                     }
                 }
                 cfg.scope = NodeScope::Names(ok);
@@ -313,7 +373,12 @@ impl MigrationConfig {
         if let Some(k) = raw.max_in_flight {
             match u32::try_from(k) {
                 Ok(k) => cfg.max_in_flight = k,
-                Err(_) => errors.push(err("maxInFlight", k, "must be a positive whole number", "use 1 (one node at a time) or more")),
+                Err(_) => errors.push(err(
+                    "maxInFlight",
+                    k,
+                    "must be a positive whole number",
+                    "use 1 (one node at a time) or more",
+                )),
             }
         }
         for (field, raw, slot) in [
@@ -324,7 +389,9 @@ impl MigrationConfig {
             if let Some(s) = raw {
                 match parse_duration(&s) {
                     Ok(d) => *slot = d,
-                    Err(e) => errors.push(err(field, &s, e, "write a duration such as 90s, 10m or 1h")),
+                    Err(e) => {
+                        errors.push(err(field, &s, e, "write a duration such as 90s, 10m or 1h"))
+                    }
                 }
             }
         }
@@ -335,7 +402,12 @@ impl MigrationConfig {
             match p.as_str() {
                 "rollback-and-stop" => cfg.on_node_failure = FailurePolicy::RollbackAndStop,
                 "rollback-and-continue" => cfg.on_node_failure = FailurePolicy::RollbackAndContinue,
-                _ => errors.push(err("onNodeFailure", &p, "unknown policy", "use rollback-and-stop or rollback-and-continue")),
+                _ => errors.push(err(
+                    "onNodeFailure",
+                    &p,
+                    "unknown policy",
+                    "use rollback-and-stop or rollback-and-continue",
+                )),
             }
         }
         if let Some(b) = raw.delete_emptydir_data {
@@ -350,15 +422,24 @@ impl MigrationConfig {
         for s in raw.other_routed_cidrs.unwrap_or_default() {
             match s.trim().parse::<Ipv4Net>() {
                 Ok(n) => cfg.other_routed_cidrs.push(n),
-                Err(_) => errors.push(err("otherRoutedCIDRs", &s, "not an IPv4 CIDR", "write it as ADDRESS/PREFIX, e.g. 192.168.0.0/16")),
+                Err(_) => errors.push(err(
+                    "otherRoutedCIDRs",
+                    &s,
+                    "not an IPv4 CIDR",
+                    "write it as ADDRESS/PREFIX, e.g. 192.168.0.0/16",
+                )),
             }
         }
-        if pod_cidr.is_some() {
-            if let Err(ConfigErrors(more)) = cfg.validate() {
-                errors.extend(more);
-            }
+        if pod_cidr.is_some()
+            && let Err(ConfigErrors(more)) = cfg.validate()
+        {
+            errors.extend(more);
         }
-        if errors.is_empty() { Ok(cfg) } else { Err(ConfigErrors(errors)) }
+        if errors.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigErrors(errors))
+        }
     }
 
     /// Checks the values against each other and against what Cilium accepts.
@@ -369,10 +450,20 @@ impl MigrationConfig {
         let mut errors = Vec::new();
         let prefix = self.pod_cidr.prefix_len();
         if self.pod_cidr != self.pod_cidr.trunc() {
-            errors.push(err("podCIDR", self.pod_cidr, "host bits are set", format!("use the network address: {}", self.pod_cidr.trunc())));
+            errors.push(err(
+                "podCIDR",
+                self.pod_cidr,
+                "host bits are set",
+                format!("use the network address: {}", self.pod_cidr.trunc()),
+            ));
         }
-        if prefix > 28 || prefix < 8 {
-            errors.push(err("podCIDR", self.pod_cidr, "the prefix must be between /8 and /28", "pick a range such as a /16 that fits every node's allocation"));
+        if !(8..=28).contains(&prefix) {
+            errors.push(err(
+                "podCIDR",
+                self.pod_cidr,
+                "the prefix must be between /8 and /28",
+                "pick a range such as a /16 that fits every node's allocation",
+            ));
         }
         if self.mask_size <= prefix || self.mask_size > 30 {
             errors.push(err(
@@ -383,36 +474,83 @@ impl MigrationConfig {
             ));
         }
         if self.tunnel_port == Some(0) {
-            errors.push(err("tunnelPort", 0, "port 0 is not a port", "leave it unset for Cilium's default or pick a free UDP port"));
+            errors.push(err(
+                "tunnelPort",
+                0,
+                "port 0 is not a port",
+                "leave it unset for Cilium's default or pick a free UDP port",
+            ));
         }
         if let Err(why) = validate_label_key(&self.migration_label) {
-            errors.push(err("migrationLabel", &self.migration_label, why, "use a label key such as io.cilium.migration/cilium-default"));
+            errors.push(err(
+                "migrationLabel",
+                &self.migration_label,
+                why,
+                "use a label key such as io.cilium.migration/cilium-default",
+            ));
         }
         if NodeName::new(self.node_config_name.clone()).is_err() {
-            errors.push(err("nodeConfigName", &self.node_config_name, "not a valid object name", "use a lower-case name such as cilium-default"));
+            errors.push(err(
+                "nodeConfigName",
+                &self.node_config_name,
+                "not a valid object name",
+                "use a lower-case name such as cilium-default",
+            ));
         }
-        if let NodeScope::Names(names) = &self.scope {
-            if names.is_empty() {
-                errors.push(err("nodes", "[]", "the list is empty, so nothing would migrate", "list at least one node, or remove the field to migrate every node"));
-            }
+        if let NodeScope::Names(names) = &self.scope
+            && names.is_empty()
+        {
+            errors.push(err(
+                "nodes",
+                "[]",
+                "the list is empty, so nothing would migrate",
+                "list at least one node, or remove the field to migrate every node",
+            ));
         }
         if self.max_in_flight == 0 {
-            errors.push(err("maxInFlight", 0, "zero nodes in flight would never migrate anything", "use 1 (one node at a time) or more"));
+            errors.push(err(
+                "maxInFlight",
+                0,
+                "zero nodes in flight would never migrate anything",
+                "use 1 (one node at a time) or more",
+            ));
         }
-        for (field, d) in [("drainTimeout", self.drain_timeout), ("stepTimeout", self.step_timeout)] {
+        for (field, d) in [
+            ("drainTimeout", self.drain_timeout),
+            ("stepTimeout", self.step_timeout),
+        ] {
             if d < Duration::from_secs(10) {
-                errors.push(err(field, format!("{d:?}"), "too short for pods to terminate or an agent to restart", "use at least 10s; 5m to 10m is typical"));
+                errors.push(err(
+                    field,
+                    format!("{d:?}"),
+                    "too short for pods to terminate or an agent to restart",
+                    "use at least 10s; 5m to 10m is typical",
+                ));
             }
         }
         if self.poll_interval.is_zero() || self.poll_interval > Duration::from_secs(60) {
-            errors.push(err("pollInterval", format!("{:?}", self.poll_interval), "must be between 1ms and 60s", "use 2s"));
+            errors.push(err(
+                "pollInterval",
+                format!("{:?}", self.poll_interval),
+                "must be between 1ms and 60s",
+                "use 2s",
+            ));
         }
         for c in &self.other_routed_cidrs {
             if c != &c.trunc() {
-                errors.push(err("otherRoutedCIDRs", c, "host bits are set", format!("use the network address: {}", c.trunc())));
+                errors.push(err(
+                    "otherRoutedCIDRs",
+                    c,
+                    "host bits are set",
+                    format!("use the network address: {}", c.trunc()),
+                ));
             }
         }
-        if errors.is_empty() { Ok(()) } else { Err(ConfigErrors(errors)) }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errors))
+        }
     }
 }
 
@@ -425,10 +563,10 @@ pub fn validate_label_key(key: &str) -> Result<(), &'static str> {
         Some((p, n)) => (Some(p), n),
         None => (None, key),
     };
-    if let Some(p) = prefix {
-        if NodeName::new(p.to_string()).is_err() {
-            return Err("the prefix before '/' is not a DNS subdomain");
-        }
+    if let Some(p) = prefix
+        && NodeName::new(p.to_string()).is_err()
+    {
+        return Err("the prefix before '/' is not a DNS subdomain");
     }
     if name.is_empty() || name.len() > 63 {
         return Err("the name part must be 1 to 63 characters");
@@ -438,7 +576,9 @@ pub fn validate_label_key(key: &str) -> Result<(), &'static str> {
         || !name.starts_with(|c: char| c.is_ascii_alphanumeric())
         || !name.ends_with(|c: char| c.is_ascii_alphanumeric())
     {
-        return Err("the name part must be alphanumeric, '-', '_' or '.', starting and ending alphanumeric");
+        return Err(
+            "the name part must be alphanumeric, '-', '_' or '.', starting and ending alphanumeric",
+        );
     }
     Ok(())
 }
@@ -481,11 +621,21 @@ mod tests {
         )
         .unwrap_err();
         let fields: Vec<_> = e.0.iter().map(|e| e.field).collect();
-        for f in ["podCIDR", "maskSize", "tunnelProtocol", "maxInFlight", "drainTimeout", "nodes"] {
+        for f in [
+            "podCIDR",
+            "maskSize",
+            "tunnelProtocol",
+            "maxInFlight",
+            "drainTimeout",
+            "nodes",
+        ] {
             assert!(fields.contains(&f), "{f} not reported in {e}");
         }
         assert!(e.0.iter().all(|e| !e.fix.is_empty()));
-        assert!(e.to_string().contains("10.245.0.0/16"), "suggests the network address: {e}");
+        assert!(
+            e.to_string().contains("10.245.0.0/16"),
+            "suggests the network address: {e}"
+        );
     }
 
     #[test]

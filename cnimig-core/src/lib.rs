@@ -11,7 +11,11 @@
 
 pub mod cilium;
 pub mod config;
+pub mod events;
 pub mod machine;
 pub mod model;
+pub mod orchestrator;
+pub mod plan;
 pub mod ports;
 pub mod preflight;
+pub mod schedule;

@@ -172,7 +172,10 @@ impl NodeRecord {
     /// # Errors
     /// [`BadRecord`] when `value` is not a record.
     pub fn from_annotation(value: &str) -> Result<Self, BadRecord> {
-        serde_json::from_str(value).map_err(|e| BadRecord { value: value.to_string(), detail: e.to_string() })
+        serde_json::from_str(value).map_err(|e| BadRecord {
+            value: value.to_string(),
+            detail: e.to_string(),
+        })
     }
     fn enter(&mut self, phase: Phase, now: Time) {
         self.phase = phase;
@@ -224,7 +227,11 @@ pub struct Observation<'a> {
 
 impl Observation<'_> {
     fn labelled(&self, cfg: &StepConfig) -> bool {
-        self.view.node.labels.get(&cfg.label).is_some_and(|v| v == "true")
+        self.view
+            .node
+            .labels
+            .get(&cfg.label)
+            .is_some_and(|v| v == "true")
     }
     fn unschedulable(&self) -> bool {
         self.view.node.unschedulable
@@ -277,6 +284,12 @@ pub struct Decision {
     pub action: Action,
 }
 
+/// Fails the node into rollback; the decision loop goes straight on with the first rollback step.
+fn failed(rec: &mut NodeRecord, cause: String, now: Time) -> Step {
+    fail(rec, cause, now);
+    Step::Advance(Phase::RollingBack)
+}
+
 fn fail(rec: &mut NodeRecord, cause: String, now: Time) {
     rec.rollback = Some(Rollback {
         failed_after: rec.phase,
@@ -301,7 +314,11 @@ pub fn decide(record: &NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, now:
         }
     };
     let changed = &rec != record;
-    Decision { record: rec, changed, action }
+    Decision {
+        record: rec,
+        changed,
+        action,
+    }
 }
 
 enum Step {
@@ -337,23 +354,38 @@ fn step(rec: &mut NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, now: Time
             (Some(a), Some(old)) if a.pod_uid != old => Step::Advance(Phase::AgentRestarted),
             (Some(a), _) => {
                 if timed_out(rec, cfg.step_timeout, now) {
-                    fail(rec, format!("step RestartAgent: agent pod {} was not replaced within {:?}", a.pod_uid, cfg.step_timeout), now);
-                    return Step::Act(Action::Wait("rolling back".into()));
+                    return failed(
+                        rec,
+                        format!(
+                            "step RestartAgent: agent pod {} was not replaced within {:?}",
+                            a.pod_uid, cfg.step_timeout
+                        ),
+                        now,
+                    );
                 }
                 rec.agent_restarted_from = Some(a.pod_uid.clone());
                 Step::Act(Action::RestartAgent(a.pod_uid.clone()))
             }
             (None, _) => {
                 if timed_out(rec, cfg.step_timeout, now) {
-                    fail(rec, format!("step RestartAgent: no Cilium agent pod on the node for {:?}", cfg.step_timeout), now);
-                    return Step::Act(Action::Wait("rolling back".into()));
+                    return failed(
+                        rec,
+                        format!(
+                            "step RestartAgent: no Cilium agent pod on the node for {:?}",
+                            cfg.step_timeout
+                        ),
+                        now,
+                    );
                 }
-                Step::Act(Action::Wait("waiting for the Cilium agent pod to be scheduled".into()))
+                Step::Act(Action::Wait(
+                    "waiting for the Cilium agent pod to be scheduled".into(),
+                ))
             }
         },
         Phase::AgentRestarted => {
-            let ok = obs.agent.is_some_and(|a| a.ready && a.node_config.as_deref() == Some(cfg.node_config.as_str()))
-                && obs.cni.cilium_conflist;
+            let ok = obs.agent.is_some_and(|a| {
+                a.ready && a.node_config.as_deref() == Some(cfg.node_config.as_str())
+            }) && obs.cni.cilium_conflist;
             if ok {
                 return Step::Advance(Phase::AgentReady);
             }
@@ -361,16 +393,23 @@ fn step(rec: &mut NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, now: Time
                 let why = match obs.agent {
                     None => "no agent pod".to_string(),
                     Some(a) if !a.ready => format!("agent {} not Ready", a.pod_uid),
-                    Some(a) if a.node_config.as_deref() != Some(cfg.node_config.as_str()) => format!(
-                        "agent {} resolved node config {:?}, not {:?}",
-                        a.pod_uid, a.node_config, cfg.node_config
-                    ),
+                    Some(a) if a.node_config.as_deref() != Some(cfg.node_config.as_str()) => {
+                        format!(
+                            "agent {} resolved node config {:?}, not {:?}",
+                            a.pod_uid, a.node_config, cfg.node_config
+                        )
+                    }
                     Some(_) => "05-cilium.conflist not written".to_string(),
                 };
-                fail(rec, format!("step AgentReady: {why} after {:?}", cfg.step_timeout), now);
-                return Step::Act(Action::Wait("rolling back".into()));
+                return failed(
+                    rec,
+                    format!("step AgentReady: {why} after {:?}", cfg.step_timeout),
+                    now,
+                );
             }
-            Step::Act(Action::Wait("waiting for the new Cilium agent to become Ready with the node config".into()))
+            Step::Act(Action::Wait(
+                "waiting for the new Cilium agent to become Ready with the node config".into(),
+            ))
         }
         Phase::AgentReady => {
             if rec.pre_cordoned == Some(true) || !obs.unschedulable() {
@@ -396,12 +435,24 @@ fn drain(rec: &mut NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, now: Tim
             continue;
         }
         if p.empty_dir && !cfg.delete_emptydir_data {
-            fail(rec, format!("step Drain: pod {} uses emptyDir and deleteEmptydirData is off", p.pod), now);
-            return Step::Act(Action::Wait("rolling back".into()));
+            return failed(
+                rec,
+                format!(
+                    "step Drain: pod {} uses emptyDir and deleteEmptydirData is off",
+                    p.pod
+                ),
+                now,
+            );
         }
         if p.owner == OwnerKind::None && !cfg.evict_unmanaged_pods {
-            fail(rec, format!("step Drain: pod {} has no controller and evictUnmanagedPods is off", p.pod), now);
-            return Step::Act(Action::Wait("rolling back".into()));
+            return failed(
+                rec,
+                format!(
+                    "step Drain: pod {} has no controller and evictUnmanagedPods is off",
+                    p.pod
+                ),
+                now,
+            );
         }
         to_evict.push(p.pod.clone());
     }
@@ -409,12 +460,23 @@ fn drain(rec: &mut NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, now: Tim
         return Step::Advance(Phase::Drained);
     }
     if timed_out(rec, cfg.drain_timeout, now) {
-        let what = rec.last_problem.clone().unwrap_or_else(|| format!("{remaining} pod(s) still on the node"));
-        fail(rec, format!("step Drain: not finished after {:?}: {what}", cfg.drain_timeout), now);
-        return Step::Act(Action::Wait("rolling back".into()));
+        let what = rec
+            .last_problem
+            .clone()
+            .unwrap_or_else(|| format!("{remaining} pod(s) still on the node"));
+        return failed(
+            rec,
+            format!(
+                "step Drain: not finished after {:?}: {what}",
+                cfg.drain_timeout
+            ),
+            now,
+        );
     }
     if to_evict.is_empty() {
-        Step::Act(Action::Wait(format!("waiting for {remaining} evicted pod(s) to terminate")))
+        Step::Act(Action::Wait(format!(
+            "waiting for {remaining} evicted pod(s) to terminate"
+        )))
     } else {
         Step::Act(Action::Evict(to_evict))
     }
@@ -422,10 +484,20 @@ fn drain(rec: &mut NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, now: Tim
 
 /// Pods on the node still on `wrong` that use the pod network and can be moved.
 fn misplaced<'a>(obs: &'a Observation<'_>, wrong: PodNetwork) -> impl Iterator<Item = &'a Pod> {
-    obs.view.pods.iter().filter(move |p| p.uses_pod_network() && !p.mirror && p.network == wrong)
+    obs.view
+        .pods
+        .iter()
+        .filter(move |p| p.uses_pod_network() && !p.mirror && p.network == wrong)
 }
 
-fn recycle(rec: &mut NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, now: Time, wrong: PodNetwork, next: Phase) -> Step {
+fn recycle(
+    rec: &mut NodeRecord,
+    obs: &Observation<'_>,
+    cfg: &StepConfig,
+    now: Time,
+    wrong: PodNetwork,
+    next: Phase,
+) -> Step {
     let (mut evict, mut delete) = (Vec::new(), Vec::new());
     let mut remaining = 0usize;
     for p in misplaced(obs, wrong) {
@@ -443,12 +515,23 @@ fn recycle(rec: &mut NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, now: T
         return Step::Advance(next);
     }
     if timed_out(rec, cfg.step_timeout, now) {
-        let what = rec.last_problem.clone().unwrap_or_else(|| format!("{remaining} pod(s) still on {wrong:?}"));
-        fail(rec, format!("step RestartPods: not finished after {:?}: {what}", cfg.step_timeout), now);
-        return Step::Act(Action::Wait("rolling back".into()));
+        let what = rec
+            .last_problem
+            .clone()
+            .unwrap_or_else(|| format!("{remaining} pod(s) still on {wrong:?}"));
+        return failed(
+            rec,
+            format!(
+                "step RestartPods: not finished after {:?}: {what}",
+                cfg.step_timeout
+            ),
+            now,
+        );
     }
     if evict.is_empty() && delete.is_empty() {
-        Step::Act(Action::Wait(format!("waiting for {remaining} pod(s) to restart off {wrong:?}")))
+        Step::Act(Action::Wait(format!(
+            "waiting for {remaining} pod(s) to restart off {wrong:?}"
+        )))
     } else {
         Step::Act(Action::Recycle { evict, delete })
     }
@@ -457,7 +540,12 @@ fn recycle(rec: &mut NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, now: T
 /// Feeds a verification result back to a node in [`Phase::PodsRestarted`]. Unhealthy results are
 /// retried until the step timeout, then the node rolls back naming the problems.
 #[must_use]
-pub fn on_verification(record: &NodeRecord, result: &Verification, cfg: &StepConfig, now: Time) -> NodeRecord {
+pub fn on_verification(
+    record: &NodeRecord,
+    result: &Verification,
+    cfg: &StepConfig,
+    now: Time,
+) -> NodeRecord {
     let mut rec = record.clone();
     if rec.phase != Phase::PodsRestarted {
         return rec;
@@ -531,13 +619,24 @@ fn rollback_step(rec: &mut NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, 
             }
         }
         RollbackStep::DrainCilium => {
-            let pods: Vec<&Pod> = obs.drainable().filter(|p| p.network == PodNetwork::Cilium).collect();
+            let pods: Vec<&Pod> = obs
+                .drainable()
+                .filter(|p| p.network == PodNetwork::Cilium)
+                .collect();
             if pods.is_empty() {
                 set_step(rec, RollbackStep::RestoreCni);
                 return rollback_step(rec, obs, cfg, now);
             }
-            let evict: Vec<PodRef> = pods.iter().filter(|p| !p.terminating).map(|p| p.pod.clone()).collect();
-            if evict.is_empty() { wait("waiting for Cilium pods to leave the node".into()) } else { Step::Act(Action::Evict(evict)) }
+            let evict: Vec<PodRef> = pods
+                .iter()
+                .filter(|p| !p.terminating)
+                .map(|p| p.pod.clone())
+                .collect();
+            if evict.is_empty() {
+                wait("waiting for Cilium pods to leave the node".into())
+            } else {
+                Step::Act(Action::Evict(evict))
+            }
         }
         RollbackStep::RestoreCni => {
             if obs.cni == CniDirState::CALICO {
@@ -579,14 +678,20 @@ fn rollback_step(rec: &mut NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, 
                 if p.terminating {
                     continue;
                 }
-                if p.owner == OwnerKind::DaemonSet { delete.push(p.pod.clone()) } else { evict.push(p.pod.clone()) }
+                if p.owner == OwnerKind::DaemonSet {
+                    delete.push(p.pod.clone())
+                } else {
+                    evict.push(p.pod.clone())
+                }
             }
             if remaining == 0 {
                 set_step(rec, RollbackStep::Uncordon);
                 return rollback_step(rec, obs, cfg, now);
             }
             if evict.is_empty() && delete.is_empty() {
-                wait(format!("waiting for {remaining} pod(s) to restart onto Calico"))
+                wait(format!(
+                    "waiting for {remaining} pod(s) to restart onto Calico"
+                ))
             } else {
                 Step::Act(Action::Recycle { evict, delete })
             }

@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 
 /// A point in time, in milliseconds since an epoch chosen by the [`Clock`](crate::ports::Clock)
 /// (Unix time for real clusters, zero for a simulation).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Time(pub u64);
 
@@ -22,7 +24,10 @@ impl Time {
     /// The time `d` later (saturating).
     #[must_use]
     pub fn after(self, d: Duration) -> Time {
-        Time(self.0.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
+        Time(
+            self.0
+                .saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        )
     }
     /// How long from `earlier` to `self` (zero if `earlier` is later).
     #[must_use]
@@ -77,10 +82,7 @@ impl NodeName {
         {
             Some("it contains a character other than a-z, 0-9, '-' or '.'")
         } else if name.split('.').any(|label| {
-            label.is_empty()
-                || label.len() > 63
-                || label.starts_with('-')
-                || label.ends_with('-')
+            label.is_empty() || label.len() > 63 || label.starts_with('-') || label.ends_with('-')
         }) {
             Some("a dot-separated part is empty, longer than 63, or starts or ends with '-'")
         } else {
@@ -435,7 +437,9 @@ impl Pdb {
     pub fn desired_healthy(&self) -> u32 {
         match self.budget {
             Budget::MinAvailable(v) => v.scaled(self.expected_pods),
-            Budget::MaxUnavailable(v) => self.expected_pods.saturating_sub(v.scaled(self.expected_pods)),
+            Budget::MaxUnavailable(v) => self
+                .expected_pods
+                .saturating_sub(v.scaled(self.expected_pods)),
         }
     }
     /// Disruptions allowed now, given `healthy` covered pods (the controller's

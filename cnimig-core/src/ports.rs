@@ -80,7 +80,10 @@ impl PortError {
     /// True for errors worth retrying as they are (throttling, timeouts, 5xx).
     #[must_use]
     pub fn is_transient(&self) -> bool {
-        matches!(self, PortError::Throttled { .. } | PortError::Timeout { .. } | PortError::Unavailable { .. })
+        matches!(
+            self,
+            PortError::Throttled { .. } | PortError::Timeout { .. } | PortError::Unavailable { .. }
+        )
     }
 }
 
@@ -168,12 +171,21 @@ pub trait Cluster: Send + Sync {
     ///
     /// # Errors
     /// Any write failure.
-    async fn set_unschedulable(&self, node: &NodeName, unschedulable: bool) -> Result<(), PortError>;
+    async fn set_unschedulable(
+        &self,
+        node: &NodeName,
+        unschedulable: bool,
+    ) -> Result<(), PortError>;
     /// Sets (`Some`) or removes (`None`) a node label.
     ///
     /// # Errors
     /// Any write failure.
-    async fn set_node_label(&self, node: &NodeName, key: &str, value: Option<&str>) -> Result<(), PortError>;
+    async fn set_node_label(
+        &self,
+        node: &NodeName,
+        key: &str,
+        value: Option<&str>,
+    ) -> Result<(), PortError>;
     /// Posts an Eviction for the pod with this UID.
     ///
     /// # Errors
@@ -210,9 +222,17 @@ pub struct CniDirState {
 
 impl CniDirState {
     /// A node Calico alone manages.
-    pub const CALICO: CniDirState = CniDirState { cilium_conflist: false, calico_conflist: true, calico_backup: false };
+    pub const CALICO: CniDirState = CniDirState {
+        cilium_conflist: false,
+        calico_conflist: true,
+        calico_backup: false,
+    };
     /// A node Cilium took over (what a migrated node looks like).
-    pub const CILIUM: CniDirState = CniDirState { cilium_conflist: true, calico_conflist: false, calico_backup: true };
+    pub const CILIUM: CniDirState = CniDirState {
+        cilium_conflist: true,
+        calico_conflist: false,
+        calico_backup: true,
+    };
 }
 
 /// The new CNI: Cilium.
@@ -301,13 +321,23 @@ pub trait StateStore: Send + Sync {
     ///
     /// # Errors
     /// [`PortError::Conflict`] when the stored record differs from `prev`.
-    async fn save(&self, node: &NodeName, prev: Option<&NodeRecord>, next: &NodeRecord) -> Result<(), PortError>;
+    async fn save(
+        &self,
+        node: &NodeName,
+        prev: Option<&NodeRecord>,
+        next: &NodeRecord,
+    ) -> Result<(), PortError>;
     /// Takes or renews the run lock for `holder` until `now + ttl`. Returns the current holder
     /// when someone else holds an unexpired lock.
     ///
     /// # Errors
     /// Any read or write failure.
-    async fn acquire_lock(&self, holder: &str, now: Time, ttl: Duration) -> Result<LockOutcome, PortError>;
+    async fn acquire_lock(
+        &self,
+        holder: &str,
+        now: Time,
+        ttl: Duration,
+    ) -> Result<LockOutcome, PortError>;
     /// Releases the lock if `holder` has it.
     ///
     /// # Errors

@@ -49,7 +49,11 @@ impl PreflightReport {
 
 /// Runs every rule. `scope` is the nodes the run will migrate.
 #[must_use]
-pub fn preflight(_snapshot: &ClusterSnapshot, _cfg: &MigrationConfig, _scope: &[NodeName]) -> PreflightReport {
+pub fn preflight(
+    _snapshot: &ClusterSnapshot,
+    _cfg: &MigrationConfig,
+    _scope: &[NodeName],
+) -> PreflightReport {
     PreflightReport::default()
 }
 

@@ -1,1 +1,384 @@
+use std::collections::BTreeMap;
+
 use super::*;
+use crate::model::{Node, NodeName, NodeRole, PodPhase, Resources};
+
+fn cfg() -> StepConfig {
+    StepConfig {
+        label: "io.cilium.migration/cilium-default".into(),
+        node_config: "cilium-default".into(),
+        drain_timeout: Duration::from_secs(600),
+        step_timeout: Duration::from_secs(300),
+        delete_emptydir_data: true,
+        evict_unmanaged_pods: false,
+    }
+}
+
+fn node(unschedulable: bool, labelled: bool) -> Node {
+    let mut labels = BTreeMap::new();
+    if labelled {
+        labels.insert(cfg().label, "true".into());
+    }
+    Node {
+        name: NodeName::new("w1").unwrap(),
+        roles: vec![NodeRole::Worker],
+        zone: None,
+        labels,
+        taints: vec![],
+        unschedulable,
+        ready: true,
+        internal_ips: vec![],
+        allocatable: Resources::default(),
+        requested: Resources::default(),
+    }
+}
+
+fn pod(name: &str, owner: OwnerKind, network: PodNetwork) -> Pod {
+    Pod {
+        pod: PodRef {
+            namespace: "app".into(),
+            name: name.into(),
+            uid: format!("uid-{name}"),
+        },
+        labels: BTreeMap::new(),
+        owner,
+        node: Some(NodeName::new("w1").unwrap()),
+        ip: None,
+        network,
+        phase: PodPhase::Running,
+        ready: true,
+        terminating: false,
+        host_network: network == PodNetwork::Host,
+        host_port: false,
+        empty_dir: false,
+        mirror: false,
+        tolerates_unschedulable: false,
+        requests: Resources::default(),
+    }
+}
+
+fn agent(uid: &str, ready: bool, cfg_name: Option<&str>) -> AgentObservation {
+    AgentObservation {
+        pod_uid: uid.into(),
+        ready,
+        node_config: cfg_name.map(str::to_string),
+    }
+}
+
+fn run(
+    rec: &NodeRecord,
+    view: &NodeView,
+    agent: Option<&AgentObservation>,
+    cni: CniDirState,
+    now: u64,
+) -> Decision {
+    decide(rec, &Observation { view, agent, cni }, &cfg(), Time(now))
+}
+
+#[test]
+fn happy_path_step_by_step() {
+    let a0 = agent("a0", true, None);
+    let rs = pod("web-1", OwnerKind::ReplicaSet, PodNetwork::Calico);
+    let ds = pod("logs-x", OwnerKind::DaemonSet, PodNetwork::Calico);
+    let host = pod("exporter", OwnerKind::DaemonSet, PodNetwork::Host);
+    let mut view = NodeView {
+        node: node(false, false),
+        pods: vec![rs.clone(), ds.clone(), host.clone()],
+    };
+    let mut rec = NodeRecord::new(Time(0));
+
+    let d = run(&rec, &view, Some(&a0), CniDirState::CALICO, 0);
+    assert_eq!(d.action, Action::Cordon);
+    assert_eq!(d.record.pre_cordoned, Some(false));
+    rec = d.record;
+
+    view.node.unschedulable = true;
+    let d = run(&rec, &view, Some(&a0), CniDirState::CALICO, 1000);
+    assert_eq!(d.record.phase, Phase::Cordoned);
+    assert_eq!(
+        d.action,
+        Action::Evict(vec![rs.pod.clone()]),
+        "only the ReplicaSet pod is drained"
+    );
+    rec = d.record;
+
+    view.pods[0].terminating = true;
+    let d = run(&rec, &view, Some(&a0), CniDirState::CALICO, 2000);
+    assert!(
+        matches!(d.action, Action::Wait(_)),
+        "waits for the evicted pod to go"
+    );
+    rec = d.record;
+
+    view.pods.remove(0);
+    let d = run(&rec, &view, Some(&a0), CniDirState::CALICO, 3000);
+    assert_eq!(d.record.phase, Phase::Drained);
+    assert_eq!(d.action, Action::Label);
+    rec = d.record;
+
+    view.node.labels.insert(cfg().label, "true".into());
+    let d = run(&rec, &view, Some(&a0), CniDirState::CALICO, 4000);
+    assert_eq!(d.record.phase, Phase::Labelled);
+    assert_eq!(d.action, Action::RestartAgent("a0".into()));
+    assert_eq!(
+        d.record.agent_restarted_from.as_deref(),
+        Some("a0"),
+        "persisted before acting"
+    );
+    rec = d.record;
+
+    // The agent pod is gone and not yet back.
+    let d = run(&rec, &view, None, CniDirState::CALICO, 5000);
+    assert!(matches!(d.action, Action::Wait(_)));
+    rec = d.record;
+
+    let a1 = agent("a1", false, Some("cilium-default"));
+    let d = run(&rec, &view, Some(&a1), CniDirState::CALICO, 6000);
+    assert_eq!(d.record.phase, Phase::AgentRestarted);
+    assert!(matches!(d.action, Action::Wait(_)), "not ready yet");
+    rec = d.record;
+
+    let a1 = agent("a1", true, Some("cilium-default"));
+    let d = run(&rec, &view, Some(&a1), CniDirState::CILIUM, 7000);
+    assert_eq!(d.record.phase, Phase::AgentReady);
+    assert_eq!(d.action, Action::Uncordon);
+    rec = d.record;
+
+    view.node.unschedulable = false;
+    let d = run(&rec, &view, Some(&a1), CniDirState::CILIUM, 8000);
+    assert_eq!(d.record.phase, Phase::Uncordoned);
+    assert_eq!(
+        d.action,
+        Action::Recycle {
+            evict: vec![],
+            delete: vec![ds.pod.clone()]
+        }
+    );
+    rec = d.record;
+
+    view.pods[0].network = PodNetwork::Cilium;
+    view.pods[0].pod.uid = "uid-logs-y".into();
+    let d = run(&rec, &view, Some(&a1), CniDirState::CILIUM, 9000);
+    assert_eq!(d.record.phase, Phase::PodsRestarted);
+    assert_eq!(d.action, Action::Verify);
+    rec = d.record;
+
+    let r = on_verification(
+        &rec,
+        &Verification::Unhealthy(vec!["x".into()]),
+        &cfg(),
+        Time(9500),
+    );
+    assert_eq!(r.phase, Phase::PodsRestarted, "retried within the window");
+    let r = on_verification(&r, &Verification::Healthy, &cfg(), Time(10_000));
+    assert_eq!(r.phase, Phase::Verified);
+    let d = run(&r, &view, Some(&a1), CniDirState::CILIUM, 10_000);
+    assert_eq!(d.record.phase, Phase::Done);
+    assert_eq!(d.action, Action::Finished);
+}
+
+#[test]
+fn a_node_cordoned_before_the_run_stays_cordoned() {
+    let a = agent("a1", true, Some("cilium-default"));
+    let view = NodeView {
+        node: node(true, true),
+        pods: vec![],
+    };
+    let rec = NodeRecord::new(Time(0));
+    let d = run(&rec, &view, Some(&a), CniDirState::CILIUM, 0);
+    assert_eq!(d.record.pre_cordoned, Some(true));
+    let mut rec = d.record;
+    rec.phase = Phase::AgentReady;
+    let d = run(&rec, &view, Some(&a), CniDirState::CILIUM, 1);
+    assert_ne!(d.action, Action::Uncordon);
+    assert!(d.record.phase >= Phase::Uncordoned);
+}
+
+#[test]
+fn resume_after_restart_does_not_restart_the_agent_again() {
+    let view = NodeView {
+        node: node(true, true),
+        pods: vec![],
+    };
+    let mut rec = NodeRecord::new(Time(0));
+    rec.phase = Phase::Labelled;
+    rec.pre_cordoned = Some(false);
+    rec.agent_restarted_from = Some("a0".into());
+    // A new agent already exists: the restart happened before the crash.
+    let a1 = agent("a1", false, Some("cilium-default"));
+    let d = run(&rec, &view, Some(&a1), CniDirState::CALICO, 10);
+    assert_eq!(d.record.phase, Phase::AgentRestarted);
+    assert!(!matches!(d.action, Action::RestartAgent(_)));
+    // The old agent is still there: the delete may not have happened; deleting it again is safe.
+    let a0 = agent("a0", true, None);
+    let d = run(&rec, &view, Some(&a0), CniDirState::CALICO, 10);
+    assert_eq!(d.action, Action::RestartAgent("a0".into()));
+}
+
+#[test]
+fn a_blocked_drain_times_out_into_rollback_naming_the_budget() {
+    let mut view = NodeView {
+        node: node(true, false),
+        pods: vec![pod("db-0", OwnerKind::StatefulSet, PodNetwork::Calico)],
+    };
+    let mut rec = NodeRecord::new(Time(0));
+    rec.phase = Phase::Cordoned;
+    rec.pre_cordoned = Some(false);
+    rec = with_problem(
+        &rec,
+        "eviction of app/db-0 blocked by PodDisruptionBudget app/db".into(),
+    );
+    let a = agent("a0", true, None);
+    let d = run(&rec, &view, Some(&a), CniDirState::CALICO, 601_000);
+    assert_eq!(d.record.phase, Phase::RollingBack);
+    let rb = d.record.rollback.clone().unwrap();
+    assert_eq!(rb.failed_after, Phase::Cordoned);
+    assert!(rb.cause.contains("app/db"), "{}", rb.cause);
+    // The node was never labelled and its pods are on Calico: the rollback only uncordons.
+    assert_eq!(d.action, Action::Uncordon);
+    view.node.unschedulable = false;
+    let d = run(&d.record, &view, Some(&a), CniDirState::CALICO, 602_000);
+    assert_eq!(d.record.phase, Phase::RolledBack);
+    assert_eq!(d.action, Action::Finished);
+}
+
+#[test]
+fn emptydir_and_unmanaged_pods_follow_the_drain_options() {
+    let mut p = pod("scratch", OwnerKind::ReplicaSet, PodNetwork::Calico);
+    p.empty_dir = true;
+    let view = NodeView {
+        node: node(true, false),
+        pods: vec![p],
+    };
+    let mut rec = NodeRecord::new(Time(0));
+    rec.phase = Phase::Cordoned;
+    let mut c = cfg();
+    c.delete_emptydir_data = false;
+    let d = decide(
+        &rec,
+        &Observation {
+            view: &view,
+            agent: None,
+            cni: CniDirState::CALICO,
+        },
+        &c,
+        Time(1),
+    );
+    assert_eq!(d.record.phase, Phase::RollingBack);
+    let bare = pod("bare", OwnerKind::None, PodNetwork::Calico);
+    let view = NodeView {
+        node: node(true, false),
+        pods: vec![bare],
+    };
+    let d = run(&rec, &view, None, CniDirState::CALICO, 1);
+    assert_eq!(d.record.phase, Phase::RollingBack);
+    assert!(d.record.rollback.unwrap().cause.contains("no controller"));
+}
+
+#[test]
+fn rollback_of_a_migrated_node_restores_calico_in_order() {
+    let cil = pod("web-2", OwnerKind::ReplicaSet, PodNetwork::Cilium);
+    let ds = pod("logs-y", OwnerKind::DaemonSet, PodNetwork::Cilium);
+    let mut view = NodeView {
+        node: node(false, true),
+        pods: vec![cil.clone(), ds.clone()],
+    };
+    let a1 = agent("a1", true, Some("cilium-default"));
+    let mut rec = NodeRecord::new(Time(0));
+    rec.phase = Phase::PodsRestarted;
+    rec.pre_cordoned = Some(false);
+    rec = on_verification(
+        &rec,
+        &Verification::Unhealthy(vec!["pod x cannot reach y".into()]),
+        &cfg(),
+        Time(400_000),
+    );
+    assert_eq!(rec.phase, Phase::RollingBack);
+    assert!(
+        rec.rollback
+            .as_ref()
+            .unwrap()
+            .cause
+            .contains("cannot reach")
+    );
+
+    let mut cni = CniDirState::CILIUM;
+    let mut agent_now = a1.clone();
+    let mut actions = Vec::new();
+    for t in 0..20u64 {
+        let d = run(&rec, &view, Some(&agent_now), cni, 400_000 + t * 1000);
+        rec = d.record;
+        actions.push(d.action.clone());
+        match d.action {
+            Action::Cordon => view.node.unschedulable = true,
+            Action::Uncordon => view.node.unschedulable = false,
+            Action::Evict(p) => view.pods.retain(|x| !p.contains(&x.pod)),
+            Action::RestoreCni => cni = CniDirState::CALICO,
+            Action::Unlabel => {
+                view.node.labels.remove(&cfg().label);
+            }
+            Action::RestartAgent(_) => agent_now = agent("a2", false, None),
+            Action::Recycle { delete, .. } => {
+                for p in view.pods.iter_mut().filter(|x| delete.contains(&x.pod)) {
+                    p.network = PodNetwork::Calico;
+                    p.pod.uid.push('2');
+                }
+            }
+            Action::Finished => break,
+            Action::Label | Action::Verify | Action::Wait(_) => {}
+        }
+    }
+    let kinds: Vec<&str> = actions
+        .iter()
+        .map(|a| match a {
+            Action::Cordon => "cordon",
+            Action::Evict(_) => "evict",
+            Action::RestoreCni => "restore",
+            Action::Unlabel => "unlabel",
+            Action::RestartAgent(_) => "restart",
+            Action::Recycle { .. } => "recycle",
+            Action::Uncordon => "uncordon",
+            Action::Finished => "finished",
+            _ => "other",
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "cordon", "evict", "restore", "unlabel", "restart", "recycle", "uncordon", "finished"
+        ]
+    );
+    assert_eq!(rec.phase, Phase::RolledBack);
+}
+
+#[test]
+fn records_round_trip_through_the_annotation_and_garbage_is_named() {
+    let mut rec = NodeRecord::new(Time(42));
+    rec.phase = Phase::Labelled;
+    rec.agent_restarted_from = Some("abc".into());
+    let s = rec.to_annotation();
+    assert_eq!(NodeRecord::from_annotation(&s).unwrap(), rec);
+    let e = NodeRecord::from_annotation("{phase: nope").unwrap_err();
+    assert!(e.to_string().contains(STATE_ANNOTATION));
+}
+
+#[test]
+fn a_stuck_rollback_ends_failed_for_a_person() {
+    let view = NodeView {
+        node: node(false, true),
+        pods: vec![],
+    };
+    let mut rec = NodeRecord::new(Time(0));
+    rec.phase = Phase::AgentRestarted;
+    let rec = start_rollback(&rec, "operator asked".into(), Time(0));
+    // RestoreCni never takes effect.
+    let d = run(&rec, &view, None, CniDirState::CILIUM, 1000);
+    assert_eq!(d.action, Action::Cordon);
+    let mut view2 = view.clone();
+    view2.node.unschedulable = true;
+    let d = run(&d.record, &view2, None, CniDirState::CILIUM, 2000);
+    assert_eq!(d.action, Action::RestoreCni);
+    let d = run(&d.record, &view2, None, CniDirState::CILIUM, 2000 + 601_000);
+    assert_eq!(d.record.phase, Phase::Failed);
+    assert!(d.record.rollback.unwrap().cause.contains("RestoreCni"));
+}

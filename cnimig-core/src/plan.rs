@@ -1,0 +1,136 @@
+//! The plan: what a run will do, computed read-only from a snapshot and a config.
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::cilium::{CiliumNodeConfig, CiliumPhase, ValueInputs, helm_values};
+use crate::config::{MigrationConfig, NodeScope};
+use crate::model::{ClusterSnapshot, Node, NodeName};
+use crate::preflight::{PreflightReport, preflight};
+use crate::schedule::PendingNode;
+
+/// A node left out of the run, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Skipped {
+    /// Node.
+    pub node: NodeName,
+    /// Why.
+    pub reason: String,
+}
+
+/// What a run will do.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Plan {
+    /// Preflight results; the run refuses to start while any failed.
+    pub preflight: PreflightReport,
+    /// Nodes to migrate, in the order they are considered (workers interleaved by zone, then
+    /// control-plane nodes).
+    pub order: Vec<PlannedNode>,
+    /// Nodes in scope that are left out.
+    pub skipped: Vec<Skipped>,
+    /// Facts the values depend on.
+    #[serde(skip)]
+    pub inputs: ValueInputs,
+    /// Helm values for installing Cilium in migration mode.
+    pub migration_values: Value,
+    /// Helm values for the final phase.
+    pub final_values: Value,
+    /// The `CiliumNodeConfig` that moves labelled nodes to Cilium.
+    pub node_config: CiliumNodeConfig,
+}
+
+/// A node in the plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PlannedNode {
+    /// Name.
+    pub name: NodeName,
+    /// Zone.
+    pub zone: Option<String>,
+    /// Control-plane or etcd.
+    pub control_plane: bool,
+}
+
+impl From<&PlannedNode> for PendingNode {
+    fn from(p: &PlannedNode) -> Self {
+        PendingNode {
+            name: p.name.clone(),
+            zone: p.zone.clone(),
+            control_plane: p.control_plane,
+        }
+    }
+}
+
+/// True when `node` is in `scope`.
+#[must_use]
+pub fn in_scope(scope: &NodeScope, node: &Node) -> bool {
+    match scope {
+        NodeScope::All => true,
+        NodeScope::Names(names) => names.contains(&node.name),
+        NodeScope::Selector(sel) => sel.matches(&node.labels),
+    }
+}
+
+/// Computes the plan. Pure.
+#[must_use]
+pub fn plan(snapshot: &ClusterSnapshot, cfg: &MigrationConfig) -> Plan {
+    let inputs = ValueInputs {
+        host_port_pods: snapshot.pods.iter().any(|p| p.host_port && !p.host_network),
+    };
+    let mut skipped = Vec::new();
+    let mut chosen: Vec<&Node> = Vec::new();
+    for n in snapshot.nodes.iter().filter(|n| in_scope(&cfg.scope, n)) {
+        if n.ready {
+            chosen.push(n);
+        } else {
+            skipped.push(Skipped {
+                node: n.name.clone(),
+                reason: "node is NotReady; migrate it once it is Ready".into(),
+            });
+        }
+    }
+    let scope: Vec<NodeName> = chosen.iter().map(|n| n.name.clone()).collect();
+    let report = preflight(snapshot, cfg, &scope);
+    Plan {
+        preflight: report,
+        order: order_nodes(&chosen, cfg.control_plane_last),
+        skipped,
+        inputs,
+        migration_values: helm_values(cfg, inputs, CiliumPhase::Migration),
+        final_values: helm_values(cfg, inputs, CiliumPhase::Final),
+        node_config: CiliumNodeConfig::for_migration(cfg, inputs),
+    }
+}
+
+/// Workers first (round-robin across zones, names sorted within a zone), then control-plane nodes.
+#[must_use]
+pub fn order_nodes(nodes: &[&Node], control_plane_last: bool) -> Vec<PlannedNode> {
+    let mut groups: std::collections::BTreeMap<(bool, Option<&str>), Vec<&Node>> =
+        std::collections::BTreeMap::new();
+    for n in nodes {
+        let cp = control_plane_last && n.is_control_plane();
+        groups.entry((cp, n.zone.as_deref())).or_default().push(n);
+    }
+    for g in groups.values_mut() {
+        g.sort_by(|a, b| a.name.cmp(&b.name));
+    }
+    let mut out = Vec::with_capacity(nodes.len());
+    for cp in [false, true] {
+        let mut lanes: Vec<std::collections::VecDeque<&Node>> = groups
+            .iter()
+            .filter(|((c, _), _)| *c == cp)
+            .map(|(_, v)| v.iter().copied().collect())
+            .collect();
+        while lanes.iter().any(|l| !l.is_empty()) {
+            for lane in &mut lanes {
+                if let Some(n) = lane.pop_front() {
+                    out.push(PlannedNode {
+                        name: n.name.clone(),
+                        zone: n.zone.clone(),
+                        control_plane: n.is_control_plane(),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
