@@ -153,6 +153,7 @@ fn err(
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawConfig {
+    #[serde(rename = "podCIDR")]
     pod_cidr: Option<String>,
     mask_size: Option<i64>,
     tunnel_protocol: Option<String>,
@@ -169,6 +170,7 @@ struct RawConfig {
     delete_emptydir_data: Option<bool>,
     evict_unmanaged_pods: Option<bool>,
     final_host_legacy_routing: Option<bool>,
+    #[serde(rename = "otherRoutedCIDRs")]
     other_routed_cidrs: Option<Vec<String>>,
     poll_interval: Option<String>,
 }
