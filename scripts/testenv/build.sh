@@ -96,10 +96,13 @@ testenv_log "downloading Kubernetes dependencies"
 
 minor="${CNIMIG_K8S_VERSION#v1.}"; minor="${minor%%.*}"
 build_date="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+# The module zip carries no commit hash; without this the version reports
+# "$Format:%H$" (also in every component's User-Agent).
+git_commit=0000000000000000000000000000000000000000
 k8s_ldflags="$LDFLAGS_BASE"
 for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   k8s_ldflags+=" -X $p.gitVersion=$CNIMIG_K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor"
-  k8s_ldflags+=" -X $p.gitTreeState=clean -X $p.buildDate=$build_date"
+  k8s_ldflags+=" -X $p.gitTreeState=clean -X $p.buildDate=$build_date -X $p.gitCommit=$git_commit"
 done
 
 testenv_log "compiling kube-apiserver, kube-controller-manager, kube-scheduler (slow on a small machine)"

@@ -43,7 +43,7 @@ rm -f "$RUN/env"
 
 if [[ "${CNIMIG_TESTENV_CLEAN:-0}" == 1 ]]; then
   rm -rf "$RUN/etcd-data" "$RUN/pki" "$RUN/logs" "$RUN/pids" "$RUN/audit.log" \
-    "$RUN"/*.kubeconfig "$RUN/audit-policy.yaml"
+    "$RUN"/*.kubeconfig "$RUN/audit-policy.yaml" "$RUN/flexvolume"
   rmdir "$RUN" 2>/dev/null || true
 fi
 testenv_log "down ($stopped process(es) stopped, run dir $RUN)"

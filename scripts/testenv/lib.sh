@@ -1,4 +1,4 @@
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034
 # Shared settings for the cnimig test environment scripts (sourced, not run).
 
 # ---- pinned versions --------------------------------------------------------

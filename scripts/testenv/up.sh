@@ -31,12 +31,6 @@ fi
 
 # Clean up leftovers of a previous (possibly crashed) run.
 "$HERE/down.sh" >/dev/null 2>&1 || true
-mkdir -p "$RUN"
-RUN="$(cd "$RUN" && pwd)"
-rm -rf "$RUN/etcd-data" "$RUN/pki" "$RUN/logs" "$RUN/pids" "$RUN/audit.log" \
-  "$RUN/env" "$RUN"/*.kubeconfig "$RUN/audit-policy.yaml"
-mkdir -p "$RUN/pki" "$RUN/logs" "$RUN/pids"
-chmod 700 "$RUN/pki"
 
 # ---------------------------------------------------------------------------
 # Ports
@@ -54,8 +48,8 @@ pick_port() {   # pick_port [preferred]
   if [[ -n "$p" ]] && [[ -z "${TAKEN[$p]:-}" ]] && ! port_in_use "$p"; then
     TAKEN[$p]=1; echo "$p"; return
   fi
-  local i
-  for i in $(seq 1 200); do
+  local _
+  for _ in $(seq 1 200); do
     p=$((20000 + RANDOM % 30000))
     if [[ -z "${TAKEN[$p]:-}" ]] && ! port_in_use "$p"; then
       TAKEN[$p]=1; echo "$p"; return
@@ -75,6 +69,13 @@ ETCD_PEER_PORT="$(pick_port)"; TAKEN[$ETCD_PEER_PORT]=1
 KCM_PORT="$(pick_port)"; TAKEN[$KCM_PORT]=1
 SCHED_PORT="$(pick_port)"; TAKEN[$SCHED_PORT]=1
 API_URL="https://127.0.0.1:$API_PORT"
+
+mkdir -p "$RUN"
+RUN="$(cd "$RUN" && pwd)"
+rm -rf "$RUN/etcd-data" "$RUN/pki" "$RUN/logs" "$RUN/pids" "$RUN/audit.log" \
+  "$RUN/env" "$RUN"/*.kubeconfig "$RUN/audit-policy.yaml" "$RUN/flexvolume"
+mkdir -p "$RUN/pki" "$RUN/logs" "$RUN/pids"
+chmod 700 "$RUN/pki"
 
 # ---------------------------------------------------------------------------
 # PKI (openssl)
@@ -102,6 +103,18 @@ sign_cert apiserver "/CN=kube-apiserver" \
 sign_cert admin "/O=system:masters/CN=kubernetes-admin" "$CLIENT_EXT"
 sign_cert controller-manager "/CN=system:kube-controller-manager" "$CLIENT_EXT"
 sign_cert scheduler "/CN=system:kube-scheduler" "$CLIENT_EXT"
+# Separate front-proxy (request-header) CA: kube-apiserver publishes it in
+# kube-system/extension-apiserver-authentication, which the controller-manager
+# and scheduler read for their delegated authentication.
+ossl req -x509 -newkey rsa:2048 -nodes -sha256 -days 3650 \
+  -keyout "$PKI/front-proxy-ca.key" -out "$PKI/front-proxy-ca.crt" -subj "/CN=cnimig-testenv-front-proxy-ca" \
+  -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature"
+ossl req -new -newkey rsa:2048 -nodes -sha256 -keyout "$PKI/front-proxy-client.key" \
+  -out "$PKI/front-proxy-client.csr" -subj "/CN=front-proxy-client"
+printf '%s\n' "$CLIENT_EXT" >"$PKI/front-proxy-client.ext"
+ossl x509 -req -in "$PKI/front-proxy-client.csr" -CA "$PKI/front-proxy-ca.crt" -CAkey "$PKI/front-proxy-ca.key" \
+  -CAcreateserial -days 3650 -sha256 -extfile "$PKI/front-proxy-client.ext" -out "$PKI/front-proxy-client.crt"
+rm -f "$PKI/front-proxy-client.csr" "$PKI/front-proxy-client.ext"
 # service-account token signing key pair
 ossl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$PKI/sa.key"
 ossl pkey -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub"
@@ -231,6 +244,13 @@ start_proc kube-apiserver \
   --service-account-signing-key-file="$PKI/sa.key" \
   --service-cluster-ip-range=10.96.0.0/16 \
   --authorization-mode=Node,RBAC \
+  --requestheader-client-ca-file="$PKI/front-proxy-ca.crt" \
+  --requestheader-allowed-names=front-proxy-client \
+  --requestheader-username-headers=X-Remote-User \
+  --requestheader-group-headers=X-Remote-Group \
+  --requestheader-extra-headers-prefix=X-Remote-Extra- \
+  --proxy-client-cert-file="$PKI/front-proxy-client.crt" \
+  --proxy-client-key-file="$PKI/front-proxy-client.key" \
   --allow-privileged=true \
   --endpoint-reconciler-type=none \
   --audit-policy-file="$RUN/audit-policy.yaml" \
@@ -260,6 +280,7 @@ start_proc kube-controller-manager \
   --cluster-signing-cert-file="$PKI/ca.crt" \
   --cluster-signing-key-file="$PKI/ca.key" \
   --service-cluster-ip-range=10.96.0.0/16 \
+  --flex-volume-plugin-dir="$RUN/flexvolume" \
   --profiling=false
 
 start_proc kube-scheduler \
