@@ -520,7 +520,7 @@ impl Autodetection {
             | Autodetection::Cidrs(_) => false,
             Autodetection::Interface(re) => crate::preflight::interface_regex_may_match_cilium(re),
             Autodetection::SkipInterface(re) => {
-                !crate::preflight::interface_regex_may_match_cilium(re)
+                !crate::preflight::skip_interface_regex_excludes_cilium(re)
             }
         }
     }

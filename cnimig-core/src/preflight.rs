@@ -42,7 +42,9 @@ mod network;
 mod nodes;
 mod workloads;
 
-pub use network::{CILIUM_INTERFACES, interface_regex_may_match_cilium, skip_interface_regex_excludes_cilium};
+pub use network::{
+    CILIUM_INTERFACES, interface_regex_may_match_cilium, skip_interface_regex_excludes_cilium,
+};
 
 /// How a check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -80,7 +82,11 @@ impl Check {
     /// A check with the given outcome.
     #[must_use]
     pub fn new(id: &'static str, severity: Severity, message: impl Into<String>) -> Self {
-        Check { id, severity, message: message.into() }
+        Check {
+            id,
+            severity,
+            message: message.into(),
+        }
     }
     /// A passed check.
     #[must_use]
@@ -169,7 +175,11 @@ pub const RULE_IDS: &[&str] = &[
 /// Runs every rule. `scope` is the nodes the run will migrate (the config's scope, resolved
 /// against the cluster).
 #[must_use]
-pub fn preflight(snapshot: &ClusterSnapshot, cfg: &MigrationConfig, scope: &[NodeName]) -> PreflightReport {
+pub fn preflight(
+    snapshot: &ClusterSnapshot,
+    cfg: &MigrationConfig,
+    scope: &[NodeName],
+) -> PreflightReport {
     let ctx = Ctx::new(snapshot, cfg, scope);
     let rules: [fn(&Ctx<'_>) -> Vec<Check>; 16] = [
         network::pod_cidr_overlap,
@@ -189,7 +199,9 @@ pub fn preflight(snapshot: &ClusterSnapshot, cfg: &MigrationConfig, scope: &[Nod
         nodes::scope,
         network::nat_outgoing,
     ];
-    PreflightReport { checks: rules.iter().flat_map(|rule| rule(&ctx)).collect() }
+    PreflightReport {
+        checks: rules.iter().flat_map(|rule| rule(&ctx)).collect(),
+    }
 }
 
 /// What every rule reads: the snapshot, the config and the resolved scope.
@@ -200,6 +212,7 @@ pub(crate) struct Ctx<'a> {
     scope_list: Vec<&'a NodeName>,
     scope: BTreeSet<&'a NodeName>,
     pdbs_by_ns: BTreeMap<&'a str, Vec<&'a Pdb>>,
+    pods_by_ns: BTreeMap<&'a str, Vec<&'a Pod>>,
 }
 
 impl<'a> Ctx<'a> {
@@ -210,7 +223,21 @@ impl<'a> Ctx<'a> {
         for p in &snap.pdbs {
             pdbs_by_ns.entry(p.namespace.as_str()).or_default().push(p);
         }
-        Ctx { snap, cfg, scope_list, scope: set, pdbs_by_ns }
+        let mut pods_by_ns: BTreeMap<&str, Vec<&Pod>> = BTreeMap::new();
+        for p in &snap.pods {
+            pods_by_ns
+                .entry(p.pod.namespace.as_str())
+                .or_default()
+                .push(p);
+        }
+        Ctx {
+            snap,
+            cfg,
+            scope_list,
+            scope: set,
+            pdbs_by_ns,
+            pods_by_ns,
+        }
     }
 
     /// The new pod CIDR, as a network address.
@@ -230,22 +257,43 @@ impl<'a> Ctx<'a> {
 
     /// The snapshot's nodes that are in scope.
     fn scope_nodes(&self) -> impl Iterator<Item = &'a Node> + '_ {
-        self.snap.nodes.iter().filter(|n| self.node_in_scope(&n.name))
+        self.snap
+            .nodes
+            .iter()
+            .filter(|n| self.node_in_scope(&n.name))
     }
 
-    /// Pods the drain of a node in scope would evict (not DaemonSet, mirror, hostNetwork,
-    /// finished or already terminating).
+    /// True when the drain of a node in scope would evict `pod` (not a DaemonSet, mirror or
+    /// hostNetwork pod, not finished or already terminating).
+    fn is_drainable_in_scope(&self, pod: &Pod) -> bool {
+        pod.is_drainable() && !pod.terminating && self.pod_in_scope(pod)
+    }
+
+    /// Pods the drain of a node in scope would evict.
     fn drainable_in_scope(&self) -> impl Iterator<Item = &'a Pod> + '_ {
         self.snap
             .pods
             .iter()
-            .filter(|p| p.is_drainable() && !p.terminating && self.pod_in_scope(p))
+            .filter(|p| self.is_drainable_in_scope(p))
+    }
+
+    /// All pods in a namespace.
+    fn pods_in(&self, namespace: &str) -> impl Iterator<Item = &'a Pod> + '_ {
+        let pods: &[&'a Pod] = self.pods_by_ns.get(namespace).map_or(&[], Vec::as_slice);
+        pods.iter().copied()
     }
 
     /// The budgets covering `pod`.
-    fn pdbs_covering(&self, pod: &Pod) -> impl Iterator<Item = &'a Pdb> + '_ {
-        let candidates: &[&'a Pdb] = self.pdbs_by_ns.get(pod.pod.namespace.as_str()).map_or(&[], Vec::as_slice);
-        candidates.iter().copied().filter(move |p| p.covers(pod))
+    fn pdbs_covering(&self, pod: &Pod) -> Vec<&'a Pdb> {
+        let candidates: &[&'a Pdb] = self
+            .pdbs_by_ns
+            .get(pod.pod.namespace.as_str())
+            .map_or(&[], Vec::as_slice);
+        candidates
+            .iter()
+            .copied()
+            .filter(|p| p.covers(pod))
+            .collect()
     }
 
     /// A disabled pool inside the new pod CIDR: the "no NAT" pool preflight recommends (see
@@ -256,7 +304,11 @@ impl<'a> Ctx<'a> {
 
     /// Calico's pools, without the disabled exemption pool(s) for the new CIDR.
     fn calico_pools(&self) -> impl Iterator<Item = &'a IpPool> + '_ {
-        self.snap.calico.ip_pools.iter().filter(|p| !self.is_exemption_pool(p))
+        self.snap
+            .calico
+            .ip_pools
+            .iter()
+            .filter(|p| !self.is_exemption_pool(p))
     }
 }
 
@@ -287,7 +339,16 @@ where
 
 /// `1 pod` / `3 pods`.
 pub(crate) fn count(n: usize, what: &str) -> String {
-    if n == 1 { format!("1 {what}") } else { format!("{n} {what}s") }
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
+/// `one` when `n` is 1, else `many` (verb agreement).
+pub(crate) fn verb(n: usize, one: &'static str, many: &'static str) -> &'static str {
+    if n == 1 { one } else { many }
 }
 
 /// At most `max` characters of user-supplied text (for messages).
@@ -307,9 +368,9 @@ pub(crate) fn fmt_bytes(b: u64) -> String {
     const GI: u64 = 1 << 30;
     if b == 0 {
         "0".to_string()
-    } else if b % GI == 0 {
+    } else if b.is_multiple_of(GI) {
         format!("{}Gi", b / GI)
-    } else if b % MI == 0 {
+    } else if b.is_multiple_of(MI) {
         format!("{}Mi", b / MI)
     } else if b >= MI {
         format!("{}Mi", b.div_ceil(MI))
