@@ -108,7 +108,13 @@ pub struct RunOptions {
     pub join_check_interval: Duration,
     /// Stop (as if killed) after this many loop iterations; for crash tests.
     pub max_ticks: Option<u64>,
+    /// The scheduling policy. [`schedule::pick`](crate::schedule::pick) unless a test or a
+    /// benchmark swaps in another (e.g. a naive baseline, or a deliberately broken one).
+    pub scheduler: PickFn,
 }
+
+/// A scheduling policy: the signature of [`schedule::pick`](crate::schedule::pick).
+pub type PickFn = fn(&[PendingNode], &[InFlightNode], &crate::ports::BudgetView, Limits) -> crate::schedule::Picks;
 
 impl Default for RunOptions {
     fn default() -> Self {
@@ -117,6 +123,7 @@ impl Default for RunOptions {
             lock_ttl: Duration::from_secs(60),
             join_check_interval: Duration::from_secs(60),
             max_ticks: None,
+            scheduler: pick,
         }
     }
 }
@@ -568,7 +575,7 @@ impl Orchestrator {
             }
             Err(e) => return Err(e.into()),
         };
-        let picks = pick(&cands, &in_flight, &budgets, limits);
+        let picks = (self.opts.scheduler)(&cands, &in_flight, &budgets, limits);
         let mut started = Vec::new();
         for name in picks.start {
             let Some(pos) = pending.iter().position(|p| p.name == name) else {
