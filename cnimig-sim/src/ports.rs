@@ -1,0 +1,449 @@
+//! The six ports of `cnimig_core::ports`, implemented on [`SimCluster`]. Every call takes effect
+//! at the current virtual time, is counted in [`SimStats::api_calls`](crate::SimStats), and is
+//! followed by the invariant checks.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cnimig_core::cilium::CiliumNodeConfig;
+use cnimig_core::machine::NodeRecord;
+use cnimig_core::model::{CalicoFacts, NodeName, PodRef, Time};
+use cnimig_core::ports::{
+    AgentObservation, BudgetView, Clock, Cluster, CniDirState, EvictOutcome, Inventory,
+    LockOutcome, NewCni, NodeView, OldCni, PortError, StateStore, Verification, Verifier,
+};
+
+use crate::observe::{OpKind, ViolationKind};
+use crate::sim::SimCluster;
+use crate::state::State;
+
+fn not_found(node: &NodeName) -> PortError {
+    PortError::NotFound {
+        what: format!("node {node}"),
+    }
+}
+
+impl State {
+    fn count(&mut self, method: &'static str) {
+        match self.stats.api_calls.get_mut(method) {
+            Some(c) => *c += 1,
+            None => {
+                self.stats.api_calls.insert(method.to_string(), 1);
+            }
+        }
+    }
+
+    fn idx(&self, node: &NodeName) -> Result<usize, PortError> {
+        self.node_idx(node).ok_or_else(|| not_found(node))
+    }
+}
+
+/// Returns `Pending` once, so other tasks run before virtual time moves.
+struct YieldOnce(bool);
+
+impl Future for YieldOnce {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 {
+            Poll::Ready(())
+        } else {
+            self.0 = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    }
+}
+
+#[async_trait]
+impl Cluster for SimCluster {
+    async fn inventory(&self) -> Result<Inventory, PortError> {
+        let mut s = self.lock();
+        s.count("Cluster::inventory");
+        Ok(Inventory {
+            nodes: s.nodes.iter().map(|n| n.node.clone()).collect(),
+            pods: s.pods.values().map(|p| s.model_pod(p)).collect(),
+            pdbs: s.pdbs.iter().map(|p| p.pdb.clone()).collect(),
+            service_cidr: s.scenario.service_cidr,
+            cluster_cidr: s.scenario.cluster_cidr,
+            connectivity_checker: s.scenario.connectivity_checker,
+            cilium_agent_requests: s.scenario.cilium_agent.resources(),
+        })
+    }
+
+    async fn node_names(&self) -> Result<Vec<NodeName>, PortError> {
+        let mut s = self.lock();
+        s.count("Cluster::node_names");
+        Ok(s.nodes.iter().map(|n| n.node.name.clone()).collect())
+    }
+
+    async fn node_view(&self, node: &NodeName) -> Result<NodeView, PortError> {
+        let mut s = self.lock();
+        s.count("Cluster::node_view");
+        let n = s.idx(node)?;
+        let Some(sn) = s.nodes.get(n) else {
+            return Err(not_found(node));
+        };
+        Ok(NodeView {
+            node: sn.node.clone(),
+            pods: s.pods_on(n),
+        })
+    }
+
+    async fn budget_view(&self, nodes: &[NodeName]) -> Result<BudgetView, PortError> {
+        let mut s = self.lock();
+        s.count("Cluster::budget_view");
+        let mut view = BudgetView::default();
+        for name in nodes {
+            let Some(n) = s.node_idx(name) else { continue };
+            let mut counts: BTreeMap<usize, u32> = BTreeMap::new();
+            for (_, p) in s.drainable_on(n).filter(|(_, p)| !p.terminating) {
+                for &i in &p.pdbs {
+                    *counts.entry(i).or_default() += 1;
+                }
+            }
+            let mut list = Vec::new();
+            for (i, c) in counts {
+                let Some(b) = s.pdbs.get(i) else { continue };
+                view.allowed.insert(b.pdb.key(), b.allowed());
+                list.push((b.pdb.key(), c));
+            }
+            view.per_node.insert(name.clone(), list);
+        }
+        Ok(view)
+    }
+
+    async fn set_unschedulable(
+        &self,
+        node: &NodeName,
+        unschedulable: bool,
+    ) -> Result<(), PortError> {
+        let mut s = self.lock();
+        s.count("Cluster::set_unschedulable");
+        let n = s.idx(node)?;
+        let was = s.nodes.get(n).is_some_and(|x| x.node.unschedulable);
+        if unschedulable {
+            if !was {
+                s.on_migration_cordon(n);
+                s.cordoned_by_us.insert(n);
+            }
+            s.log(n, OpKind::Cordon);
+        } else {
+            if s.labelled(n) && !s.agent_ready_with_config(n) {
+                s.violate(
+                    ViolationKind::Order,
+                    format!("node {node} uncordoned while labelled for Cilium but its agent is not Ready with the node config"),
+                );
+            }
+            s.cordoned_by_us.remove(&n);
+            s.log(n, OpKind::Uncordon);
+        }
+        s.set_unschedulable(n, unschedulable);
+        s.check_reach();
+        Ok(())
+    }
+
+    async fn set_node_label(
+        &self,
+        node: &NodeName,
+        key: &str,
+        value: Option<&str>,
+    ) -> Result<(), PortError> {
+        let mut s = self.lock();
+        s.count("Cluster::set_node_label");
+        let n = s.idx(node)?;
+        if let Err(why) = cnimig_core::config::validate_label_key(key) {
+            return Err(PortError::Invalid {
+                what: format!("label {key:?} on node {node}"),
+                detail: why.into(),
+            });
+        }
+        match value {
+            Some(v) => {
+                if v == "true" && s.is_migration_label(key) {
+                    let schedulable = s.nodes.get(n).is_some_and(|x| !x.node.unschedulable);
+                    let left: Vec<String> = s.drainable_on(n).map(|(_, p)| p.key()).collect();
+                    if schedulable || !left.is_empty() {
+                        let why = if schedulable {
+                            "it is schedulable".to_string()
+                        } else {
+                            format!(
+                                "{} drainable pod(s) are still on it ({})",
+                                left.len(),
+                                left.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+                            )
+                        };
+                        s.violate(
+                            ViolationKind::Order,
+                            format!("node {node} labelled {key}=true while {why}"),
+                        );
+                    }
+                }
+                if let Some(x) = s.nodes.get_mut(n) {
+                    x.node.labels.insert(key.to_string(), v.to_string());
+                }
+                s.log(
+                    n,
+                    OpKind::Label {
+                        key: key.to_string(),
+                        value: v.to_string(),
+                    },
+                );
+            }
+            None => {
+                if let Some(x) = s.nodes.get_mut(n) {
+                    x.node.labels.remove(key);
+                }
+                s.log(
+                    n,
+                    OpKind::Unlabel {
+                        key: key.to_string(),
+                    },
+                );
+            }
+        }
+        s.check_reach();
+        Ok(())
+    }
+
+    async fn evict(&self, pod: &PodRef) -> Result<EvictOutcome, PortError> {
+        let mut s = self.lock();
+        s.count("Cluster::evict");
+        let out = s.evict(pod);
+        s.check_reach();
+        Ok(out)
+    }
+
+    async fn delete_pod(&self, pod: &PodRef) -> Result<(), PortError> {
+        let mut s = self.lock();
+        s.count("Cluster::delete_pod");
+        let Some(id) = s.lookup(pod) else {
+            return Ok(());
+        };
+        s.stats.deletions += 1;
+        if let Some(n) = s.pods.get(&id).and_then(|p| p.node) {
+            s.log(
+                n,
+                OpKind::Delete {
+                    pod: pod.to_string(),
+                },
+            );
+        }
+        s.disrupt(id, "deletion");
+        s.check_reach();
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl NewCni for SimCluster {
+    async fn live_config(&self) -> Result<BTreeMap<String, String>, PortError> {
+        let mut s = self.lock();
+        s.count("NewCni::live_config");
+        s.cilium
+            .as_ref()
+            .map(|c| c.live.clone())
+            .ok_or_else(|| PortError::NotFound {
+                what: "ConfigMap kube-system/cilium-config (Cilium is not installed)".into(),
+            })
+    }
+
+    async fn apply_node_config(&self, config: &CiliumNodeConfig) -> Result<(), PortError> {
+        let mut s = self.lock();
+        s.count("NewCni::apply_node_config");
+        if config.name.is_empty() || NodeName::new(config.name.clone()).is_err() {
+            return Err(PortError::Invalid {
+                what: format!("CiliumNodeConfig {:?}", config.name),
+                detail: "not a valid object name".into(),
+            });
+        }
+        s.node_configs.insert(config.name.clone(), config.clone());
+        Ok(())
+    }
+
+    async fn agent(&self, node: &NodeName) -> Result<Option<AgentObservation>, PortError> {
+        let mut s = self.lock();
+        s.count("NewCni::agent");
+        let n = s.idx(node)?;
+        Ok(s.agent_observation(n))
+    }
+
+    async fn restart_agent(&self, node: &NodeName, pod_uid: &str) -> Result<(), PortError> {
+        let mut s = self.lock();
+        s.count("NewCni::restart_agent");
+        let n = s.idx(node)?;
+        let Some(id) = crate::state::parse_uid(pod_uid) else {
+            return Ok(());
+        };
+        let ok = s
+            .pods
+            .get(&id)
+            .is_some_and(|p| p.agent && p.node == Some(n) && !p.terminating);
+        if ok {
+            s.stats.deletions += 1;
+            s.log(
+                n,
+                OpKind::RestartAgent {
+                    uid: pod_uid.to_string(),
+                },
+            );
+            s.disrupt(id, "agent restart");
+            s.check_reach();
+        }
+        Ok(())
+    }
+
+    async fn cni_dir(&self, node: &NodeName) -> Result<CniDirState, PortError> {
+        let mut s = self.lock();
+        s.count("NewCni::cni_dir");
+        let n = s.idx(node)?;
+        s.nodes.get(n).map(|x| x.cni).ok_or_else(|| not_found(node))
+    }
+
+    async fn restore_calico_cni(&self, node: &NodeName) -> Result<(), PortError> {
+        let mut s = self.lock();
+        s.count("NewCni::restore_calico_cni");
+        let n = s.idx(node)?;
+        s.log(n, OpKind::RestoreCni);
+        s.request_restore(n)
+            .map_err(|detail| PortError::Unavailable {
+                what: format!("restore Calico's CNI config on node {node}"),
+                detail,
+            })
+    }
+}
+
+#[async_trait]
+impl OldCni for SimCluster {
+    async fn facts(&self) -> Result<CalicoFacts, PortError> {
+        let mut s = self.lock();
+        s.count("OldCni::facts");
+        Ok(s.calico.clone())
+    }
+}
+
+#[async_trait]
+impl Verifier for SimCluster {
+    async fn verify_node(&self, node: &NodeName) -> Result<Verification, PortError> {
+        let mut s = self.lock();
+        s.count("Verifier::verify_node");
+        let n = s.idx(node)?;
+        let problems = s.node_problems(n);
+        Ok(if problems.is_empty() {
+            Verification::Healthy
+        } else {
+            Verification::Unhealthy(problems)
+        })
+    }
+
+    async fn verify_cluster(&self) -> Result<Verification, PortError> {
+        let mut s = self.lock();
+        s.count("Verifier::verify_cluster");
+        let problems = s.reachability_problems();
+        Ok(if problems.is_empty() {
+            Verification::Healthy
+        } else {
+            Verification::Unhealthy(problems)
+        })
+    }
+}
+
+#[async_trait]
+impl StateStore for SimCluster {
+    async fn load(&self) -> Result<BTreeMap<NodeName, NodeRecord>, PortError> {
+        let mut s = self.lock();
+        s.count("StateStore::load");
+        let mut out = BTreeMap::new();
+        for node in &s.nodes {
+            let Some(a) = &node.annotation else { continue };
+            let rec = NodeRecord::from_annotation(a).map_err(|e| PortError::Invalid {
+                what: format!(
+                    "node {} annotation {}",
+                    node.node.name,
+                    cnimig_core::machine::STATE_ANNOTATION
+                ),
+                detail: e.to_string(),
+            })?;
+            out.insert(node.node.name.clone(), rec);
+        }
+        Ok(out)
+    }
+
+    async fn save(
+        &self,
+        node: &NodeName,
+        prev: Option<&NodeRecord>,
+        next: &NodeRecord,
+    ) -> Result<(), PortError> {
+        let mut s = self.lock();
+        s.count("StateStore::save");
+        let n = s.idx(node)?;
+        let Some(x) = s.nodes.get_mut(n) else {
+            return Err(not_found(node));
+        };
+        let same = match (&x.annotation, prev) {
+            (None, None) => true,
+            (Some(a), Some(p)) => NodeRecord::from_annotation(a).is_ok_and(|r| &r == p),
+            _ => false,
+        };
+        if !same {
+            return Err(PortError::Conflict {
+                what: format!(
+                    "node {node} annotation {}",
+                    cnimig_core::machine::STATE_ANNOTATION
+                ),
+            });
+        }
+        x.annotation = Some(next.to_annotation());
+        Ok(())
+    }
+
+    async fn acquire_lock(
+        &self,
+        holder: &str,
+        now: Time,
+        ttl: Duration,
+    ) -> Result<LockOutcome, PortError> {
+        let mut s = self.lock();
+        s.count("StateStore::acquire_lock");
+        match &s.lock {
+            Some((h, until)) if h != holder && *until > now => Ok(LockOutcome::HeldBy {
+                holder: h.clone(),
+                until: *until,
+            }),
+            _ => {
+                s.lock = Some((holder.to_string(), now.after(ttl)));
+                Ok(LockOutcome::Acquired)
+            }
+        }
+    }
+
+    async fn release_lock(&self, holder: &str) -> Result<(), PortError> {
+        let mut s = self.lock();
+        s.count("StateStore::release_lock");
+        if s.lock.as_ref().is_some_and(|(h, _)| h == holder) {
+            s.lock = None;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Clock for SimCluster {
+    fn now(&self) -> Time {
+        let mut s = self.lock();
+        s.count("Clock::now");
+        s.now
+    }
+
+    /// Lets other tasks run once, then processes every event due at or before `t` in time
+    /// order (ties in the order they were scheduled) and sets the clock to `t` (never back).
+    async fn sleep_until(&self, t: Time) {
+        self.lock().count("Clock::sleep_until");
+        YieldOnce(false).await;
+        self.lock().advance_to(t);
+    }
+}
