@@ -8,6 +8,7 @@
 //! | id | what it looks at |
 //! |---|---|
 //! | `pod-cidr-overlap` | the new pod CIDR against Calico's pools, the service and cluster CIDRs, node addresses, Calico pod addresses and other routed networks |
+//! | `pod-cidr-capacity` | the new pod CIDR has a per-node block (`maskSize`) for every node |
 //! | `tunnel-port` | Cilium's tunnel port against Calico's VXLAN port |
 //! | `calico-autodetection` | whether Calico's node address autodetection can pick a Cilium interface |
 //! | `calico-dataplane` | Calico's eBPF / VPP dataplane (fail) and native routing (warn) |
@@ -155,6 +156,7 @@ impl fmt::Display for PreflightReport {
 /// Every rule's check id, in the order the report lists them.
 pub const RULE_IDS: &[&str] = &[
     network::POD_CIDR_OVERLAP,
+    network::POD_CIDR_CAPACITY,
     network::TUNNEL_PORT,
     network::CALICO_AUTODETECTION,
     network::CALICO_DATAPLANE,
@@ -181,8 +183,9 @@ pub fn preflight(
     scope: &[NodeName],
 ) -> PreflightReport {
     let ctx = Ctx::new(snapshot, cfg, scope);
-    let rules: [fn(&Ctx<'_>) -> Vec<Check>; 16] = [
+    let rules: [fn(&Ctx<'_>) -> Vec<Check>; 17] = [
         network::pod_cidr_overlap,
+        network::pod_cidr_capacity,
         network::tunnel_port,
         network::calico_autodetection,
         network::calico_dataplane,

@@ -13,6 +13,7 @@ pub(super) const TUNNEL_PORT: &str = "tunnel-port";
 pub(super) const CALICO_AUTODETECTION: &str = "calico-autodetection";
 pub(super) const CALICO_DATAPLANE: &str = "calico-dataplane";
 pub(super) const NAT_OUTGOING: &str = "nat-outgoing";
+pub(super) const POD_CIDR_CAPACITY: &str = "pod-cidr-capacity";
 
 /// The interfaces Cilium creates on every node that Calico's autodetection must never pick.
 pub const CILIUM_INTERFACES: [&str; 4] =
@@ -477,6 +478,35 @@ pub(super) fn nat_outgoing(ctx: &Ctx<'_>) -> Vec<Check> {
     }
 }
 
+/// Cilium's cluster pool hands each node one `/maskSize` block: the pool must have a block for
+/// every node in the cluster (all of them run an agent), with room for nodes that join.
+pub(super) fn pod_cidr_capacity(ctx: &Ctx<'_>) -> Vec<Check> {
+    let pod = ctx.pod_cidr();
+    let mask = ctx.cfg.mask_size;
+    let bits = u32::from(mask.saturating_sub(pod.prefix_len()));
+    let blocks: u64 = if bits >= 63 { u64::MAX } else { 1u64 << bits };
+    let nodes = ctx.snap.nodes.len() as u64;
+    if blocks < nodes {
+        let need_prefix = 64 - (nodes.max(1) - 1).leading_zeros();
+        vec![Check::fail(
+            POD_CIDR_CAPACITY,
+            format!(
+                "Cilium's pod CIDR {pod} with maskSize {mask} has {blocks} per-node blocks, but the cluster has {nodes} \
+                 nodes: agents on the nodes left without a block never become Ready. Fix: use a pod CIDR of at most \
+                 /{} for maskSize {mask}, or a larger maskSize.",
+                u32::from(mask).saturating_sub(need_prefix)
+            ),
+        )]
+    } else {
+        vec![Check::pass(
+            POD_CIDR_CAPACITY,
+            format!(
+                "Cilium's pod CIDR {pod} with maskSize {mask} has {blocks} per-node blocks for {nodes} nodes."
+            ),
+        )]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
@@ -502,6 +532,29 @@ mod tests {
             nat_outgoing: false,
             disabled: false,
         }
+    }
+
+    // ---- pool capacity ----
+
+    #[test]
+    fn pod_cidr_capacity_counts_per_node_blocks() {
+        let mut f = Fixture::healthy();
+        assert_pass(&f.run(), POD_CIDR_CAPACITY);
+        // A /22 with maskSize 24 has 4 blocks; the fixture has 3 nodes: fine. A /23 has 2: not.
+        f.cfg.pod_cidr = net("10.245.0.0/23");
+        let c = expect(&f.run(), POD_CIDR_CAPACITY, Severity::Fail);
+        assert!(
+            c[0].message.contains("2 per-node blocks"),
+            "{}",
+            c[0].message
+        );
+        assert!(
+            c[0].message.contains("/22"),
+            "suggests a pool that fits: {}",
+            c[0].message
+        );
+        f.cfg.pod_cidr = net("10.245.0.0/22");
+        assert_pass(&f.run(), POD_CIDR_CAPACITY);
     }
 
     // ---- regexes ----
