@@ -30,7 +30,7 @@ const UNSCHEDULABLE_TAINT: &str = "node.kubernetes.io/unschedulable";
 const NOT_READY_TAINT: &str = "node.kubernetes.io/not-ready";
 
 /// Which replica of its workload a pod is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Slot {
     /// Any (ReplicaSet pods).
     Any,
@@ -61,9 +61,22 @@ pub(crate) struct Workload {
     per_node: Vec<usize>,
     /// Pods not terminating.
     active: BTreeSet<PodId>,
+    /// How many of `active` hold each slot (so a DaemonSet of thousands of pods does not scan
+    /// them all to learn whether one node's slot is free).
+    active_slots: BTreeMap<Slot, u32>,
     serial: u64,
     rs_hash: String,
     agent: bool,
+}
+
+impl Workload {
+    fn deactivate(&mut self, id: PodId, slot: Slot) {
+        if self.active.remove(&id)
+            && let Some(c) = self.active_slots.get_mut(&slot)
+        {
+            *c = c.saturating_sub(1);
+        }
+    }
 }
 
 pub(crate) struct SimPod {
@@ -556,6 +569,7 @@ impl State {
                 allowed: mask,
                 per_node,
                 active: BTreeSet::new(),
+                active_slots: BTreeMap::new(),
                 serial: 0,
                 rs_hash: base27(fnv(&format!("{}/{}", w.namespace, w.name)), 10),
                 agent: false,
@@ -740,7 +754,9 @@ impl State {
                 false,
             ),
         };
-        wl.active.insert(id);
+        if wl.active.insert(id) {
+            *wl.active_slots.entry(slot).or_default() += 1;
+        }
         let t = &wl.template;
         let mut pod = SimPod {
             uid: pod_uid(id),
@@ -787,6 +803,8 @@ impl State {
             }
         }
         cands.sort_unstable();
+        // A budget indexed under several of the pod's labels is a candidate once.
+        cands.dedup();
         for i in cands {
             if let Some(p) = self.pdbs.get_mut(i)
                 && p.pdb.selector.matches(&pod.labels)
@@ -1057,10 +1075,10 @@ impl State {
         if p.terminating {
             return;
         }
-        let (w, bound) = (p.workload, p.node.is_some());
+        let (w, bound, slot) = (p.workload, p.node.is_some(), p.slot);
         self.mutate_pod(id, |p| p.terminating = true);
         if let Some(wl) = self.workloads.get_mut(w) {
-            wl.active.remove(&id);
+            wl.deactivate(id, slot);
         }
         if bound {
             let d = self.draw(self.params.pod_termination);
@@ -1100,11 +1118,9 @@ impl State {
         let Some(wl) = self.workloads.get_mut(w) else {
             return;
         };
-        wl.active.remove(&id);
-        let slot_free = |wl: &Workload, pods: &BTreeMap<PodId, SimPod>| {
-            !wl.active
-                .iter()
-                .any(|a| pods.get(a).is_some_and(|q| q.slot == p.slot))
+        wl.deactivate(id, p.slot);
+        let slot_free = |wl: &Workload, _: &BTreeMap<PodId, SimPod>| {
+            wl.active_slots.get(&p.slot).is_none_or(|c| *c == 0)
         };
         match (wl.kind, p.slot) {
             (WorkloadKind::StatefulSet, Slot::Ordinal(o))
@@ -1271,6 +1287,7 @@ impl State {
             allowed: None,
             per_node: (0..self.nodes.len()).collect(),
             active: BTreeSet::new(),
+            active_slots: BTreeMap::new(),
             serial: 0,
             rs_hash: String::new(),
             agent: true,
