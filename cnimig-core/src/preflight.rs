@@ -214,32 +214,57 @@ pub(crate) struct Ctx<'a> {
     /// The resolved scope, deduplicated, in the order given.
     scope_list: Vec<&'a NodeName>,
     scope: BTreeSet<&'a NodeName>,
-    pdbs_by_ns: BTreeMap<&'a str, Vec<&'a Pdb>>,
+    /// Budgets by namespace and the first of their `matchLabels` (each budget once); budgets
+    /// without `matchLabels` are under `(namespace, None)`. Matching a pod then looks only at
+    /// budgets that can match one of its labels, not at every budget in its namespace.
+    pdbs_by_label: BTreeMap<LabelKey<'a>, Vec<&'a Pdb>>,
     pods_by_ns: BTreeMap<&'a str, Vec<&'a Pod>>,
+    /// Pods by namespace and label.
+    pods_by_label: BTreeMap<LabelKey<'a>, Vec<&'a Pod>>,
+}
+
+/// `(namespace, Some((key, value)))`, or `(namespace, None)` for "no label".
+type LabelKey<'a> = (&'a str, Option<(&'a str, &'a str)>);
+
+fn first_label(pdb: &Pdb) -> Option<(&str, &str)> {
+    pdb.selector
+        .match_labels
+        .iter()
+        .next()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
 }
 
 impl<'a> Ctx<'a> {
     fn new(snap: &'a ClusterSnapshot, cfg: &'a MigrationConfig, scope: &'a [NodeName]) -> Self {
         let mut set = BTreeSet::new();
         let scope_list = scope.iter().filter(|n| set.insert(*n)).collect();
-        let mut pdbs_by_ns: BTreeMap<&str, Vec<&Pdb>> = BTreeMap::new();
+        let mut pdbs_by_label: BTreeMap<LabelKey<'_>, Vec<&Pdb>> = BTreeMap::new();
         for p in &snap.pdbs {
-            pdbs_by_ns.entry(p.namespace.as_str()).or_default().push(p);
-        }
-        let mut pods_by_ns: BTreeMap<&str, Vec<&Pod>> = BTreeMap::new();
-        for p in &snap.pods {
-            pods_by_ns
-                .entry(p.pod.namespace.as_str())
+            pdbs_by_label
+                .entry((p.namespace.as_str(), first_label(p)))
                 .or_default()
                 .push(p);
+        }
+        let mut pods_by_ns: BTreeMap<&str, Vec<&Pod>> = BTreeMap::new();
+        let mut pods_by_label: BTreeMap<LabelKey<'_>, Vec<&Pod>> = BTreeMap::new();
+        for p in &snap.pods {
+            let ns = p.pod.namespace.as_str();
+            pods_by_ns.entry(ns).or_default().push(p);
+            for (k, v) in &p.labels {
+                pods_by_label
+                    .entry((ns, Some((k.as_str(), v.as_str()))))
+                    .or_default()
+                    .push(p);
+            }
         }
         Ctx {
             snap,
             cfg,
             scope_list,
             scope: set,
-            pdbs_by_ns,
+            pdbs_by_label,
             pods_by_ns,
+            pods_by_label,
         }
     }
 
@@ -280,23 +305,34 @@ impl<'a> Ctx<'a> {
             .filter(|p| self.is_drainable_in_scope(p))
     }
 
-    /// All pods in a namespace.
-    fn pods_in(&self, namespace: &str) -> impl Iterator<Item = &'a Pod> + '_ {
-        let pods: &[&'a Pod] = self.pods_by_ns.get(namespace).map_or(&[], Vec::as_slice);
-        pods.iter().copied()
-    }
-
     /// The budgets covering `pod`.
     fn pdbs_covering(&self, pod: &Pod) -> Vec<&'a Pdb> {
-        let candidates: &[&'a Pdb] = self
-            .pdbs_by_ns
-            .get(pod.pod.namespace.as_str())
-            .map_or(&[], Vec::as_slice);
-        candidates
-            .iter()
+        let ns = pod.pod.namespace.as_str();
+        let keys = std::iter::once((ns, None)).chain(
+            pod.labels
+                .iter()
+                .map(|(k, v)| (ns, Some((k.as_str(), v.as_str())))),
+        );
+        keys.filter_map(|k| self.pdbs_by_label.get(&k))
+            .flatten()
             .copied()
             .filter(|p| p.covers(pod))
             .collect()
+    }
+
+    /// The pods `pdb` covers.
+    fn pods_covered_by(&self, pdb: &'a Pdb) -> impl Iterator<Item = &'a Pod> + '_ {
+        let candidates: &[&'a Pod] = match first_label(pdb) {
+            Some(label) => self
+                .pods_by_label
+                .get(&(pdb.namespace.as_str(), Some(label)))
+                .map_or(&[], Vec::as_slice),
+            None => self
+                .pods_by_ns
+                .get(pdb.namespace.as_str())
+                .map_or(&[], Vec::as_slice),
+        };
+        candidates.iter().copied().filter(move |p| pdb.covers(p))
     }
 
     /// A disabled pool inside the new pod CIDR: the "no NAT" pool preflight recommends (see

@@ -82,10 +82,7 @@ pub(super) fn pdb_blocking(ctx: &Ctx<'_>) -> Vec<Check> {
     let mut out = Vec::new();
     let mut checked = 0usize;
     for pdb in &ctx.snap.pdbs {
-        let covered: Vec<&Pod> = ctx
-            .pods_in(&pdb.namespace)
-            .filter(|p| pdb.covers(p))
-            .collect();
+        let covered: Vec<&Pod> = ctx.pods_covered_by(pdb).collect();
         let on_scope: Vec<&Pod> = covered
             .iter()
             .copied()
