@@ -10,6 +10,9 @@
 //! - `plan/N`: preflight, node order and values from a snapshot of N nodes.
 //! - `migrate/N`: a whole simulated migration of the reference cluster of N nodes (50 in flight).
 
+// Test and benchmark code may panic on a broken fixture.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::hint::black_box;
 
 use cnimig::core::cilium::{CiliumPhase, rendered_config};
@@ -30,7 +33,10 @@ fn cfg(k: u32) -> MigrationConfig {
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime")
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime")
 }
 
 fn snapshot(rt: &tokio::runtime::Runtime, sim: &SimCluster) -> ClusterSnapshot {
@@ -57,21 +63,37 @@ fn decision(c: &mut Criterion) {
     let sim = SimCluster::new(Scenario::reference(n), SimParams::default(), 1).expect("scenario");
     let snap = snapshot(&rt, &sim);
     let p = plan(&snap, &cfg(50));
-    let limits = Limits { max_in_flight: 50, control_plane_last: true };
+    let limits = Limits {
+        max_in_flight: 50,
+        control_plane_last: true,
+    };
     // 40 nodes draining, 10 further along; the rest pending.
     let in_flight: Vec<InFlightNode> = p.order[..50]
         .iter()
         .enumerate()
-        .map(|(i, x)| InFlightNode { name: x.name.clone(), zone: x.zone.clone(), control_plane: false, draining: i < 40 })
+        .map(|(i, x)| InFlightNode {
+            name: x.name.clone(),
+            zone: x.zone.clone(),
+            control_plane: false,
+            draining: i < 40,
+        })
         .collect();
     let pending: Vec<PendingNode> = p.order[50..].iter().map(PendingNode::from).collect();
     let mut g = c.benchmark_group("decision");
     g.bench_function(BenchmarkId::from_parameter(n), |b| {
         b.iter(|| {
             rt.block_on(async {
-                let mut ask: Vec<_> =
-                    pending.iter().take(window(limits, in_flight.len())).map(|p| p.name.clone()).collect();
-                ask.extend(in_flight.iter().filter(|f| f.draining).map(|f| f.name.clone()));
+                let mut ask: Vec<_> = pending
+                    .iter()
+                    .take(window(limits, in_flight.len()))
+                    .map(|p| p.name.clone())
+                    .collect();
+                ask.extend(
+                    in_flight
+                        .iter()
+                        .filter(|f| f.draining)
+                        .map(|f| f.name.clone()),
+                );
                 let budgets = sim.budget_view(&ask).await.expect("budgets");
                 black_box(pick(&pending, &in_flight, &budgets, limits))
             })
@@ -85,10 +107,13 @@ fn planning(c: &mut Criterion) {
     let mut g = c.benchmark_group("plan");
     g.sample_size(10);
     for n in [500, 5000] {
-        let sim = SimCluster::new(Scenario::reference(n), SimParams::default(), 1).expect("scenario");
+        let sim =
+            SimCluster::new(Scenario::reference(n), SimParams::default(), 1).expect("scenario");
         let snap = snapshot(&rt, &sim);
         let cfg = cfg(50);
-        g.bench_with_input(BenchmarkId::from_parameter(n), &snap, |b, s| b.iter(|| black_box(plan(s, &cfg))));
+        g.bench_with_input(BenchmarkId::from_parameter(n), &snap, |b, s| {
+            b.iter(|| black_box(plan(s, &cfg)))
+        });
     }
     g.finish();
 }
@@ -102,11 +127,17 @@ fn migrate(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::from_parameter(n), &scenario, |b, sc| {
             b.iter(|| {
                 rt.block_on(async {
-                    let sim = SimCluster::new(sc.clone(), SimParams::default(), 1).expect("scenario");
+                    let sim =
+                        SimCluster::new(sc.clone(), SimParams::default(), 1).expect("scenario");
                     let cfg = cfg(50);
-                    let orch = Orchestrator::new(Ports::from_one(sim.clone()), cfg.clone(), RunOptions::default());
+                    let orch = Orchestrator::new(
+                        Ports::from_one(sim.clone()),
+                        cfg.clone(),
+                        RunOptions::default(),
+                    );
                     let (_, p) = orch.plan().await.expect("plan");
-                    sim.install_cilium(rendered_config(&cfg, p.inputs, CiliumPhase::Migration)).expect("install");
+                    sim.install_cilium(rendered_config(&cfg, p.inputs, CiliumPhase::Migration))
+                        .expect("install");
                     black_box(orch.run(&p, &Discard).await.expect("run"))
                 })
             })

@@ -17,6 +17,11 @@ command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust with r
 cargo --version
 rustup component list --installed 2>/dev/null | grep -qE '^(rustfmt|clippy)' || rustup component add rustfmt clippy
 
+step "system packages"
+./scripts/install-deps.sh
+# The timeline test renders with Chromium: with it installed, a failed render fails the run.
+export CNIMIG_REQUIRE_CHROMIUM=1
+
 step "format"
 cargo fmt --all -- --check
 

@@ -9,6 +9,9 @@
 //! counts, PDBs by count and percent, DaemonSets, hostNetwork, hostPort and static pods,
 //! pre-cordoned and NotReady nodes) and the run's settings, and seeds the simulation's timings.
 
+// Test and benchmark code may panic on a broken fixture.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -51,13 +54,20 @@ async fn run_case(seed: u64, scheduler: PickFn) -> Outcome {
     let sim = match SimCluster::new(scenario, SimParams::default(), seed) {
         Ok(s) => s,
         Err(e) => {
-            out.problems.push(format!("generated scenario rejected: {e}"));
+            out.problems
+                .push(format!("generated scenario rejected: {e}"));
             return out;
         }
     };
-    let before: BTreeMap<NodeName, bool> =
-        sim.node_list().into_iter().filter_map(|n| sim.node(&n).map(|x| (n, x.unschedulable))).collect();
-    let opts = RunOptions { scheduler, ..RunOptions::default() };
+    let before: BTreeMap<NodeName, bool> = sim
+        .node_list()
+        .into_iter()
+        .filter_map(|n| sim.node(&n).map(|x| (n, x.unschedulable)))
+        .collect();
+    let opts = RunOptions {
+        scheduler,
+        ..RunOptions::default()
+    };
     let orch = Orchestrator::new(Ports::from_one(sim.clone()), cfg.clone(), opts);
     let plan = match orch.plan().await {
         Ok((_, p)) => p,
@@ -67,14 +77,20 @@ async fn run_case(seed: u64, scheduler: PickFn) -> Outcome {
         }
     };
     if !plan.preflight.ok() {
-        let f: Vec<String> = plan.preflight.failures().map(|c| format!("[{}] {}", c.id, c.message)).collect();
-        out.problems.push(format!("generated cluster fails preflight: {f:?}"));
+        let f: Vec<String> = plan
+            .preflight
+            .failures()
+            .map(|c| format!("[{}] {}", c.id, c.message))
+            .collect();
+        out.problems
+            .push(format!("generated cluster fails preflight: {f:?}"));
         return out;
     }
     let scope: Vec<NodeName> = plan.order.iter().map(|p| p.name.clone()).collect();
     out.nodes = scope.len();
     if sim.set_scope(scope.clone()).is_err() {
-        out.problems.push("set_scope refused the plan's nodes".into());
+        out.problems
+            .push("set_scope refused the plan's nodes".into());
         return out;
     }
     sim.set_control_plane_last(cfg.control_plane_last);
@@ -83,7 +99,12 @@ async fn run_case(seed: u64, scheduler: PickFn) -> Outcome {
         return out;
     }
     let events = Mutex::new(Vec::<Event>::new());
-    let sink = |e: &Event| events.lock().unwrap_or_else(|p| p.into_inner()).push(e.clone());
+    let sink = |e: &Event| {
+        events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(e.clone())
+    };
     let report = match orch.run(&plan, &sink).await {
         Ok(r) => r,
         Err(e) => {
@@ -102,19 +123,28 @@ async fn run_case(seed: u64, scheduler: PickFn) -> Outcome {
     // 3: every node ends Done or RolledBack, none left cordoned by us.
     for n in &report.nodes {
         if !matches!(n.phase, Phase::Done | Phase::RolledBack) {
-            out.problems.push(format!("{} ended {:?} ({:?})", n.node, n.phase, n.cause));
+            out.problems
+                .push(format!("{} ended {:?} ({:?})", n.node, n.phase, n.cause));
         }
         if n.phase == Phase::RolledBack {
             // No faults are injected here: a rollback means the engine misjudged something.
-            out.problems.push(format!("{} rolled back without an injected fault: {:?}", n.node, n.cause));
+            out.problems.push(format!(
+                "{} rolled back without an injected fault: {:?}",
+                n.node, n.cause
+            ));
         }
         let cordoned = sim.node(&n.node).map(|x| x.unschedulable);
         if cordoned != before.get(&n.node).copied() {
-            out.problems.push(format!("{} cordon changed from {:?} to {cordoned:?}", n.node, before.get(&n.node)));
+            out.problems.push(format!(
+                "{} cordon changed from {:?} to {cordoned:?}",
+                n.node,
+                before.get(&n.node)
+            ));
         }
         // 5: on a Done node every pod on the pod network is Cilium-managed.
         if n.phase == Phase::Done && !sim.is_fully_migrated(&n.node) {
-            out.problems.push(format!("{} is Done but still has pods off Cilium", n.node));
+            out.problems
+                .push(format!("{} is Done but still has pods off Cilium", n.node));
         }
     }
     // 4: per-node step order from the operation log.
@@ -137,14 +167,21 @@ async fn run_case(seed: u64, scheduler: PickFn) -> Outcome {
         for (step, t) in ["label", "restart", "uncordon"].iter().zip(chain) {
             if let (Some(p), Some(t)) = (prev, t) {
                 if t < p {
-                    out.problems.push(format!("{n}: {step} happened before the step it depends on"));
+                    out.problems.push(format!(
+                        "{n}: {step} happened before the step it depends on"
+                    ));
                 }
             }
             prev = t.or(prev);
         }
     }
     // 4: control-plane nodes only after all workers; never more in flight than configured.
-    let cp: Vec<&NodeName> = plan.order.iter().filter(|p| p.control_plane).map(|p| &p.name).collect();
+    let cp: Vec<&NodeName> = plan
+        .order
+        .iter()
+        .filter(|p| p.control_plane)
+        .map(|p| &p.name)
+        .collect();
     let mut last_worker_end = Time(0);
     let mut first_cp_start: Option<Time> = None;
     let mut in_flight = 0usize;
@@ -153,7 +190,10 @@ async fn run_case(seed: u64, scheduler: PickFn) -> Outcome {
             Event::NodeStarted { node, at } => {
                 in_flight += 1;
                 if in_flight > cfg.max_in_flight as usize {
-                    out.problems.push(format!("{in_flight} nodes in flight at {at}, limit {}", cfg.max_in_flight));
+                    out.problems.push(format!(
+                        "{in_flight} nodes in flight at {at}, limit {}",
+                        cfg.max_in_flight
+                    ));
                 }
                 if cp.contains(&node) {
                     first_cp_start.get_or_insert(*at);
@@ -177,10 +217,16 @@ async fn run_case(seed: u64, scheduler: PickFn) -> Outcome {
 }
 
 fn cases() -> Vec<u64> {
-    if let Some(seed) = std::env::var("CNIMIG_SEED").ok().and_then(|s| s.parse().ok()) {
+    if let Some(seed) = std::env::var("CNIMIG_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
         return vec![seed];
     }
-    let n: u64 = std::env::var("CNIMIG_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(2000);
+    let n: u64 = std::env::var("CNIMIG_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2000);
     (0..n).collect()
 }
 
@@ -188,18 +234,26 @@ fn cases() -> Vec<u64> {
 fn run_all(seeds: &[u64], scheduler: PickFn) -> (usize, Vec<(u64, Outcome)>) {
     let failures = Mutex::new(Vec::new());
     let nodes = Mutex::new(0usize);
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4);
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 4);
     std::thread::scope(|s| {
         for t in 0..threads {
             let failures = &failures;
             let nodes = &nodes;
             s.spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                    .expect("runtime");
                 for seed in seeds.iter().skip(t).step_by(threads) {
                     let o = rt.block_on(run_case(*seed, scheduler));
                     *nodes.lock().unwrap_or_else(|p| p.into_inner()) += o.nodes;
                     if !o.problems.is_empty() {
-                        failures.lock().unwrap_or_else(|p| p.into_inner()).push((*seed, o));
+                        failures
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push((*seed, o));
                     }
                 }
             });
@@ -214,13 +268,22 @@ fn run_all(seeds: &[u64], scheduler: PickFn) -> (usize, Vec<(u64, Outcome)>) {
 fn random_clusters_migrate_without_breaking_an_invariant() {
     let seeds = cases();
     let (nodes, failures) = run_all(&seeds, pick);
-    println!("{} random clusters, {nodes} nodes migrated, {} failing", seeds.len(), failures.len());
+    println!(
+        "{} random clusters, {nodes} nodes migrated, {} failing",
+        seeds.len(),
+        failures.len()
+    );
     if let Some((seed, o)) = failures.first() {
         panic!(
             "{} of {} cases broke an invariant; first: seed {seed} (replay: CNIMIG_SEED={seed} cargo test --release --test invariants):\n  {}",
             failures.len(),
             seeds.len(),
-            o.problems.iter().take(10).cloned().collect::<Vec<_>>().join("\n  ")
+            o.problems
+                .iter()
+                .take(10)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n  ")
         );
     }
 }
@@ -234,34 +297,64 @@ fn ignores_budgets(p: &[PendingNode], f: &[InFlightNode], _: &BudgetView, l: Lim
 fn control_plane_first(p: &[PendingNode], f: &[InFlightNode], b: &BudgetView, l: Limits) -> Picks {
     let mut reordered: Vec<PendingNode> = p.iter().filter(|n| n.control_plane).cloned().collect();
     reordered.extend(p.iter().filter(|n| !n.control_plane).cloned());
-    pick(&reordered, f, b, Limits { control_plane_last: false, ..l })
+    pick(
+        &reordered,
+        f,
+        b,
+        Limits {
+            control_plane_last: false,
+            ..l
+        },
+    )
 }
 
 fn ignores_the_limit(p: &[PendingNode], f: &[InFlightNode], b: &BudgetView, l: Limits) -> Picks {
-    pick(p, f, b, Limits { max_in_flight: l.max_in_flight * 3 + 1, ..l })
+    pick(
+        p,
+        f,
+        b,
+        Limits {
+            max_in_flight: l.max_in_flight * 3 + 1,
+            ..l
+        },
+    )
 }
 
 fn caught(scheduler: PickFn, what: &str) -> Vec<(u64, Outcome)> {
     let seeds: Vec<u64> = (0..300).collect();
     let (_, failures) = run_all(&seeds, scheduler);
-    assert!(!failures.is_empty(), "a scheduler that {what} went unnoticed over {} random clusters", seeds.len());
+    assert!(
+        !failures.is_empty(),
+        "a scheduler that {what} went unnoticed over {} random clusters",
+        seeds.len()
+    );
     failures
 }
 
 #[test]
 fn a_scheduler_that_ignores_budgets_is_caught() {
     let f = caught(ignores_budgets, "ignores PodDisruptionBudgets");
-    assert!(f.iter().any(|(_, o)| o.kinds.contains(&ViolationKind::Oversubscribed)), "caught as oversubscription");
+    assert!(
+        f.iter()
+            .any(|(_, o)| o.kinds.contains(&ViolationKind::Oversubscribed)),
+        "caught as oversubscription"
+    );
 }
 
 #[test]
 fn a_scheduler_that_starts_control_plane_nodes_first_is_caught() {
     let f = caught(control_plane_first, "starts control-plane nodes first");
-    assert!(f.iter().any(|(_, o)| o.problems.iter().any(|p| p.contains("control-plane"))));
+    assert!(
+        f.iter()
+            .any(|(_, o)| o.problems.iter().any(|p| p.contains("control-plane")))
+    );
 }
 
 #[test]
 fn a_scheduler_that_ignores_the_in_flight_limit_is_caught() {
     let f = caught(ignores_the_limit, "ignores the in-flight limit");
-    assert!(f.iter().any(|(_, o)| o.problems.iter().any(|p| p.contains("in flight"))));
+    assert!(
+        f.iter()
+            .any(|(_, o)| o.problems.iter().any(|p| p.contains("in flight")))
+    );
 }

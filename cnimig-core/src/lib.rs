@@ -18,4 +18,5 @@ pub mod orchestrator;
 pub mod plan;
 pub mod ports;
 pub mod preflight;
+pub mod report;
 pub mod schedule;
