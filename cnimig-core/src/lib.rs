@@ -16,6 +16,7 @@ pub mod machine;
 pub mod model;
 pub mod orchestrator;
 pub mod plan;
+pub mod policy;
 pub mod ports;
 pub mod preflight;
 pub mod report;
