@@ -1,0 +1,28 @@
+//! # cnimig-emu
+//!
+//! Emulates what needs a kernel, against a real Kubernetes API: kubelets and the Calico and
+//! Cilium agents of N emulated nodes. With it, cnimig's Kubernetes adapter (`cnimig-kube`) runs
+//! whole migrations against a real control plane (`scripts/testenv`); the real
+//! kube-controller-manager and kube-scheduler create and place the pods of Deployments,
+//! StatefulSets and DaemonSets, and the real API server enforces evictions and budgets.
+//!
+//! - [`emulator::start`] with an [`emulator::EmuConfig`]: the emulator (the module docs say what
+//!   it emulates);
+//! - [`cni`]: its CNI decisions, pure and unit-tested;
+//! - [`setup`]: CRDs, RBAC, server-side apply, ServiceAccount clients for tests;
+//! - the `cnimig-emu` binary runs the emulator against `KUBECONFIG` until interrupted.
+//!
+//! ## Contracts with cnimig-kube
+//!
+//! A real cluster shows two things only on the node; the emulator publishes them as
+//! annotations that `cnimig-kube` reads: [`emulator::AGENT_CONFIG_ANNOTATION`] on agent pods
+//! (the node config the agent resolved) and [`emulator::CNI_DIR_ANNOTATION`] on Nodes (the state
+//! of `/etc/cni/net.d`).
+//!
+//! This crate is a test tool: it uses `anyhow` for errors.
+
+pub mod cni;
+pub mod emulator;
+pub mod setup;
+
+pub use emulator::{EmuConfig, EmuHandle, start};

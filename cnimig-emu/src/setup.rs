@@ -1,0 +1,170 @@
+//! Putting a test control plane in shape: the CRDs of `deploy/crds/`, cnimig's RBAC from
+//! `deploy/rbac.yaml`, server-side apply of arbitrary objects, and a client acting as a
+//! ServiceAccount (a token from the TokenRequest API).
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
+use kube::discovery::Scope;
+use kube::{Client, Config};
+use serde_json::Value;
+
+/// The field manager of everything set up here.
+pub const MANAGER: &str = "cnimig-setup";
+
+/// The CRDs of `deploy/crds/`: Cilium's `CiliumNodeConfig` (v2 and v2alpha1), `CiliumNode`,
+/// `CiliumEndpoint`; Calico's `IPPool`, `FelixConfiguration`, `IPAMBlock`; the operator's
+/// `Installation`.
+pub const CRDS: [&str; 7] = [
+    include_str!("../../deploy/crds/ciliumnodeconfigs.yaml"),
+    include_str!("../../deploy/crds/ciliumnodes.yaml"),
+    include_str!("../../deploy/crds/ciliumendpoints.yaml"),
+    include_str!("../../deploy/crds/ippools.yaml"),
+    include_str!("../../deploy/crds/felixconfigurations.yaml"),
+    include_str!("../../deploy/crds/ipamblocks.yaml"),
+    include_str!("../../deploy/crds/installations.yaml"),
+];
+
+/// `deploy/rbac.yaml`: ServiceAccount `kube-system/cnimig`, ClusterRole and binding `cnimig`.
+pub const RBAC: &str = include_str!("../../deploy/rbac.yaml");
+
+/// Parses a multi-document YAML text into JSON values (empty documents skipped).
+///
+/// # Errors
+/// When a document is not valid YAML.
+pub fn yaml_docs(text: &str) -> Result<Vec<Value>> {
+    let mut out = Vec::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(text) {
+        let v: Value = serde::Deserialize::deserialize(doc).context("parse YAML document")?;
+        if !v.is_null() {
+            out.push(v);
+        }
+    }
+    Ok(out)
+}
+
+/// Server-side applies `obj` (field manager [`MANAGER`], forced), finding its resource by
+/// discovery.
+///
+/// # Errors
+/// When the kind is not served or the apply fails.
+pub async fn apply(client: &Client, obj: &Value) -> Result<DynamicObject> {
+    let api_version = obj["apiVersion"]
+        .as_str()
+        .context("object without apiVersion")?;
+    let kind = obj["kind"].as_str().context("object without kind")?;
+    let name = obj["metadata"]["name"]
+        .as_str()
+        .context("object without name")?;
+    let (group, version) = match api_version.split_once('/') {
+        Some((g, v)) => (g, v),
+        None => ("", api_version),
+    };
+    let gvk = GroupVersionKind::gvk(group, version, kind);
+    let (ar, caps) = kube::discovery::pinned_kind(client, &gvk)
+        .await
+        .with_context(|| format!("discover {api_version} {kind}"))?;
+    let api: Api<DynamicObject> = match caps.scope {
+        Scope::Namespaced => {
+            let ns = obj["metadata"]["namespace"].as_str().unwrap_or("default");
+            Api::namespaced_with(client.clone(), ns, &ar)
+        }
+        Scope::Cluster => Api::all_with(client.clone(), &ar),
+    };
+    api.patch(
+        name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(obj),
+    )
+    .await
+    .with_context(|| format!("apply {kind} {name}"))
+}
+
+/// Applies every document of a YAML text.
+///
+/// # Errors
+/// As [`apply`].
+pub async fn apply_yaml(client: &Client, text: &str) -> Result<()> {
+    for doc in yaml_docs(text)? {
+        apply(client, &doc).await?;
+    }
+    Ok(())
+}
+
+/// Installs the [`CRDS`] and waits until each is Established and served.
+///
+/// # Errors
+/// When an apply fails or a CRD is not served within 60 s.
+pub async fn install_crds(client: &Client) -> Result<()> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut crds = Vec::new();
+    for text in CRDS {
+        let crd: CustomResourceDefinition =
+            serde_yaml_ng::from_str(text).context("parse a CRD of deploy/crds")?;
+        let name = crd.metadata.name.clone().context("CRD without name")?;
+        api.patch(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .with_context(|| format!("apply CRD {name}"))?;
+        crds.push(crd);
+    }
+    for crd in &crds {
+        for v in &crd.spec.versions {
+            let gvk = GroupVersionKind::gvk(&crd.spec.group, &v.name, &crd.spec.names.kind);
+            let mut tries = 0;
+            while kube::discovery::pinned_kind(client, &gvk).await.is_err() {
+                tries += 1;
+                if tries > 240 {
+                    bail!(
+                        "{}/{} {} not served after 60s",
+                        crd.spec.group,
+                        v.name,
+                        crd.spec.names.kind
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A client config that authenticates as ServiceAccount `namespace/name` with a fresh token
+/// (TokenRequest API, one hour), keeping `admin`'s server and CA.
+///
+/// # Errors
+/// When the token request fails.
+pub async fn service_account_config(
+    admin: &Client,
+    admin_config: &Config,
+    namespace: &str,
+    name: &str,
+) -> Result<Config> {
+    let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), namespace);
+    let req = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: Vec::new(),
+            expiration_seconds: Some(3600),
+            bound_object_ref: None,
+        },
+        ..TokenRequest::default()
+    };
+    let resp: TokenRequest = sas
+        .create_subresource("token", name, &PostParams::default(), &req)
+        .await
+        .with_context(|| format!("request a token for serviceaccount {namespace}/{name}"))?;
+    let token = resp.status.context("token request without status")?.token;
+    let mut config = admin_config.clone();
+    config.auth_info = kube::config::AuthInfo {
+        token: Some(secrecy::SecretString::from(token)),
+        ..kube::config::AuthInfo::default()
+    };
+    Ok(config)
+}

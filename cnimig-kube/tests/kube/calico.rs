@@ -1,0 +1,53 @@
+//! Calico's facts read from real objects.
+
+use cnimig_core::model::{Autodetection, CalicoInstall, Dataplane, Encapsulation};
+use cnimig_core::ports::OldCni;
+use kube::Client;
+use serde_json::json;
+
+use crate::common;
+
+/// The cluster-scoped Calico objects every test that reads facts shares (identical in each, so
+/// tests running in parallel agree): an operator install with a VXLAN pool, Felix on port 4789
+/// and autodetection by the node's InternalIP.
+pub async fn calico_objects(client: &Client) {
+    for obj in [
+        json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "IPPool",
+               "metadata": {"name": "default-ipv4-ippool"},
+               "spec": {"cidr": "10.42.0.0/16", "vxlanMode": "Always", "ipipMode": "Never",
+                        "natOutgoing": true, "blockSize": 26}}),
+        json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "FelixConfiguration",
+               "metadata": {"name": "default"},
+               "spec": {"vxlanPort": 4789, "vxlanVNI": 4096, "vxlanEnabled": true}}),
+        json!({"apiVersion": "operator.tigera.io/v1", "kind": "Installation",
+               "metadata": {"name": "default"},
+               "spec": {"calicoNetwork": {"linuxDataplane": "Iptables", "bgp": "Disabled",
+                   "nodeAddressAutodetectionV4": {"kubernetes": "NodeInternalIP"},
+                   "ipPools": [{"cidr": "10.42.0.0/16", "encapsulation": "VXLAN"}]}}}),
+    ] {
+        cnimig_emu::setup::apply(client, &obj).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn facts_from_pools_felix_and_installation() {
+    let env = crate::env_or_skip!();
+    let admin = env.admin.clone();
+    common::with_temp_ns(admin.clone(), "calico", |ns| async move {
+        calico_objects(&admin).await;
+        let facts = env.cluster(common::opts(&ns)).facts().await.unwrap();
+        assert_eq!(facts.install, CalicoInstall::Operator);
+        assert_eq!(facts.vxlan_port, 4789);
+        assert_eq!(facts.dataplane, Dataplane::Iptables);
+        assert_eq!(facts.autodetection, Autodetection::KubernetesInternalIp);
+        let pool = facts
+            .ip_pools
+            .iter()
+            .find(|p| p.name == "default-ipv4-ippool")
+            .expect("the pool");
+        assert_eq!(pool.cidr.to_string(), "10.42.0.0/16");
+        assert_eq!(pool.encapsulation, Encapsulation::Vxlan);
+        assert!(pool.nat_outgoing && !facts.bgp);
+    })
+    .await;
+}

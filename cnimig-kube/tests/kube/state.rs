@@ -1,0 +1,117 @@
+//! The state store's compare-and-swap and the Lease.
+
+use std::time::Duration;
+
+use cnimig_core::machine::{NodeRecord, Phase, STATE_ANNOTATION};
+use cnimig_core::model::{NodeName, Time};
+use cnimig_core::ports::{LockOutcome, PortError, StateStore};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+
+use crate::common::{self, create_node, delete_node, labels, unique};
+
+#[tokio::test]
+async fn record_writes_are_compare_and_swap() {
+    let env = crate::env_or_skip!();
+    let admin = env.admin.clone();
+    common::with_temp_ns(admin.clone(), "state", |ns| async move {
+        let node = unique("state");
+        create_node(&admin, &node, labels(&[])).await;
+        let store = env.cluster(common::opts(&ns));
+        let name = NodeName::new(node.clone()).unwrap();
+
+        let r1 = NodeRecord::new(Time(1));
+        store.save(&name, None, &r1).await.unwrap();
+        assert!(
+            matches!(store.save(&name, None, &r1).await, Err(PortError::Conflict { .. })),
+            "a second first write conflicts (the annotation is no longer absent)"
+        );
+        // The API server's JSON Patch fails a `test` with a bare 422 (no cause, nothing about a
+        // test), which is why the adapter re-reads the node to confirm a conflict.
+        let nodes: Api<Node> = Api::all(admin.clone());
+        let null_test: json_patch::Patch = serde_json::from_value(json!([
+            {"op": "test", "path": "/metadata/annotations/cnimig.io~1migration", "value": null}
+        ]))
+        .unwrap();
+        match nodes.patch(&node, &PatchParams::default(), &Patch::Json::<()>(null_test)).await {
+            Err(kube::Error::Api(s)) => assert_eq!(s.code, 422, "{s:?}"),
+            other => panic!("a failed test must be refused: {:?}", other.map(|_| ())),
+        }
+        let mut r2 = r1.clone();
+        r2.phase = Phase::Cordoned;
+        store.save(&name, Some(&r1), &r2).await.unwrap();
+        assert_eq!(store.load().await.unwrap()[&name], r2);
+
+        // A concurrent writer changes the record: our next write must fail, not overwrite.
+        let mut theirs = r2.clone();
+        theirs.phase = Phase::Drained;
+        nodes
+            .patch(
+                &node,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"annotations": {STATE_ANNOTATION: theirs.to_annotation()}}})),
+            )
+            .await
+            .unwrap();
+        let mut r3 = r2.clone();
+        r3.phase = Phase::Drained;
+        r3.since = Time(3);
+        assert!(matches!(
+            store.save(&name, Some(&r2), &r3).await,
+            Err(PortError::Conflict { .. })
+        ));
+        assert_eq!(store.load().await.unwrap()[&name], theirs);
+        delete_node(&admin, &node).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn one_lease_holder_at_a_time() {
+    let env = crate::env_or_skip!();
+    let admin = env.admin.clone();
+    common::with_temp_ns(admin.clone(), "lease", |ns| async move {
+        let store = env.cluster(common::opts(&ns));
+        let now = cnimig_kube::SystemClock::unix_now();
+        let ttl = Duration::from_secs(30);
+        assert_eq!(
+            store.acquire_lock("run-a", now, ttl).await.unwrap(),
+            LockOutcome::Acquired
+        );
+        match store.acquire_lock("run-b", now, ttl).await.unwrap() {
+            LockOutcome::HeldBy { holder, until } => {
+                assert_eq!(holder, "run-a");
+                assert!(
+                    until >= now.after(ttl) && until <= now.after(ttl + Duration::from_secs(1))
+                );
+            }
+            other => panic!("second holder must be refused: {other:?}"),
+        }
+        assert_eq!(
+            store
+                .acquire_lock("run-a", now.after(Duration::from_secs(5)), ttl)
+                .await
+                .unwrap(),
+            LockOutcome::Acquired,
+            "the holder renews"
+        );
+        // run-a dies: after its TTL, run-b takes over.
+        let later = now.after(Duration::from_secs(40));
+        assert_eq!(
+            store.acquire_lock("run-b", later, ttl).await.unwrap(),
+            LockOutcome::Acquired
+        );
+        store.release_lock("run-a").await.unwrap(); // not the holder: no effect
+        assert!(matches!(
+            store.acquire_lock("run-c", later, ttl).await.unwrap(),
+            LockOutcome::HeldBy { .. }
+        ));
+        store.release_lock("run-b").await.unwrap();
+        assert_eq!(
+            store.acquire_lock("run-c", later, ttl).await.unwrap(),
+            LockOutcome::Acquired
+        );
+    })
+    .await;
+}

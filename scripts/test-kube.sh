@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# cnimig-kube's integration tests against a real control plane: starts scripts/testenv (builds
+# it first if needed), runs the tests with CNIMIG_REQUIRE_TESTENV=1 (a missing control plane
+# fails instead of skipping), and stops the control plane on exit.
+#
+#   scripts/test-kube.sh [extra cargo test args, e.g. -- eviction]
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+RUN="${CNIMIG_TESTENV_RUN:-/tmp/cnimig-testenv}"
+
+started=0
+if ! scripts/testenv/status.sh >/dev/null 2>&1; then
+  scripts/testenv/up.sh
+  started=1
+fi
+cleanup() { if [ "$started" = 1 ]; then scripts/testenv/down.sh; fi; }
+trap cleanup EXIT
+
+# shellcheck disable=SC1091
+. "$RUN/env"
+CNIMIG_REQUIRE_TESTENV=1 cargo test -p cnimig-kube --release "$@"
