@@ -114,7 +114,12 @@ pub struct RunOptions {
 }
 
 /// A scheduling policy: the signature of [`schedule::pick`](crate::schedule::pick).
-pub type PickFn = fn(&[PendingNode], &[InFlightNode], &crate::ports::BudgetView, Limits) -> crate::schedule::Picks;
+pub type PickFn = fn(
+    &[PendingNode],
+    &[InFlightNode],
+    &crate::ports::BudgetView,
+    Limits,
+) -> crate::schedule::Picks;
 
 impl Default for RunOptions {
     fn default() -> Self {
