@@ -78,6 +78,10 @@ async fn run(
 ) -> anyhow::Result<(SimCluster, Run)> {
     let sim = SimCluster::new(scenario.clone(), SimParams::default(), seed)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "the example reports its own wall time; the simulation itself never reads the clock"
+    )]
     let t = Instant::now();
     let opts = RunOptions {
         scheduler,

@@ -165,12 +165,12 @@ async fn run_case(seed: u64, scheduler: PickFn) -> Outcome {
         let chain = [at("label"), at("restart"), at("uncordon")];
         let mut prev = at("cordon").or(Some(0));
         for (step, t) in ["label", "restart", "uncordon"].iter().zip(chain) {
-            if let (Some(p), Some(t)) = (prev, t) {
-                if t < p {
-                    out.problems.push(format!(
-                        "{n}: {step} happened before the step it depends on"
-                    ));
-                }
+            if let (Some(p), Some(t)) = (prev, t)
+                && t < p
+            {
+                out.problems.push(format!(
+                    "{n}: {step} happened before the step it depends on"
+                ));
             }
             prev = t.or(prev);
         }
@@ -208,10 +208,12 @@ async fn run_case(seed: u64, scheduler: PickFn) -> Outcome {
             _ => {}
         }
     }
-    if let Some(t) = first_cp_start {
-        if t < last_worker_end {
-            out.problems.push(format!("a control-plane node started at {t} before the last worker finished at {last_worker_end}"));
-        }
+    if let Some(t) = first_cp_start
+        && t < last_worker_end
+    {
+        out.problems.push(format!(
+            "a control-plane node started at {t} before the last worker finished at {last_worker_end}"
+        ));
     }
     out
 }
