@@ -3,7 +3,9 @@
 
 use super::{Check, Ctx, bounded, count, fmt_bytes, verb};
 use crate::config::NodeScope;
-use crate::model::NodeName;
+use std::collections::BTreeSet;
+
+use crate::model::{NodeName, OwnerKind};
 
 pub(super) const AGENT_ROOM: &str = "agent-room";
 pub(super) const CONNECTIVITY_CHECKER: &str = "connectivity-checker";
@@ -19,10 +21,25 @@ pub(super) fn agent_room(ctx: &Ctx<'_>) -> Vec<Check> {
         need.cpu_millis,
         fmt_bytes(need.memory_bytes)
     );
+    // Where the agent already runs (Cilium installed, e.g. a resumed run), its requests are
+    // already in the node's requested resources.
+    let has_agent: BTreeSet<&NodeName> = ctx
+        .snap
+        .pods
+        .iter()
+        .filter(|p| {
+            p.owner == OwnerKind::DaemonSet
+                && p.labels.get("k8s-app").is_some_and(|v| v == "cilium")
+        })
+        .filter_map(|p| p.node.as_ref())
+        .collect();
     let mut short = Vec::new();
     let mut checked = 0usize;
     for node in ctx.scope_nodes() {
         checked = checked.saturating_add(1);
+        if has_agent.contains(&node.name) {
+            continue;
+        }
         let free_cpu = node
             .allocatable
             .cpu_millis
@@ -247,6 +264,25 @@ mod tests {
         f.node_mut("worker-1").requested.memory_bytes += MI;
         expect(&f.run(), AGENT_ROOM, Severity::Fail);
         f.scope.retain(|n| n.as_str() != "worker-1");
+        assert_pass(&f.run(), AGENT_ROOM);
+    }
+
+    #[test]
+    fn a_node_already_running_the_agent_has_its_requests_counted_already() {
+        // A full node is fine when the agent is already one of its pods (a resumed run).
+        let mut f = Fixture::healthy();
+        let w = f.node_mut("worker-1");
+        w.requested = w.allocatable;
+        expect(&f.run(), AGENT_ROOM, Severity::Fail);
+        let mut agent = Fixture::pod(
+            "kube-system",
+            "cilium-abcde",
+            "worker-1",
+            OwnerKind::DaemonSet,
+        );
+        agent.host_network = true;
+        agent.labels.insert("k8s-app".into(), "cilium".into());
+        f.snap.pods.push(agent);
         assert_pass(&f.run(), AGENT_ROOM);
     }
 
