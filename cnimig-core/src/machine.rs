@@ -193,7 +193,7 @@ pub struct StepConfig {
     pub node_config: String,
     /// Drain limit.
     pub drain_timeout: Duration,
-    /// Limit for every other step (and each rollback step).
+    /// Limit for every other step (each rollback step gets [`rollback_step_limit`]).
     pub step_timeout: Duration,
     /// Evict pods with emptyDir volumes.
     pub delete_emptydir_data: bool,
@@ -584,6 +584,15 @@ pub fn start_rollback(record: &NodeRecord, cause: String, now: Time) -> NodeReco
     rec
 }
 
+/// How long one rollback step may take before the node ends [`Phase::Failed`]: a drain plus a step.
+/// A rollback's drain may have to wait for another node in flight to give its capacity back (it
+/// uncordons at the latest when its own step times out), and a node given up on is left
+/// half-migrated for a person, so the rollback is given longer than any forward step.
+#[must_use]
+pub fn rollback_step_limit(cfg: &StepConfig) -> Duration {
+    cfg.drain_timeout.saturating_add(cfg.step_timeout)
+}
+
 fn rollback_step(rec: &mut NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, now: Time) -> Step {
     let Some(rb) = rec.rollback.clone() else {
         // A RollingBack record without its details cannot be trusted: stop for a person.
@@ -602,13 +611,12 @@ fn rollback_step(rec: &mut NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, 
             r.step_since = now;
         }
     };
-    if now.since(rb.step_since) > cfg.step_timeout.max(cfg.drain_timeout) {
+    if now.since(rb.step_since) > rollback_step_limit(cfg) {
         if let Some(r) = rec.rollback.as_mut() {
             r.cause = format!("{}; rollback step {:?} did not finish", r.cause, rb.step);
         }
         return Step::Advance(Phase::Failed);
     }
-    let wait = |s: String| Step::Act(Action::Wait(s));
     match rb.step {
         RollbackStep::Cordon => {
             if obs.unschedulable() {
@@ -618,25 +626,20 @@ fn rollback_step(rec: &mut NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, 
                 Step::Act(Action::Cordon)
             }
         }
+        // A pod already terminating counts as gone in a rollback: it is leaving the node, its
+        // budget already paid for it, and one that ignores its grace period must not keep the
+        // node from getting back to Calico.
         RollbackStep::DrainCilium => {
-            let pods: Vec<&Pod> = obs
+            let evict: Vec<PodRef> = obs
                 .drainable()
-                .filter(|p| p.network == PodNetwork::Cilium)
-                .collect();
-            if pods.is_empty() {
-                set_step(rec, RollbackStep::RestoreCni);
-                return rollback_step(rec, obs, cfg, now);
-            }
-            let evict: Vec<PodRef> = pods
-                .iter()
-                .filter(|p| !p.terminating)
+                .filter(|p| p.network == PodNetwork::Cilium && !p.terminating)
                 .map(|p| p.pod.clone())
                 .collect();
             if evict.is_empty() {
-                wait("waiting for Cilium pods to leave the node".into())
-            } else {
-                Step::Act(Action::Evict(evict))
+                set_step(rec, RollbackStep::RestoreCni);
+                return rollback_step(rec, obs, cfg, now);
             }
+            Step::Act(Action::Evict(evict))
         }
         RollbackStep::RestoreCni => {
             if obs.cni == CniDirState::CALICO {
@@ -661,7 +664,14 @@ fn rollback_step(rec: &mut NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, 
                 set_step(rec, RollbackStep::Recycle);
                 rollback_step(rec, obs, cfg, now)
             }
-            None => wait("waiting for the Cilium agent pod to be recreated".into()),
+            // No agent pod at all (none was ever scheduled, or the one we deleted is gone and
+            // its replacement not created yet): nothing holds the node config, and an agent
+            // created from now on starts without the label. Waiting here would never end on a
+            // node where the agent cannot be scheduled.
+            None => {
+                set_step(rec, RollbackStep::Recycle);
+                rollback_step(rec, obs, cfg, now)
+            }
             Some(a) => {
                 // Either the agent we have not restarted yet, or a fresh one that resolved the
                 // config again (the label was still there when it started): restart it.
@@ -672,29 +682,26 @@ fn rollback_step(rec: &mut NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, 
             }
         },
         RollbackStep::Recycle => {
-            let (mut evict, mut delete, mut remaining) = (Vec::new(), Vec::new(), 0);
-            for p in misplaced(obs, PodNetwork::Cilium) {
-                remaining += 1;
-                if p.terminating {
-                    continue;
-                }
+            // An agent that still had the node config could write Cilium's CNI config until it
+            // was replaced (it turned Ready after the restore step looked): restore it again
+            // before recycling pods onto Calico.
+            if obs.cni != CniDirState::CALICO {
+                set_step(rec, RollbackStep::RestoreCni);
+                return rollback_step(rec, obs, cfg, now);
+            }
+            let (mut evict, mut delete) = (Vec::new(), Vec::new());
+            for p in misplaced(obs, PodNetwork::Cilium).filter(|p| !p.terminating) {
                 if p.owner == OwnerKind::DaemonSet {
                     delete.push(p.pod.clone())
                 } else {
                     evict.push(p.pod.clone())
                 }
             }
-            if remaining == 0 {
+            if evict.is_empty() && delete.is_empty() {
                 set_step(rec, RollbackStep::Uncordon);
                 return rollback_step(rec, obs, cfg, now);
             }
-            if evict.is_empty() && delete.is_empty() {
-                wait(format!(
-                    "waiting for {remaining} pod(s) to restart onto Calico"
-                ))
-            } else {
-                Step::Act(Action::Recycle { evict, delete })
-            }
+            Step::Act(Action::Recycle { evict, delete })
         }
         RollbackStep::Uncordon => {
             if rec.pre_cordoned == Some(true) || !obs.unschedulable() {

@@ -5,22 +5,41 @@
 //! chooses nodes, [`machine::decide`](crate::machine::decide) chooses each node's next action.
 //! Every node record is persisted through the [`StateStore`] before the action it leads to, so a
 //! run killed at any point can be started again and resumes from what the cluster holds.
+//!
+//! What it does about faults (each one exercised by the fault campaign in `tests/faults.rs`):
+//! - Transient port errors (5xx, 429, timeouts) and 409s on anything but a node record are retried:
+//!   the calls before the first node with backoff, the per-node ones on the next look.
+//! - A record save that failed in a way that may have landed (a timeout, a 5xx) is read back; a
+//!   later compare-and-swap conflict with a record the run itself wrote is recognised as its own.
+//!   A record that is not known to be stored is never acted on.
+//! - Cordoning starts a drain, so it is admitted by the scheduler against the budgets of the look
+//!   at which it happens: a node whose cordon failed, a node resumed before it cordoned, and a
+//!   rollback that must cordon again all go through it.
+//! - The lock is renewed every third of its time-to-live; after two thirds without a renewal the
+//!   run stops acting, and a run whose lock expired stops ([`RunError::LockLost`]) rather than act
+//!   on records another run may have changed.
+//! - A resumed run resumes every node with a record (NotReady ones included), and with
+//!   [`FailurePolicy::RollbackAndStop`] stays stopped if an earlier run stopped.
+//! - Nodes that join, and skipped NotReady nodes that come back, are migrated when in scope, or
+//!   reported in [`RunReport::joined_not_migrated`]; before a control-plane node starts the run
+//!   looks again, so a worker that appeared goes first.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::cilium::{CiliumPhase, ConfigMismatch, check_live_config};
-use crate::config::{FailurePolicy, MigrationConfig, NodeScope};
-use crate::events::{Event, EventSink};
+use crate::config::{FailurePolicy, MigrationConfig};
+use crate::events::{Discard, Event, EventSink};
 use crate::machine::{
-    Action, NodeRecord, Observation, Phase, StepConfig, decide, on_verification, start_rollback,
-    with_problem,
+    Action, NodeRecord, Observation, Phase, RollbackStep, STATE_ANNOTATION, StepConfig, decide,
+    on_verification, rollback_step_limit, start_rollback, with_problem,
 };
 use crate::model::{ClusterSnapshot, NodeName, Time};
-use crate::plan::{Plan, PlannedNode, plan};
+use crate::plan::{Plan, PlannedNode, Skipped, in_scope, plan};
 use crate::ports::{
     Clock, Cluster, EvictOutcome, LockOutcome, NewCni, OldCni, PortError, StateStore, Verifier,
 };
@@ -72,6 +91,16 @@ pub enum RunError {
         holder: String,
         /// Expiry.
         until: Time,
+    },
+    /// The run could not renew its lock before it expired: another run may have acted since.
+    #[error(
+        "this run ({holder}) could not renew the migration lock, which expired at {since}; another run may have acted since, so this one stops: start it again to resume from the records in the cluster"
+    )]
+    LockLost {
+        /// This run's identity.
+        holder: String,
+        /// When the lock expired.
+        since: Time,
     },
     /// Preflight failed.
     #[error("preflight failed; fix these first:\n{}", .0.join("\n"))]
@@ -159,10 +188,13 @@ pub struct RunReport {
     pub started: Time,
     /// When it ended.
     pub finished: Time,
-    /// Why it stopped early, if it did.
+    /// Why it stopped early, if it did: one line naming the node, the step and the cause.
     pub stopped: Option<String>,
     /// Whether it ended by `max_ticks` (a simulated kill) rather than by finishing.
     pub interrupted: bool,
+    /// Nodes that joined the cluster during the run and were not migrated, and why (outside the
+    /// config's scope, joined after the run stopped, or never became Ready).
+    pub joined_not_migrated: Vec<Skipped>,
 }
 
 impl RunReport {
@@ -183,6 +215,61 @@ struct Flying {
     record: NodeRecord,
     waiting: Option<String>,
     blocked: Option<(String, String)>,
+    /// Records whose save failed in a way that may have landed (a timeout, a 5xx) since the last
+    /// confirmed one: if the store later holds one of them, it is ours.
+    uncertain: Vec<NodeRecord>,
+    /// The look at which the scheduler admitted the node (it may cordon then).
+    admitted: Option<Time>,
+    /// The last look wanted to cordon the node without an admission at that look (see
+    /// [`Orchestrator::admit_cordons`]).
+    wants_cordon: bool,
+}
+
+impl Flying {
+    fn new(planned: PlannedNode, record: NodeRecord) -> Self {
+        Flying {
+            planned,
+            record,
+            waiting: None,
+            blocked: None,
+            uncertain: Vec::new(),
+            admitted: None,
+            wants_cordon: false,
+        }
+    }
+}
+
+/// Nodes that joined during the run, as far as the run has looked.
+#[derive(Default)]
+struct Joins {
+    /// Every node the run knows (planned, skipped, or joined and decided on).
+    known: BTreeSet<NodeName>,
+    /// Joined nodes not Ready yet: decided on once they are.
+    not_ready: BTreeSet<NodeName>,
+    /// Nodes in scope the plan skipped because they were NotReady: they join the run if they
+    /// become Ready (otherwise they stay in the report's skipped list).
+    skipped_not_ready: BTreeSet<NodeName>,
+    /// Joined nodes the run will not migrate, and why.
+    not_migrated: Vec<Skipped>,
+}
+
+/// How many times a call the run cannot go on without is tried before the run gives up.
+const ATTEMPTS: u32 = 8;
+
+/// True while the node may still evict budget-covered pods in a drain: before its drain is done,
+/// or rolling back up to the end of the rollback's own drain. The scheduler counts these
+/// evictions against the budgets before starting another node.
+fn drains(r: &NodeRecord) -> bool {
+    r.phase.is_draining()
+        || (r.phase == Phase::RollingBack
+            && r.rollback.as_ref().is_some_and(|rb| {
+                matches!(rb.step, RollbackStep::Cordon | RollbackStep::DrainCilium)
+            }))
+}
+
+/// True for errors after which a write may or may not have been applied.
+fn maybe_applied(e: &PortError) -> bool {
+    matches!(e, PortError::Timeout { .. } | PortError::Unavailable { .. })
 }
 
 /// Drives a migration.
@@ -211,8 +298,18 @@ impl Orchestrator {
     /// # Errors
     /// Any read failure.
     pub async fn plan(&self) -> Result<(ClusterSnapshot, Plan), RunError> {
-        let inv = self.ports.cluster.inventory().await?;
-        let calico = self.ports.calico.facts().await?;
+        let cluster = &self.ports.cluster;
+        let calico = &self.ports.calico;
+        let inv = self
+            .retry("read the cluster inventory", &Discard, move || {
+                cluster.inventory()
+            })
+            .await?;
+        let calico = self
+            .retry("read Calico's configuration", &Discard, move || {
+                calico.facts()
+            })
+            .await?;
         let snapshot = ClusterSnapshot {
             nodes: inv.nodes,
             pods: inv.pods,
@@ -237,29 +334,7 @@ impl Orchestrator {
     /// [`RunError`] for a held lock, failed preflight, wrong Cilium config, a conflicting writer,
     /// or a port failure that retrying cannot fix. Transient failures are retried.
     pub async fn run(&self, plan: &Plan, sink: &dyn EventSink) -> Result<RunReport, RunError> {
-        let clock = &self.ports.clock;
-        let holder = self.opts.holder.as_str();
-        match self
-            .ports
-            .store
-            .acquire_lock(holder, clock.now(), self.opts.lock_ttl)
-            .await?
-        {
-            LockOutcome::Acquired => {}
-            LockOutcome::HeldBy { holder, until } => {
-                return Err(RunError::Locked { holder, until });
-            }
-        }
-        let result = self.run_locked(plan, sink).await;
-        // A run that was "killed" keeps its lock, as a dead process would.
-        if !matches!(&result, Ok(r) if r.interrupted) {
-            let _ = self.ports.store.release_lock(holder).await;
-        }
-        result
-    }
-
-    async fn run_locked(&self, plan: &Plan, sink: &dyn EventSink) -> Result<RunReport, RunError> {
-        let ports = &self.ports;
+        // Refuse a failed preflight before touching anything, the lock included.
         if !plan.preflight.ok() {
             return Err(RunError::Preflight(
                 plan.preflight
@@ -268,42 +343,144 @@ impl Orchestrator {
                     .collect(),
             ));
         }
-        let live = ports.cilium.live_config().await?;
+        let clock = &self.ports.clock;
+        let store = &self.ports.store;
+        let holder = self.opts.holder.as_str();
+        let ttl = self.opts.lock_ttl;
+        match self
+            .retry("take the run lock", sink, move || {
+                store.acquire_lock(holder, clock.now(), ttl)
+            })
+            .await?
+        {
+            LockOutcome::Acquired => {}
+            LockOutcome::HeldBy { holder, until } => {
+                return Err(RunError::Locked { holder, until });
+            }
+        }
+        let result = self.run_locked(plan, sink).await;
+        // A run that was "killed" keeps its lock, as a dead process would. A release that fails
+        // only delays the next run until the lock expires.
+        if !matches!(&result, Ok(r) if r.interrupted) {
+            let _ = self
+                .retry("release the run lock", sink, move || {
+                    store.release_lock(holder)
+                })
+                .await;
+        }
+        result
+    }
+
+    /// Calls `f` until it succeeds, retrying transient errors [`ATTEMPTS`] times with backoff
+    /// (1 s doubling to 30 s, or what a throttling answer asks for).
+    async fn retry<T, F, Fut>(
+        &self,
+        what: &str,
+        sink: &dyn EventSink,
+        mut f: F,
+    ) -> Result<T, RunError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, PortError>>,
+    {
+        let mut delay = Duration::from_secs(1);
+        let mut attempt = 1;
+        loop {
+            match f().await {
+                Ok(t) => return Ok(t),
+                // A 409 outside the state store's compare-and-swap means "re-read and retry".
+                Err(e)
+                    if (e.is_transient() || matches!(e, PortError::Conflict { .. }))
+                        && attempt < ATTEMPTS =>
+                {
+                    let now = self.ports.clock.now();
+                    sink.emit(&Event::Retrying {
+                        what: format!("{what}: {e}"),
+                        at: now,
+                    });
+                    let wait = match &e {
+                        PortError::Throttled { retry_after } => (*retry_after).max(delay),
+                        _ => delay,
+                    };
+                    self.ports.clock.sleep_until(now.after(wait)).await;
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                    attempt += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    async fn run_locked(&self, plan: &Plan, sink: &dyn EventSink) -> Result<RunReport, RunError> {
+        let ports = &self.ports;
+        let cilium = &ports.cilium;
+        let store = &ports.store;
+        let live = self
+            .retry("read Cilium's live config", sink, move || {
+                cilium.live_config()
+            })
+            .await?;
         let mismatches = check_live_config(&live, &self.cfg, plan.inputs, CiliumPhase::Migration);
         if !mismatches.is_empty() {
             return Err(RunError::NotInMigrationMode(mismatches));
         }
-        ports.cilium.apply_node_config(&plan.node_config).await?;
+        let node_config = &plan.node_config;
+        self.retry("apply the CiliumNodeConfig", sink, move || {
+            cilium.apply_node_config(node_config)
+        })
+        .await?;
 
         let started = ports.clock.now();
-        let records = ports.store.load().await?;
+        let records = self
+            .retry("load the node records", sink, move || store.load())
+            .await?;
         let mut pending: Vec<PlannedNode> = Vec::new();
         let mut flying: BTreeMap<NodeName, Flying> = BTreeMap::new();
         let mut finished: BTreeMap<NodeName, (PlannedNode, NodeRecord, Option<Time>)> =
             BTreeMap::new();
-        let mut known: BTreeSet<NodeName> = BTreeSet::new();
+        let mut joins = Joins::default();
+        let mut stopped: Option<String> = None;
+        // First records whose save may have landed although it failed, by node.
+        let mut uncertain_starts: BTreeMap<NodeName, Vec<NodeRecord>> = BTreeMap::new();
         for p in &plan.order {
-            known.insert(p.name.clone());
+            joins.known.insert(p.name.clone());
             match records.get(&p.name) {
                 None => pending.push(p.clone()),
                 Some(r) if r.phase.is_terminal() => {
                     finished.insert(p.name.clone(), (p.clone(), r.clone(), None));
                 }
                 Some(r) => {
-                    flying.insert(
-                        p.name.clone(),
-                        Flying {
-                            planned: p.clone(),
-                            record: r.clone(),
-                            waiting: None,
-                            blocked: None,
-                        },
-                    );
+                    flying.insert(p.name.clone(), Flying::new(p.clone(), r.clone()));
                 }
             }
         }
-        for s in &plan.skipped {
-            known.insert(s.node.clone());
+        for s in plan
+            .skipped
+            .iter()
+            .filter(|s| !records.contains_key(&s.node))
+        {
+            joins.skipped_not_ready.insert(s.node.clone());
+        }
+        // Nodes with a record that the plan does not list: an earlier run started them, and they
+        // either joined after that run's plan or are NotReady now (the plan skips those). They
+        // resume where they are: a node left cordoned half-way would be worse than a NotReady one
+        // timing out into rollback.
+        for (name, r) in &records {
+            if joins.known.contains(name) {
+                continue;
+            }
+            joins.known.insert(name.clone());
+            let view = ports.cluster.node_view(name).await.ok();
+            let planned = PlannedNode {
+                name: name.clone(),
+                zone: view.as_ref().and_then(|v| v.node.zone.clone()),
+                control_plane: view.as_ref().is_some_and(|v| v.node.is_control_plane()),
+            };
+            if r.phase.is_terminal() {
+                finished.insert(name.clone(), (planned, r.clone(), None));
+            } else {
+                flying.insert(name.clone(), Flying::new(planned, r.clone()));
+            }
         }
         sink.emit(&Event::RunStarted {
             nodes: plan.order.len(),
@@ -315,7 +492,27 @@ impl Orchestrator {
             max_in_flight: self.cfg.max_in_flight,
             control_plane_last: self.cfg.control_plane_last,
         };
-        let mut stopped: Option<String> = None;
+        // An earlier run stopped on a failed node: so does this one (as a run never killed would
+        // have), until a person clears that node's record.
+        if self.cfg.on_node_failure == FailurePolicy::RollbackAndStop
+            && let Some((name, (_, r, _))) = finished
+                .iter()
+                .find(|(_, (_, r, _))| r.phase != Phase::Done)
+        {
+            stopped = Some(format!(
+                "node {name} ended {:?} in an earlier run: {}; remove its {STATE_ANNOTATION} annotation to try it again",
+                r.phase,
+                r.rollback
+                    .as_ref()
+                    .map_or("no cause recorded", |x| x.cause.as_str())
+            ));
+        }
+        if let Some(reason) = &stopped {
+            sink.emit(&Event::Stopping {
+                reason: reason.clone(),
+                at: started,
+            });
+        }
         let mut last_lock = started;
         let mut last_join_check = started;
         let mut last_progress = (usize::MAX, 0, 0, 0);
@@ -328,6 +525,14 @@ impl Orchestrator {
                     .acquire_lock(&self.opts.holder, now, self.opts.lock_ttl)
                     .await
                 {
+                    // Our lock expired before we could renew it: another run may have taken it,
+                    // acted and finished meanwhile, so what this run holds in memory may be stale.
+                    Ok(LockOutcome::Acquired) if now.since(last_lock) >= self.opts.lock_ttl => {
+                        return Err(RunError::LockLost {
+                            holder: self.opts.holder.clone(),
+                            since: last_lock.after(self.opts.lock_ttl),
+                        });
+                    }
                     Ok(LockOutcome::Acquired) => last_lock = now,
                     Ok(LockOutcome::HeldBy { holder, until }) => {
                         return Err(RunError::Locked { holder, until });
@@ -339,11 +544,24 @@ impl Orchestrator {
                     Err(e) => return Err(e.into()),
                 }
             }
-            if matches!(self.cfg.scope, NodeScope::All)
-                && now.since(last_join_check) >= self.opts.join_check_interval
-            {
+            // Act only while the lock is surely ours: after a third of its time-to-live without a
+            // renewal, another run may take it over once it expires.
+            if now.since(last_lock) >= self.opts.lock_ttl * 2 / 3 {
+                ticks += 1;
+                if self.opts.max_ticks.is_some_and(|m| ticks >= m) {
+                    return Ok(self.report(
+                        plan, &finished, &flying, &pending, started, stopped, true, &joins,
+                    ));
+                }
+                ports
+                    .clock
+                    .sleep_until(now.after(self.cfg.poll_interval))
+                    .await;
+                continue;
+            }
+            if now.since(last_join_check) >= self.opts.join_check_interval {
                 last_join_check = now;
-                self.notice_joins(&mut known, &mut pending, stopped.is_some(), sink, now)
+                self.notice_joins(&mut joins, &mut pending, stopped.is_some(), sink, now)
                     .await;
             }
 
@@ -382,13 +600,36 @@ impl Orchestrator {
                 }
             }
 
+            // Cordons (drains starting) that wait for the scheduler's admission.
+            self.admit_cordons(&mut flying, limits, sink, now).await?;
+
+            // Before a control-plane node starts, a fresh look for workers that joined or came
+            // back Ready: with control-plane-last, they go first.
+            if self.cfg.control_plane_last
+                && stopped.is_none()
+                && !pending.is_empty()
+                && pending.iter().all(|p| p.control_plane)
+                && last_join_check != now
+            {
+                last_join_check = now;
+                self.notice_joins(&mut joins, &mut pending, false, sink, now)
+                    .await;
+            }
+
             // Start new nodes.
             if stopped.is_none()
                 && !pending.is_empty()
                 && flying.len() < self.cfg.max_in_flight as usize
             {
                 let started_now = self
-                    .start_nodes(&mut pending, &mut flying, limits, sink, now)
+                    .start_nodes(
+                        &mut pending,
+                        &mut flying,
+                        &mut uncertain_starts,
+                        limits,
+                        sink,
+                        now,
+                    )
                     .await?;
                 for name in started_now {
                     if let Some(f) = flying.get_mut(&name) {
@@ -413,18 +654,32 @@ impl Orchestrator {
                 });
             }
             if flying.is_empty() && (pending.is_empty() || stopped.is_some()) {
-                break;
+                // A last look for nodes that joined since the last check, so none is left behind
+                // unreported.
+                let before = pending.len();
+                let looked = self
+                    .notice_joins(&mut joins, &mut pending, stopped.is_some(), sink, now)
+                    .await;
+                last_join_check = now;
+                // A look that failed is tried again on the next tick rather than ending blind.
+                if looked && (pending.len() == before || stopped.is_some()) {
+                    break;
+                }
             }
             ticks += 1;
             if self.opts.max_ticks.is_some_and(|m| ticks >= m) {
-                return Ok(self.report(plan, &finished, &flying, &pending, started, stopped, true));
+                return Ok(self.report(
+                    plan, &finished, &flying, &pending, started, stopped, true, &joins,
+                ));
             }
             ports
                 .clock
                 .sleep_until(now.after(self.cfg.poll_interval))
                 .await;
         }
-        Ok(self.report(plan, &finished, &flying, &pending, started, stopped, false))
+        Ok(self.report(
+            plan, &finished, &flying, &pending, started, stopped, false, &joins,
+        ))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -437,6 +692,7 @@ impl Orchestrator {
         started: Time,
         stopped: Option<String>,
         interrupted: bool,
+        joins: &Joins,
     ) -> RunReport {
         let mut nodes = Vec::new();
         let mut push = |p: &PlannedNode| {
@@ -480,24 +736,45 @@ impl Orchestrator {
                 push(p);
             }
         }
+        // Skipped nodes that an earlier run had started, or that came back Ready and joined,
+        // are reported with the others.
+        let skipped = plan
+            .skipped
+            .iter()
+            .filter(|s| !nodes.iter().any(|n: &NodeOutcome| n.node == s.node))
+            .cloned()
+            .collect();
         RunReport {
             nodes,
-            skipped: plan.skipped.clone(),
+            skipped,
             started,
             finished: self.ports.clock.now(),
             stopped,
             interrupted,
+            joined_not_migrated: joins
+                .not_migrated
+                .iter()
+                .cloned()
+                .chain(joins.not_ready.iter().map(|n| Skipped {
+                    node: n.clone(),
+                    reason: "joined during the run and was not Ready when it ended; migrate it once it is Ready".into(),
+                }))
+                .collect(),
         }
     }
 
+    /// Looks for nodes that joined the cluster: a Ready one in scope joins the run (workers before
+    /// the control-plane nodes still pending), any other is reported. Nodes not Ready yet are
+    /// looked at again next time; read failures leave the node for next time too. False when
+    /// some read failed (the look is incomplete).
     async fn notice_joins(
         &self,
-        known: &mut BTreeSet<NodeName>,
+        joins: &mut Joins,
         pending: &mut Vec<PlannedNode>,
         stopping: bool,
         sink: &dyn EventSink,
         now: Time,
-    ) {
+    ) -> bool {
         let names = match self.ports.cluster.node_names().await {
             Ok(n) => n,
             Err(e) => {
@@ -505,20 +782,56 @@ impl Orchestrator {
                     what: format!("list nodes: {e}"),
                     at: now,
                 });
-                return;
+                return false;
             }
         };
+        let mut complete = true;
         for name in names {
-            if known.insert(name.clone()) {
-                let view = self.ports.cluster.node_view(&name).await;
-                let migrating = !stopping && view.is_ok();
-                if let Ok(v) = view
-                    && !stopping
-                {
+            if joins.known.contains(&name) {
+                continue;
+            }
+            let view = match self.ports.cluster.node_view(&name).await {
+                Ok(v) => v,
+                Err(e) => {
+                    sink.emit(&Event::Retrying {
+                        what: format!("read joined node {name}: {e}"),
+                        at: now,
+                    });
+                    complete = false;
+                    continue;
+                }
+            };
+            let skipped = joins.skipped_not_ready.contains(&name);
+            if !view.node.ready {
+                if !skipped {
+                    joins.not_ready.insert(name);
+                }
+                continue;
+            }
+            joins.not_ready.remove(&name);
+            joins.skipped_not_ready.remove(&name);
+            joins.known.insert(name.clone());
+            if skipped && stopping {
+                // Still skipped: the report lists it.
+                continue;
+            }
+            let why_not = if !in_scope(&self.cfg.scope, &view.node) {
+                Some("joined during the run and is outside the config's scope")
+            } else if stopping {
+                Some("joined after the run stopped starting nodes")
+            } else {
+                None
+            };
+            match why_not {
+                Some(reason) => joins.not_migrated.push(Skipped {
+                    node: name.clone(),
+                    reason: reason.into(),
+                }),
+                None => {
                     let planned = PlannedNode {
                         name: name.clone(),
-                        zone: v.node.zone.clone(),
-                        control_plane: v.node.is_control_plane(),
+                        zone: view.node.zone.clone(),
+                        control_plane: view.node.is_control_plane(),
                     };
                     // Joined workers go before the control-plane nodes still pending.
                     let at = if planned.control_plane {
@@ -531,19 +844,23 @@ impl Orchestrator {
                     };
                     pending.insert(at, planned);
                 }
+            }
+            if !skipped {
                 sink.emit(&Event::NodeJoined {
                     node: name,
-                    migrating,
+                    migrating: why_not.is_none(),
                     at: now,
                 });
             }
         }
+        complete
     }
 
     async fn start_nodes(
         &self,
         pending: &mut Vec<PlannedNode>,
         flying: &mut BTreeMap<NodeName, Flying>,
+        uncertain: &mut BTreeMap<NodeName, Vec<NodeRecord>>,
         limits: Limits,
         sink: &dyn EventSink,
         now: Time,
@@ -554,7 +871,7 @@ impl Orchestrator {
                 name: f.planned.name.clone(),
                 zone: f.planned.zone.clone(),
                 control_plane: f.planned.control_plane,
-                draining: f.record.phase.is_draining(),
+                draining: drains(&f.record),
             })
             .collect();
         let cands: Vec<PendingNode> = pending
@@ -587,38 +904,144 @@ impl Orchestrator {
                 continue;
             };
             let planned = pending.remove(pos);
-            let record = NodeRecord::new(now);
-            match self.ports.store.save(&name, None, &record).await {
-                Ok(()) => {}
-                Err(PortError::Conflict { .. }) => return Err(RunError::Conflict(name)),
-                Err(e) if e.is_transient() => {
-                    sink.emit(&Event::Retrying {
-                        what: format!("start {name}: {e}"),
-                        at: now,
-                    });
-                    pending.insert(pos, planned);
-                    continue;
+            let mut record = NodeRecord::new(now);
+            let saved = match self.ports.store.save(&name, None, &record).await {
+                Ok(()) => true,
+                Err(PortError::Conflict { .. }) => {
+                    // Our own first record may be stored already, from a save that failed but
+                    // landed: adopt it. Anything else is another writer.
+                    match self.stored(&name).await {
+                        Ok(Some(r)) if uncertain.get(&name).is_some_and(|u| u.contains(&r)) => {
+                            record = r;
+                            true
+                        }
+                        Ok(_) => return Err(RunError::Conflict(name)),
+                        Err(e) if e.is_transient() => false,
+                        Err(e) => return Err(e.into()),
+                    }
                 }
+                // A timeout or a 5xx may hide a write that landed: read it back, and if that
+                // fails too, remember the record to recognise it later.
+                Err(e) if e.is_transient() && maybe_applied(&e) => match self.stored(&name).await {
+                    Ok(r) => r.as_ref() == Some(&record),
+                    Err(_) => {
+                        uncertain
+                            .entry(name.clone())
+                            .or_default()
+                            .push(record.clone());
+                        false
+                    }
+                },
+                Err(e) if e.is_transient() => false,
                 Err(e) => return Err(e.into()),
+            };
+            if !saved {
+                sink.emit(&Event::Retrying {
+                    what: format!("start {name}: the first record was not saved"),
+                    at: now,
+                });
+                pending.insert(pos, planned);
+                continue;
             }
+            uncertain.remove(&name);
             sink.emit(&Event::NodeStarted {
                 node: name.clone(),
                 at: now,
             });
-            flying.insert(
-                name.clone(),
-                Flying {
-                    planned,
-                    record,
-                    waiting: None,
-                    blocked: None,
-                },
-            );
+            let mut f = Flying::new(planned, record);
+            f.admitted = Some(now);
+            flying.insert(name.clone(), f);
             started.push(name);
         }
         Ok(started)
     }
 
+    /// Cordons, through the scheduler, the nodes whose last look wanted to cordon without having
+    /// been admitted at this look: a node started earlier whose cordon failed or whose run died
+    /// right after starting it (pods kept landing on it meanwhile, so the drain the scheduler
+    /// allowed may no longer fit the budgets), and a node rolling back that must be cordoned and
+    /// drained again. Cordoning is what starts a drain, so it is admitted against the budgets as
+    /// they are now, like a start; a node refused waits. A rollback waits at most half its step
+    /// limit, then cordons anyway.
+    async fn admit_cordons(
+        &self,
+        flying: &mut BTreeMap<NodeName, Flying>,
+        limits: Limits,
+        sink: &dyn EventSink,
+        now: Time,
+    ) -> Result<(), RunError> {
+        let waiting: Vec<NodeName> = flying
+            .values()
+            .filter(|f| f.wants_cordon)
+            .map(|f| f.planned.name.clone())
+            .collect();
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        let others: Vec<InFlightNode> = flying
+            .values()
+            .filter(|f| !f.wants_cordon)
+            .map(|f| InFlightNode {
+                name: f.planned.name.clone(),
+                zone: f.planned.zone.clone(),
+                control_plane: f.planned.control_plane,
+                draining: drains(&f.record),
+            })
+            .collect();
+        let cands: Vec<PendingNode> = waiting
+            .iter()
+            .filter_map(|n| flying.get(n))
+            .map(|f| PendingNode::from(&f.planned))
+            .collect();
+        let mut ask = waiting.clone();
+        ask.extend(others.iter().filter(|n| n.draining).map(|n| n.name.clone()));
+        let picks = match self.ports.cluster.budget_view(&ask).await {
+            Ok(b) => (self.opts.scheduler)(&cands, &others, &b, limits),
+            Err(e) if e.is_transient() => {
+                sink.emit(&Event::Retrying {
+                    what: format!("read disruption budgets: {e}"),
+                    at: now,
+                });
+                crate::schedule::Picks::default()
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let reason = match &picks.held {
+            Some((_, crate::schedule::Held::Budget { pdb })) => format!(
+                "waiting to cordon: PodDisruptionBudget {pdb} is in use by nodes already draining"
+            ),
+            _ => "waiting to cordon until the disruption budgets allow it".to_string(),
+        };
+        let rollback_wait = rollback_step_limit(&self.step) / 2;
+        for name in waiting {
+            let Some(f) = flying.get_mut(&name) else {
+                continue;
+            };
+            f.wants_cordon = false;
+            let overdue = f
+                .record
+                .rollback
+                .as_ref()
+                .filter(|_| f.record.phase == Phase::RollingBack)
+                .is_some_and(|rb| now.since(rb.step_since) >= rollback_wait);
+            if picks.start.contains(&name) || overdue {
+                f.admitted = Some(now);
+                self.act_or_retry(f, Action::Cordon, sink, now).await?;
+            } else {
+                self.act_or_retry(f, Action::Wait(reason.clone()), sink, now)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The record stored for `node` now.
+    async fn stored(&self, node: &NodeName) -> Result<Option<NodeRecord>, PortError> {
+        Ok(self.ports.store.load().await?.remove(node))
+    }
+
+    /// Persists `next` over the node's record. `Ok(true)` when it is stored (then the caller may
+    /// act on it), `Ok(false)` when it is not (retried on the next look; never act then).
     async fn save(
         &self,
         f: &mut Flying,
@@ -629,34 +1052,56 @@ impl Orchestrator {
         if next == f.record {
             return Ok(true);
         }
-        match self
-            .ports
-            .store
-            .save(&f.planned.name, Some(&f.record), &next)
-            .await
-        {
-            Ok(()) => {
-                if next.phase != f.record.phase {
-                    sink.emit(&Event::Phase {
-                        node: f.planned.name.clone(),
-                        from: f.record.phase,
-                        to: next.phase,
-                        at: now,
-                    });
+        let name = f.planned.name.clone();
+        let stored = match self.ports.store.save(&name, Some(&f.record), &next).await {
+            Ok(()) => true,
+            Err(PortError::Conflict { .. }) => {
+                // A save that failed earlier may have landed after all: if the store holds what
+                // we wrote then, it is ours, not another writer's.
+                match self.stored(&name).await {
+                    Ok(Some(r)) if r == next => true,
+                    Ok(Some(r)) if f.uncertain.contains(&r) => {
+                        // Adopt it and decide again from it on the next look.
+                        f.record = r;
+                        f.uncertain.clear();
+                        return Ok(false);
+                    }
+                    Ok(_) => return Err(RunError::Conflict(name)),
+                    Err(e) if e.is_transient() => false,
+                    Err(e) => return Err(e.into()),
                 }
-                f.record = next;
-                Ok(true)
             }
-            Err(PortError::Conflict { .. }) => Err(RunError::Conflict(f.planned.name.clone())),
             Err(e) if e.is_transient() => {
                 sink.emit(&Event::Retrying {
-                    what: format!("save {}: {e}", f.planned.name),
+                    what: format!("save {name}: {e}"),
                     at: now,
                 });
-                Ok(false)
+                // A timeout or a 5xx may hide a write that landed: read it back.
+                maybe_applied(&e)
+                    && match self.stored(&name).await {
+                        Ok(r) => r.as_ref() == Some(&next),
+                        Err(_) => {
+                            f.uncertain.push(next.clone());
+                            false
+                        }
+                    }
             }
-            Err(e) => Err(e.into()),
+            Err(e) => return Err(e.into()),
+        };
+        if !stored {
+            return Ok(false);
         }
+        if next.phase != f.record.phase {
+            sink.emit(&Event::Phase {
+                node: name,
+                from: f.record.phase,
+                to: next.phase,
+                at: now,
+            });
+        }
+        f.record = next;
+        f.uncertain.clear();
+        Ok(true)
     }
 
     /// One look at one node: observe, decide, persist, act.
@@ -702,10 +1147,30 @@ impl Orchestrator {
         if !self.save(f, d.record, sink, now).await? {
             return Ok(());
         }
-        let result = self.act(f, d.action, sink, now).await;
-        match result {
+        if d.action == Action::Cordon && f.admitted != Some(now) {
+            // Cordoning starts a drain: it goes through the scheduler first (`admit_cordons`).
+            f.wants_cordon = true;
+            return Ok(());
+        }
+        self.act_or_retry(f, d.action, sink, now).await
+    }
+
+    /// Acts, retrying on the next look what a transient error or a 409 stopped.
+    async fn act_or_retry(
+        &self,
+        f: &mut Flying,
+        action: Action,
+        sink: &dyn EventSink,
+        now: Time,
+    ) -> Result<(), RunError> {
+        let name = f.planned.name.clone();
+        match self.act(f, action, sink, now).await {
             Ok(()) => Ok(()),
-            Err(RunError::Port(e)) if e.is_transient() => {
+            // A 409 on a write other than the record's (the node or a pod changed meanwhile) is
+            // retried like a transient error: the next look re-reads.
+            Err(RunError::Port(e))
+                if e.is_transient() || matches!(e, PortError::Conflict { .. }) =>
+            {
                 sink.emit(&Event::Retrying {
                     what: format!("{name}: {e}"),
                     at: now,

@@ -13,8 +13,15 @@
 //!   agents that resolve `CiliumNodeConfig`s at start and write `05-cilium.conflist` when Ready;
 //!   a reachability model (see [`reach`]) under which a skipped preflight check shows up as
 //!   broken connectivity.
-//! - Deterministic: one ChaCha8 generator seeded from the seed; time is virtual and moves only
-//!   when the clock port sleeps.
+//! - [`SimFaults`]: injected faults, counted by kind in [`SimStats::faults_injected`]: API errors
+//!   on any port call (500/503, 429, 409 on writes other than the state store's, timeouts, some
+//!   after the write landed), agents that never become Ready, evictions blocked forever, nodes
+//!   going NotReady and coming back, nodes joining with their DaemonSet pods, pods ignoring their
+//!   grace period, verification failing. [`SimCluster::cut_off_after`] cuts a run off mid-call
+//!   sequence (a kill), and [`SimCluster::check_write_ahead`] checks every operation against the
+//!   node's persisted record.
+//! - Deterministic: one ChaCha8 generator seeded from the seed for timings, another derived from
+//!   it for faults; time is virtual and moves only when the clock port sleeps.
 //!
 //! ```
 //! use std::time::Duration;
@@ -59,6 +66,7 @@
 //! # }
 //! ```
 
+mod faults;
 mod generate;
 mod observe;
 mod ports;
@@ -69,7 +77,9 @@ mod sim;
 mod state;
 
 pub use generate::RandomSpec;
-pub use observe::{Op, OpKind, PdbHealth, SimFaults, SimStats, Violation, ViolationKind};
+pub use observe::{
+    FaultKind, NodeJoin, Op, OpKind, PdbHealth, SimFaults, SimStats, Violation, ViolationKind,
+};
 pub use scenario::{
     Amount, Cpu, Dur, Memory, NodeSpec, PdbDecl, PdbSpec, Requests, Scenario, ScenarioError,
     ScenarioProblem, SimParams, Span, WorkloadKind, WorkloadSpec,

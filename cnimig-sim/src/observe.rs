@@ -3,8 +3,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::time::Duration;
 
-use cnimig_core::model::{NodeName, Time};
+use cnimig_core::model::{NodeName, PodNetwork, Time};
 use serde::Serialize;
 
 /// Which invariant a [`Violation`] breaks.
@@ -19,6 +20,10 @@ pub enum ViolationKind {
     Order,
     /// A node was started while a budget it needs was already promised to another draining node.
     Oversubscribed,
+    /// A migration operation was not justified by the node's persisted record: the record that
+    /// leads to an action must be saved before the action (checked only after
+    /// [`SimCluster::check_write_ahead`](crate::SimCluster::check_write_ahead)).
+    WriteAhead,
 }
 
 /// One invariant violation, recorded by the simulator when it happened.
@@ -70,11 +75,15 @@ pub enum OpKind {
         pod: String,
         /// Accepted (the pod is terminating).
         accepted: bool,
+        /// The network the pod was on.
+        network: PodNetwork,
     },
     /// A pod on the node deleted.
     Delete {
         /// `namespace/name`.
         pod: String,
+        /// The network the pod was on.
+        network: PodNetwork,
     },
 }
 
@@ -102,6 +111,9 @@ pub struct SimStats {
     pub evictions_multiple_budgets: u64,
     /// Evictions of pods that were gone (404/409).
     pub evictions_gone: u64,
+    /// Faults injected, by kind (API errors per failed call; node and pod faults once per node or
+    /// pod they hit).
+    pub faults_injected: BTreeMap<FaultKind, u64>,
     /// Pod deletions (`delete_pod` and agent restarts).
     pub deletions: u64,
     /// Port calls per method (`Cluster::evict`, `Clock::sleep_until`, …).
@@ -117,6 +129,11 @@ impl SimStats {
     #[must_use]
     pub fn total_api_calls(&self) -> u64 {
         self.api_calls.values().sum()
+    }
+    /// All faults injected.
+    #[must_use]
+    pub fn total_faults(&self) -> u64 {
+        self.faults_injected.values().sum()
     }
 }
 
@@ -135,7 +152,107 @@ pub struct PdbHealth {
     pub allowed: u32,
 }
 
-/// Faults to inject. All off by default.
+/// A kind of injected fault, for [`SimStats::faults_injected`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FaultKind {
+    /// A port call failed with 500 Internal Server Error ([`PortError::Unavailable`]).
+    ///
+    /// [`PortError::Unavailable`]: cnimig_core::ports::PortError::Unavailable
+    Api500,
+    /// A port call failed with 503 Service Unavailable ([`PortError::Unavailable`]).
+    ///
+    /// [`PortError::Unavailable`]: cnimig_core::ports::PortError::Unavailable
+    Api503,
+    /// A port call was throttled: 429 without a budget cause ([`PortError::Throttled`]).
+    ///
+    /// [`PortError::Throttled`]: cnimig_core::ports::PortError::Throttled
+    Api429,
+    /// A write failed with 409 Conflict ([`PortError::Conflict`]); never on the state store, whose
+    /// conflicts mean another writer.
+    ///
+    /// [`PortError::Conflict`]: cnimig_core::ports::PortError::Conflict
+    Api409,
+    /// A port call timed out before the server acted ([`PortError::Timeout`]).
+    ///
+    /// [`PortError::Timeout`]: cnimig_core::ports::PortError::Timeout
+    ApiTimeout,
+    /// A write timed out after the server had applied it: the caller sees an error for a change
+    /// that happened.
+    ApiTimeoutApplied,
+    /// A node's Cilium agent never became Ready.
+    AgentNeverReady,
+    /// A pod's eviction was refused forever, as by a budget that never allows it.
+    EvictionBlocked,
+    /// A node went NotReady.
+    NodeNotReady,
+    /// A node joined the cluster.
+    NodeJoined,
+    /// A pod ignored its termination grace period and took much longer to go.
+    SlowTermination,
+    /// A node's verification failed after its agent restart.
+    VerifyFailed,
+}
+
+impl FaultKind {
+    /// Every kind, in report order.
+    pub const ALL: [FaultKind; 12] = [
+        FaultKind::Api500,
+        FaultKind::Api503,
+        FaultKind::Api429,
+        FaultKind::Api409,
+        FaultKind::ApiTimeout,
+        FaultKind::ApiTimeoutApplied,
+        FaultKind::AgentNeverReady,
+        FaultKind::EvictionBlocked,
+        FaultKind::NodeNotReady,
+        FaultKind::NodeJoined,
+        FaultKind::SlowTermination,
+        FaultKind::VerifyFailed,
+    ];
+    /// A short kebab-case name.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FaultKind::Api500 => "api-500",
+            FaultKind::Api503 => "api-503",
+            FaultKind::Api429 => "api-429",
+            FaultKind::Api409 => "api-409",
+            FaultKind::ApiTimeout => "api-timeout",
+            FaultKind::ApiTimeoutApplied => "api-timeout-applied",
+            FaultKind::AgentNeverReady => "agent-never-ready",
+            FaultKind::EvictionBlocked => "eviction-blocked",
+            FaultKind::NodeNotReady => "node-not-ready",
+            FaultKind::NodeJoined => "node-joined",
+            FaultKind::SlowTermination => "slow-termination",
+            FaultKind::VerifyFailed => "verify-failed",
+        }
+    }
+}
+
+impl fmt::Display for FaultKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A node that joins the cluster during a simulation: Ready, schedulable, with the same
+/// allocatable resources as the scenario's first node, and the pods of every DaemonSet (the Cilium
+/// agent's included) whose placement selects it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeJoin {
+    /// Its name (must not exist yet).
+    pub name: NodeName,
+    /// When it joins.
+    pub at: Time,
+    /// Its zone (`None`: no zone label).
+    pub zone: Option<String>,
+    /// A control-plane (and etcd) node rather than a worker.
+    pub control_plane: bool,
+}
+
+/// Faults to inject. All off by default. Replayable: the only randomness is the simulator's fault
+/// generator, seeded from the simulation's seed (separately from its timings).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SimFaults {
     /// Cilium agents on these nodes never become Ready.
@@ -146,4 +263,24 @@ pub struct SimFaults {
     /// These nodes go NotReady at these times (their kubelet stops: pods turn unready, nothing
     /// on the node starts or finishes terminating).
     pub node_not_ready_at: Vec<(NodeName, Time)>,
+    /// These nodes come back Ready at these times.
+    pub node_ready_at: Vec<(NodeName, Time)>,
+    /// Each port call (the clock's aside) fails with this probability, in parts per million:
+    /// 500, 503, 429 throttling, 409 conflicts (writes other than the state store's), and
+    /// timeouts (on writes, half of them after the write was applied).
+    pub api_error_ppm: u32,
+    /// The port methods API errors hit, named as in [`SimStats::api_calls`]
+    /// (`Cluster::evict`, `StateStore::save`, …); empty means every method.
+    pub api_error_methods: BTreeSet<String>,
+    /// Nodes that join during the run.
+    pub node_joins: Vec<NodeJoin>,
+    /// Pods matching any of these `namespace/name` keys (pod, workload or budget, as for
+    /// `blocked_evictions`) ignore their termination grace period: once deleted they take
+    /// `slow_termination` to go.
+    pub slow_termination_pods: BTreeSet<String>,
+    /// How long the pods in `slow_termination_pods` take to go.
+    pub slow_termination: Duration,
+    /// Verification of these nodes fails once they carry the migration label (after their agent
+    /// restart), as when a connectivity check from the node fails.
+    pub verify_fails: BTreeSet<NodeName>,
 }

@@ -17,7 +17,8 @@ use cnimig_core::ports::{
     LockOutcome, NewCni, NodeView, OldCni, PortError, StateStore, Verification, Verifier,
 };
 
-use crate::observe::{OpKind, ViolationKind};
+use crate::faults::Call;
+use crate::observe::{FaultKind, OpKind, ViolationKind};
 use crate::sim::SimCluster;
 use crate::state::State;
 
@@ -63,6 +64,9 @@ impl Cluster for SimCluster {
     async fn inventory(&self) -> Result<Inventory, PortError> {
         let mut s = self.lock();
         s.count("Cluster::inventory");
+        if let Some(e) = s.api_fault("Cluster::inventory", Call::Read).before() {
+            return Err(e);
+        }
         Ok(Inventory {
             nodes: s.nodes.iter().map(|n| n.node.clone()).collect(),
             pods: s.pods.values().map(|p| s.model_pod(p)).collect(),
@@ -77,12 +81,18 @@ impl Cluster for SimCluster {
     async fn node_names(&self) -> Result<Vec<NodeName>, PortError> {
         let mut s = self.lock();
         s.count("Cluster::node_names");
+        if let Some(e) = s.api_fault("Cluster::node_names", Call::Read).before() {
+            return Err(e);
+        }
         Ok(s.nodes.iter().map(|n| n.node.name.clone()).collect())
     }
 
     async fn node_view(&self, node: &NodeName) -> Result<NodeView, PortError> {
         let mut s = self.lock();
         s.count("Cluster::node_view");
+        if let Some(e) = s.api_fault("Cluster::node_view", Call::Read).before() {
+            return Err(e);
+        }
         let n = s.idx(node)?;
         let Some(sn) = s.nodes.get(n) else {
             return Err(not_found(node));
@@ -96,6 +106,9 @@ impl Cluster for SimCluster {
     async fn budget_view(&self, nodes: &[NodeName]) -> Result<BudgetView, PortError> {
         let mut s = self.lock();
         s.count("Cluster::budget_view");
+        if let Some(e) = s.api_fault("Cluster::budget_view", Call::Read).before() {
+            return Err(e);
+        }
         let mut view = BudgetView::default();
         for name in nodes {
             let Some(n) = s.node_idx(name) else { continue };
@@ -123,6 +136,10 @@ impl Cluster for SimCluster {
     ) -> Result<(), PortError> {
         let mut s = self.lock();
         s.count("Cluster::set_unschedulable");
+        let inj = s.api_fault("Cluster::set_unschedulable", Call::Write);
+        if let Some(e) = inj.before() {
+            return Err(e);
+        }
         let n = s.idx(node)?;
         let was = s.nodes.get(n).is_some_and(|x| x.node.unschedulable);
         if unschedulable {
@@ -143,7 +160,7 @@ impl Cluster for SimCluster {
         }
         s.set_unschedulable(n, unschedulable);
         s.check_reach();
-        Ok(())
+        inj.after(Ok(()))
     }
 
     async fn set_node_label(
@@ -154,6 +171,10 @@ impl Cluster for SimCluster {
     ) -> Result<(), PortError> {
         let mut s = self.lock();
         s.count("Cluster::set_node_label");
+        let inj = s.api_fault("Cluster::set_node_label", Call::Write);
+        if let Some(e) = inj.before() {
+            return Err(e);
+        }
         let n = s.idx(node)?;
         if let Err(why) = cnimig_core::config::validate_label_key(key) {
             return Err(PortError::Invalid {
@@ -206,35 +227,44 @@ impl Cluster for SimCluster {
             }
         }
         s.check_reach();
-        Ok(())
+        inj.after(Ok(()))
     }
 
     async fn evict(&self, pod: &PodRef) -> Result<EvictOutcome, PortError> {
         let mut s = self.lock();
         s.count("Cluster::evict");
+        let inj = s.api_fault("Cluster::evict", Call::Write);
+        if let Some(e) = inj.before() {
+            return Err(e);
+        }
         let out = s.evict(pod);
         s.check_reach();
-        Ok(out)
+        inj.after(Ok(out))
     }
 
     async fn delete_pod(&self, pod: &PodRef) -> Result<(), PortError> {
         let mut s = self.lock();
         s.count("Cluster::delete_pod");
+        let inj = s.api_fault("Cluster::delete_pod", Call::Write);
+        if let Some(e) = inj.before() {
+            return Err(e);
+        }
         let Some(id) = s.lookup(pod) else {
-            return Ok(());
+            return inj.after(Ok(()));
         };
         s.stats.deletions += 1;
-        if let Some(n) = s.pods.get(&id).and_then(|p| p.node) {
+        if let Some((n, network)) = s.pods.get(&id).and_then(|p| p.node.map(|n| (n, p.network))) {
             s.log(
                 n,
                 OpKind::Delete {
                     pod: pod.to_string(),
+                    network,
                 },
             );
         }
         s.disrupt(id, "deletion");
         s.check_reach();
-        Ok(())
+        inj.after(Ok(()))
     }
 }
 
@@ -243,6 +273,9 @@ impl NewCni for SimCluster {
     async fn live_config(&self) -> Result<BTreeMap<String, String>, PortError> {
         let mut s = self.lock();
         s.count("NewCni::live_config");
+        if let Some(e) = s.api_fault("NewCni::live_config", Call::Read).before() {
+            return Err(e);
+        }
         s.cilium
             .as_ref()
             .map(|c| c.live.clone())
@@ -254,6 +287,10 @@ impl NewCni for SimCluster {
     async fn apply_node_config(&self, config: &CiliumNodeConfig) -> Result<(), PortError> {
         let mut s = self.lock();
         s.count("NewCni::apply_node_config");
+        let inj = s.api_fault("NewCni::apply_node_config", Call::Write);
+        if let Some(e) = inj.before() {
+            return Err(e);
+        }
         if config.name.is_empty() || NodeName::new(config.name.clone()).is_err() {
             return Err(PortError::Invalid {
                 what: format!("CiliumNodeConfig {:?}", config.name),
@@ -261,12 +298,15 @@ impl NewCni for SimCluster {
             });
         }
         s.node_configs.insert(config.name.clone(), config.clone());
-        Ok(())
+        inj.after(Ok(()))
     }
 
     async fn agent(&self, node: &NodeName) -> Result<Option<AgentObservation>, PortError> {
         let mut s = self.lock();
         s.count("NewCni::agent");
+        if let Some(e) = s.api_fault("NewCni::agent", Call::Read).before() {
+            return Err(e);
+        }
         let n = s.idx(node)?;
         Ok(s.agent_observation(n))
     }
@@ -274,6 +314,10 @@ impl NewCni for SimCluster {
     async fn restart_agent(&self, node: &NodeName, pod_uid: &str) -> Result<(), PortError> {
         let mut s = self.lock();
         s.count("NewCni::restart_agent");
+        let inj = s.api_fault("NewCni::restart_agent", Call::Write);
+        if let Some(e) = inj.before() {
+            return Err(e);
+        }
         let n = s.idx(node)?;
         let Some(id) = crate::state::parse_uid(pod_uid) else {
             return Ok(());
@@ -293,12 +337,15 @@ impl NewCni for SimCluster {
             s.disrupt(id, "agent restart");
             s.check_reach();
         }
-        Ok(())
+        inj.after(Ok(()))
     }
 
     async fn cni_dir(&self, node: &NodeName) -> Result<CniDirState, PortError> {
         let mut s = self.lock();
         s.count("NewCni::cni_dir");
+        if let Some(e) = s.api_fault("NewCni::cni_dir", Call::Read).before() {
+            return Err(e);
+        }
         let n = s.idx(node)?;
         s.nodes.get(n).map(|x| x.cni).ok_or_else(|| not_found(node))
     }
@@ -306,13 +353,19 @@ impl NewCni for SimCluster {
     async fn restore_calico_cni(&self, node: &NodeName) -> Result<(), PortError> {
         let mut s = self.lock();
         s.count("NewCni::restore_calico_cni");
+        let inj = s.api_fault("NewCni::restore_calico_cni", Call::Write);
+        if let Some(e) = inj.before() {
+            return Err(e);
+        }
         let n = s.idx(node)?;
         s.log(n, OpKind::RestoreCni);
-        s.request_restore(n)
+        let r = s
+            .request_restore(n)
             .map_err(|detail| PortError::Unavailable {
                 what: format!("restore Calico's CNI config on node {node}"),
                 detail,
-            })
+            });
+        inj.after(r)
     }
 }
 
@@ -321,6 +374,9 @@ impl OldCni for SimCluster {
     async fn facts(&self) -> Result<CalicoFacts, PortError> {
         let mut s = self.lock();
         s.count("OldCni::facts");
+        if let Some(e) = s.api_fault("OldCni::facts", Call::Read).before() {
+            return Err(e);
+        }
         Ok(s.calico.clone())
     }
 }
@@ -330,8 +386,17 @@ impl Verifier for SimCluster {
     async fn verify_node(&self, node: &NodeName) -> Result<Verification, PortError> {
         let mut s = self.lock();
         s.count("Verifier::verify_node");
+        if let Some(e) = s.api_fault("Verifier::verify_node", Call::Read).before() {
+            return Err(e);
+        }
         let n = s.idx(node)?;
-        let problems = s.node_problems(n);
+        let mut problems = s.node_problems(n);
+        if s.labelled(n) && s.faults.verify_fails.contains(node) {
+            s.count_fault(FaultKind::VerifyFailed, node.to_string());
+            problems.push(format!(
+                "connectivity check from node {node} failed: goldpinger there cannot reach the other nodes (injected)"
+            ));
+        }
         Ok(if problems.is_empty() {
             Verification::Healthy
         } else {
@@ -342,6 +407,9 @@ impl Verifier for SimCluster {
     async fn verify_cluster(&self) -> Result<Verification, PortError> {
         let mut s = self.lock();
         s.count("Verifier::verify_cluster");
+        if let Some(e) = s.api_fault("Verifier::verify_cluster", Call::Read).before() {
+            return Err(e);
+        }
         let problems = s.reachability_problems();
         Ok(if problems.is_empty() {
             Verification::Healthy
@@ -356,6 +424,9 @@ impl StateStore for SimCluster {
     async fn load(&self) -> Result<BTreeMap<NodeName, NodeRecord>, PortError> {
         let mut s = self.lock();
         s.count("StateStore::load");
+        if let Some(e) = s.api_fault("StateStore::load", Call::Read).before() {
+            return Err(e);
+        }
         let mut out = BTreeMap::new();
         for node in &s.nodes {
             let Some(a) = &node.annotation else { continue };
@@ -380,6 +451,10 @@ impl StateStore for SimCluster {
     ) -> Result<(), PortError> {
         let mut s = self.lock();
         s.count("StateStore::save");
+        let inj = s.api_fault("StateStore::save", Call::Exclusive);
+        if let Some(e) = inj.before() {
+            return Err(e);
+        }
         let n = s.idx(node)?;
         let Some(x) = s.nodes.get_mut(n) else {
             return Err(not_found(node));
@@ -398,7 +473,7 @@ impl StateStore for SimCluster {
             });
         }
         x.annotation = Some(next.to_annotation());
-        Ok(())
+        inj.after(Ok(()))
     }
 
     async fn acquire_lock(
@@ -409,25 +484,34 @@ impl StateStore for SimCluster {
     ) -> Result<LockOutcome, PortError> {
         let mut s = self.lock();
         s.count("StateStore::acquire_lock");
-        match &s.lock {
-            Some((h, until)) if h != holder && *until > now => Ok(LockOutcome::HeldBy {
+        let inj = s.api_fault("StateStore::acquire_lock", Call::Exclusive);
+        if let Some(e) = inj.before() {
+            return Err(e);
+        }
+        let out = match &s.lock {
+            Some((h, until)) if h != holder && *until > now => LockOutcome::HeldBy {
                 holder: h.clone(),
                 until: *until,
-            }),
+            },
             _ => {
                 s.lock = Some((holder.to_string(), now.after(ttl)));
-                Ok(LockOutcome::Acquired)
+                LockOutcome::Acquired
             }
-        }
+        };
+        inj.after(Ok(out))
     }
 
     async fn release_lock(&self, holder: &str) -> Result<(), PortError> {
         let mut s = self.lock();
         s.count("StateStore::release_lock");
+        let inj = s.api_fault("StateStore::release_lock", Call::Exclusive);
+        if let Some(e) = inj.before() {
+            return Err(e);
+        }
         if s.lock.as_ref().is_some_and(|(h, _)| h == holder) {
             s.lock = None;
         }
-        Ok(())
+        inj.after(Ok(()))
     }
 }
 

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cnimig_core::model::{Node, NodeName, Pdb, Pod, PodNetwork, Time};
-use cnimig_core::ports::{CniDirState, PortError};
+use cnimig_core::ports::{AgentObservation, CniDirState, PortError};
 use ipnet::Ipv4Net;
 
 use crate::observe::{Op, PdbHealth, SimFaults, SimStats, Violation};
@@ -268,34 +268,87 @@ impl SimCluster {
         self.lock().control_plane_last = on;
     }
 
-    /// Injects faults. Node-NotReady times in the past take effect at the next clock step.
+    /// Injects faults (replacing earlier ones). Node NotReady / Ready and join times in the past
+    /// take effect at the next clock step. Faults name nodes that exist, or that join.
     ///
     /// # Errors
-    /// [`PortError::NotFound`] naming an unknown node (nothing is changed).
+    /// [`PortError::NotFound`] naming an unknown node, [`PortError::Invalid`] for a joining node
+    /// whose name is taken (nothing is changed).
     pub fn set_faults(&self, faults: SimFaults) -> Result<(), PortError> {
         let mut s = self.lock();
-        let mut at = Vec::new();
+        let mut joining = BTreeSet::new();
+        for j in &faults.node_joins {
+            if s.node_idx(&j.name).is_some() || !joining.insert(j.name.clone()) {
+                return Err(PortError::Invalid {
+                    what: format!("node join {}", j.name),
+                    detail: "a node of that name exists or joins twice".into(),
+                });
+            }
+        }
         for n in faults
             .agent_never_ready
             .iter()
+            .chain(faults.verify_fails.iter())
             .chain(faults.node_not_ready_at.iter().map(|(n, _)| n))
+            .chain(faults.node_ready_at.iter().map(|(n, _)| n))
         {
-            if s.node_idx(n).is_none() {
+            if s.node_idx(n).is_none() && !joining.contains(n) {
                 return Err(PortError::NotFound {
                     what: format!("node {n}"),
                 });
             }
         }
-        for (n, t) in &faults.node_not_ready_at {
-            if let Some(i) = s.node_idx(n) {
-                at.push((i, *t));
+        let not_ready: Vec<(NodeName, Time)> = faults.node_not_ready_at.clone();
+        let ready: Vec<(NodeName, Time)> = faults.node_ready_at.clone();
+        let joins: Vec<Time> = faults.node_joins.iter().map(|j| j.at).collect();
+        s.faults = faults;
+        for (i, t) in joins.into_iter().enumerate() {
+            s.schedule_join(i, t);
+        }
+        // Node faults on joining nodes are scheduled once the node exists (see `join_node`).
+        for (n, t) in not_ready {
+            if let Some(i) = s.node_idx(&n) {
+                s.schedule_not_ready(i, t);
             }
         }
-        s.faults = faults;
-        for (i, t) in at {
-            s.schedule_not_ready(i, t);
+        for (n, t) in ready {
+            if let Some(i) = s.node_idx(&n) {
+                s.schedule_ready(i, t);
+            }
         }
         Ok(())
+    }
+
+    /// Checks every migration operation against the node's persisted record from now on: an
+    /// operation the record does not lead to is a [`ViolationKind::WriteAhead`] violation (the
+    /// orchestrator acted without persisting its intent first).
+    ///
+    /// [`ViolationKind::WriteAhead`]: crate::ViolationKind::WriteAhead
+    pub fn check_write_ahead(&self, on: bool) {
+        self.lock().write_ahead = on;
+    }
+
+    /// Cuts the caller off from the cluster after `calls` more port calls: every call after that
+    /// fails with [`PortError::Unavailable`], as for a process that died (its writes stop
+    /// landing). `None` reconnects.
+    pub fn cut_off_after(&self, calls: Option<u64>) {
+        let mut s = self.lock();
+        let total = s.stats.total_api_calls();
+        s.cut_off_after = calls.map(|c| total.saturating_add(c));
+    }
+
+    /// True once a [`SimCluster::cut_off_after`] limit was reached.
+    #[must_use]
+    pub fn is_cut_off(&self) -> bool {
+        let s = self.lock();
+        s.cut_off_after
+            .is_some_and(|limit| s.stats.total_api_calls() > limit)
+    }
+
+    /// Who holds the run lock, and until when.
+    #[must_use]
+    pub fn lock_holder(&self) -> Option<(String, Time)> {
+        self.lock().lock.clone()
     }
 
     /// Sets a node's Ready condition now (a kubelet stopping or coming back).
@@ -326,6 +379,22 @@ impl SimCluster {
             node.annotation = value;
         }
         Ok(())
+    }
+
+    /// The Cilium agent on the node (the `NewCni::agent` port, uncounted and never failing).
+    #[must_use]
+    pub fn node_agent(&self, name: &NodeName) -> Option<AgentObservation> {
+        let s = self.lock();
+        s.node_idx(name).and_then(|n| s.agent_observation(n))
+    }
+
+    /// The node's persisted migration record, raw (the state annotation), if any.
+    #[must_use]
+    pub fn annotation(&self, name: &NodeName) -> Option<String> {
+        let s = self.lock();
+        s.node_idx(name)
+            .and_then(|n| s.nodes.get(n))
+            .and_then(|n| n.annotation.clone())
     }
 
     /// The nodes' CNI state and agent, one line per node, for debugging.

@@ -8,18 +8,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cnimig_core::cilium::CiliumNodeConfig;
-use cnimig_core::machine::NodeRecord;
+use cnimig_core::machine::{NodeRecord, Phase, RollbackStep};
 use cnimig_core::model::{
-    Budget, CalicoFacts, LabelSelector, Node, NodeName, OwnerKind, Pdb, Pod, PodNetwork, PodPhase,
-    PodRef, Resources, Taint, Time,
+    Budget, CalicoFacts, LabelSelector, Node, NodeName, NodeRole, OwnerKind, Pdb, Pod, PodNetwork,
+    PodPhase, PodRef, Resources, Taint, Time,
 };
 use cnimig_core::ports::{AgentObservation, CniDirState, EvictOutcome};
 use ipnet::Ipv4Net;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::observe::{Op, OpKind, SimFaults, SimStats, Violation, ViolationKind};
-use crate::scenario::{Placements, Scenario, ScenarioError, SimParams, Span, WorkloadKind};
+use crate::observe::{FaultKind, Op, OpKind, SimFaults, SimStats, Violation, ViolationKind};
+use crate::scenario::{
+    ExpandedNode, Placements, Scenario, ScenarioError, SimParams, Span, WorkloadKind,
+};
 
 pub(crate) type PodId = u64;
 
@@ -261,6 +263,8 @@ enum Ev {
     PodGone(PodId),
     CniRestored(usize),
     NodeNotReady(usize),
+    NodeReady(usize),
+    NodeJoin(usize),
 }
 
 pub(crate) struct CiliumState {
@@ -299,10 +303,21 @@ pub(crate) struct State {
     pub(crate) node_configs: BTreeMap<String, CiliumNodeConfig>,
     pub(crate) lock: Option<(String, Time)>,
     pub(crate) faults: SimFaults,
+    /// Decides which port calls fail; separate from `rng` so faults do not shift the timings.
+    pub(crate) fault_rng: ChaCha8Rng,
+    /// Node and pod faults already counted, by kind and target.
+    pub(crate) fault_counted: BTreeSet<(FaultKind, String)>,
+    /// Check every migration operation against the node's persisted record.
+    pub(crate) write_ahead: bool,
+    /// Fail every port call after this many (a run cut off from the cluster, as if killed).
+    pub(crate) cut_off_after: Option<u64>,
     pub(crate) scope: Option<BTreeSet<usize>>,
     pub(crate) control_plane_last: bool,
     pub(crate) cordoned_by_us: BTreeSet<usize>,
     cp_started: Option<usize>,
+    /// Workers that were NotReady when the first control-plane node started: they could not
+    /// have gone first, so acting on them later is no order violation.
+    not_ready_at_cp_start: BTreeSet<usize>,
     late_reported: BTreeSet<usize>,
     pub(crate) violations: Vec<Violation>,
     pub(crate) op_log: Vec<Op>,
@@ -422,10 +437,15 @@ impl State {
             node_configs: BTreeMap::new(),
             lock: None,
             faults: SimFaults::default(),
+            fault_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x6661_756c_7473_2121),
+            fault_counted: BTreeSet::new(),
+            write_ahead: false,
+            cut_off_after: None,
             scope: None,
             control_plane_last: true,
             cordoned_by_us: BTreeSet::new(),
             cp_started: None,
+            not_ready_at_cp_start: BTreeSet::new(),
             late_reported: BTreeSet::new(),
             violations: Vec::new(),
             op_log: Vec::new(),
@@ -443,50 +463,7 @@ impl State {
                 .get(&n.zone.clone().unwrap_or_default())
                 .copied()
                 .unwrap_or(0);
-            let mut taints = Vec::new();
-            if n.cordoned {
-                taints.push(Taint {
-                    key: UNSCHEDULABLE_TAINT.into(),
-                    value: String::new(),
-                    effect: "NoSchedule".into(),
-                });
-            }
-            if !n.ready {
-                taints.push(Taint {
-                    key: NOT_READY_TAINT.into(),
-                    value: String::new(),
-                    effect: "NoSchedule".into(),
-                });
-            }
-            st.node_index.insert(n.name.clone(), i);
-            st.nodes.push(SimNode {
-                node: Node {
-                    name: n.name.clone(),
-                    roles: n.roles.clone(),
-                    zone: n.zone.clone(),
-                    labels: n.labels.clone(),
-                    taints,
-                    unschedulable: n.cordoned,
-                    ready: n.ready,
-                    internal_ips: vec![n.internal_ip],
-                    allocatable: n.allocatable,
-                    requested: Resources::default(),
-                },
-                zone,
-                cni: CniDirState::CALICO,
-                chaining: None,
-                pods: BTreeSet::new(),
-                calico_block: i as u64,
-                calico_used: 0,
-                cilium_cidr: None,
-                cilium_used: 0,
-                key: (0, 0, i),
-                in_sched: false,
-                in_ready: false,
-                restore_pending: false,
-                annotation: None,
-            });
-            st.reindex(i);
+            st.push_node(n, zone, i as u64);
         }
         // Budgets first, so pods know their budgets when created.
         let specs = st.scenario.workloads.clone();
@@ -577,6 +554,182 @@ impl State {
             st.populate(idx, true);
         }
         Ok(st)
+    }
+
+    /// Appends a node (no pods yet) and indexes it for the scheduler.
+    fn push_node(&mut self, n: &ExpandedNode, zone: usize, calico_block: u64) -> usize {
+        let i = self.nodes.len();
+        let mut taints = Vec::new();
+        if n.cordoned {
+            taints.push(Taint {
+                key: UNSCHEDULABLE_TAINT.into(),
+                value: String::new(),
+                effect: "NoSchedule".into(),
+            });
+        }
+        if !n.ready {
+            taints.push(Taint {
+                key: NOT_READY_TAINT.into(),
+                value: String::new(),
+                effect: "NoSchedule".into(),
+            });
+        }
+        self.node_index.insert(n.name.clone(), i);
+        self.nodes.push(SimNode {
+            node: Node {
+                name: n.name.clone(),
+                roles: n.roles.clone(),
+                zone: n.zone.clone(),
+                labels: n.labels.clone(),
+                taints,
+                unschedulable: n.cordoned,
+                ready: n.ready,
+                internal_ips: vec![n.internal_ip],
+                allocatable: n.allocatable,
+                requested: Resources::default(),
+            },
+            zone,
+            cni: CniDirState::CALICO,
+            chaining: None,
+            pods: BTreeSet::new(),
+            calico_block,
+            calico_used: 0,
+            cilium_cidr: None,
+            cilium_used: 0,
+            key: (0, 0, i),
+            in_sched: false,
+            in_ready: false,
+            restore_pending: false,
+            annotation: None,
+        });
+        self.reach.calico_per_node.resize(self.nodes.len(), 0);
+        self.reach.cilium_per_node.resize(self.nodes.len(), 0);
+        self.reach
+            .hostport_broken_per_node
+            .resize(self.nodes.len(), 0);
+        self.reindex(i);
+        i
+    }
+
+    /// A node joins (`faults.node_joins[j]`): Ready and schedulable, sized like the first node,
+    /// with a Cilium podCIDR if the pool has one left, and the pods of every DaemonSet (and
+    /// static pod) whose placement selects it, the Cilium agent's included.
+    pub(crate) fn join_node(&mut self, j: usize) {
+        let Some(join) = self.faults.node_joins.get(j).cloned() else {
+            return;
+        };
+        if self.node_index.contains_key(&join.name) {
+            return;
+        }
+        let roles = if join.control_plane {
+            vec![NodeRole::ControlPlane, NodeRole::Etcd]
+        } else {
+            vec![NodeRole::Worker]
+        };
+        let mut labels = BTreeMap::new();
+        labels.insert("kubernetes.io/hostname".to_string(), join.name.to_string());
+        labels.insert("kubernetes.io/os".to_string(), "linux".to_string());
+        if let Some(z) = &join.zone {
+            labels.insert("topology.kubernetes.io/zone".to_string(), z.clone());
+        }
+        for r in &roles {
+            let key = match r {
+                NodeRole::ControlPlane => "node-role.kubernetes.io/control-plane",
+                NodeRole::Etcd => "node-role.kubernetes.io/etcd",
+                NodeRole::Worker => "node-role.kubernetes.io/worker",
+            };
+            labels.insert(key.to_string(), "true".to_string());
+        }
+        let idx = self.nodes.len();
+        let base = u32::from(self.scenario.node_cidr.network());
+        let expanded = ExpandedNode {
+            name: join.name.clone(),
+            roles,
+            zone: join.zone.clone(),
+            allocatable: self
+                .nodes
+                .first()
+                .map(|n| n.node.allocatable)
+                .unwrap_or_default(),
+            cordoned: false,
+            ready: true,
+            labels,
+            internal_ip: Ipv4Addr::from(base.wrapping_add(10).wrapping_add(idx as u32)),
+        };
+        let zone = match self
+            .nodes
+            .iter()
+            .find(|n| n.node.zone == join.zone)
+            .map(|n| n.zone)
+        {
+            Some(z) => z,
+            None => {
+                self.zone_count += 1;
+                self.sched_idx.push(BTreeSet::new());
+                self.ready_idx.push(BTreeSet::new());
+                self.zone_count - 1
+            }
+        };
+        let block = self.next_calico_block;
+        self.next_calico_block += 1;
+        let n = self.push_node(&expanded, zone, block);
+        if let Some(c) = &self.cilium {
+            let (pool, mask) = (c.pool, c.mask);
+            let per = 1u64 << (32 - u32::from(mask));
+            let count = 1u64 << (u32::from(mask) - u32::from(pool.prefix_len()));
+            let i = n as u64;
+            let cidr = (i < count)
+                .then(|| Ipv4Net::new(addr(pool.network(), i * per), mask).ok())
+                .flatten();
+            if let Some(node) = self.nodes.get_mut(n) {
+                node.cilium_cidr = cidr;
+            }
+        }
+        self.count_fault(FaultKind::NodeJoined, join.name.to_string());
+        let later: Vec<(Time, bool)> = self
+            .faults
+            .node_not_ready_at
+            .iter()
+            .filter(|(x, _)| *x == join.name)
+            .map(|(_, t)| (*t, false))
+            .chain(
+                self.faults
+                    .node_ready_at
+                    .iter()
+                    .filter(|(x, _)| *x == join.name)
+                    .map(|(_, t)| (*t, true)),
+            )
+            .collect();
+        for (t, ready) in later {
+            if ready {
+                self.schedule_ready(n, t);
+            } else {
+                self.schedule_not_ready(n, t);
+            }
+        }
+        let specs = self.scenario.workloads.clone();
+        let mut per_node: Vec<usize> = Vec::new();
+        for w in 0..self.workloads.len() {
+            let allows = match specs.get(w) {
+                Some(spec) => crate::scenario::placement_allows(spec, &expanded),
+                None => true, // the Cilium agent
+            };
+            let Some(wl) = self.workloads.get_mut(w) else {
+                continue;
+            };
+            if let Some(mask) = wl.allowed.as_mut() {
+                Arc::make_mut(mask).push(allows);
+            }
+            if matches!(wl.kind, WorkloadKind::DaemonSet | WorkloadKind::StaticPod) && allows {
+                wl.per_node.push(n);
+                per_node.push(w);
+            }
+        }
+        for w in per_node {
+            self.create_pod(w, Slot::Node(n), false);
+        }
+        self.retry_pending();
+        self.check_reach();
     }
 
     fn add_pdb(&mut self, pdb: Pdb) {
@@ -690,7 +843,14 @@ impl State {
                     node.restore_pending = false;
                 }
             }
-            Ev::NodeNotReady(n) => self.set_node_ready(n, false),
+            Ev::NodeNotReady(n) => {
+                if let Some(name) = self.nodes.get(n).map(|x| x.node.name.to_string()) {
+                    self.count_fault(FaultKind::NodeNotReady, format!("{name}@{}", self.now.0));
+                }
+                self.set_node_ready(n, false);
+            }
+            Ev::NodeReady(n) => self.set_node_ready(n, true),
+            Ev::NodeJoin(i) => self.join_node(i),
         }
     }
 
@@ -1026,10 +1186,12 @@ impl State {
         }
         // An agent without a podCIDR from the cluster pool (the pool is too small for the
         // nodes) never becomes Ready, nor one the faults say never will.
-        if p.agent
-            && (node.cilium_cidr.is_none()
-                || self.faults.agent_never_ready.contains(&node.node.name))
-        {
+        if p.agent && node.cilium_cidr.is_none() {
+            return;
+        }
+        if p.agent && self.faults.agent_never_ready.contains(&node.node.name) {
+            let name = node.node.name.to_string();
+            self.count_fault(FaultKind::AgentNeverReady, name);
             return;
         }
         let agent = p.agent;
@@ -1081,7 +1243,14 @@ impl State {
             wl.deactivate(id, slot);
         }
         if bound {
-            let d = self.draw(self.params.pod_termination);
+            let mut d = self.draw(self.params.pod_termination);
+            if let Some(key) = self
+                .fault_match(&self.faults.slow_termination_pods, id)
+                .and_then(|_| self.pods.get(&id).map(SimPod::key))
+            {
+                self.count_fault(FaultKind::SlowTermination, key);
+                d = d.max(self.faults.slow_termination);
+            }
             self.schedule(d, Ev::PodGone(id));
         }
         if self
@@ -1357,6 +1526,17 @@ impl State {
         self.schedule(after, Ev::NodeNotReady(n));
     }
 
+    pub(crate) fn schedule_ready(&mut self, n: usize, at: Time) {
+        let after = at.since(self.now);
+        self.schedule(after, Ev::NodeReady(n));
+    }
+
+    /// Schedules `faults.node_joins[i]`.
+    pub(crate) fn schedule_join(&mut self, i: usize, at: Time) {
+        let after = at.since(self.now);
+        self.schedule(after, Ev::NodeJoin(i));
+    }
+
     // ---------------------------------------------------------------- eviction
 
     pub(crate) fn lookup(&self, r: &PodRef) -> Option<PodId> {
@@ -1365,12 +1545,12 @@ impl State {
         (p.namespace == r.namespace && p.name == r.name).then_some(id)
     }
 
-    fn fault_block(&self, id: PodId) -> Option<String> {
-        if self.faults.blocked_evictions.is_empty() {
+    /// The key in `b` (a pod, its workload or a budget covering it) that matches pod `id`.
+    pub(crate) fn fault_match(&self, b: &BTreeSet<String>, id: PodId) -> Option<String> {
+        if b.is_empty() {
             return None;
         }
         let p = self.pods.get(&id)?;
-        let b = &self.faults.blocked_evictions;
         if b.contains(&p.key()) {
             return Some(p.key());
         }
@@ -1399,9 +1579,11 @@ impl State {
         };
         let node = p.node;
         let key = p.key();
+        let network = p.network;
         let outcome = if p.terminating {
             EvictOutcome::Evicted
-        } else if let Some(k) = self.fault_block(id) {
+        } else if let Some(k) = self.fault_match(&self.faults.blocked_evictions, id) {
+            self.count_fault(FaultKind::EvictionBlocked, key.clone());
             EvictOutcome::BlockedByBudget { pdb: k }
         } else if p.phase == PodPhase::Running && p.ready {
             match p.pdbs.as_slice() {
@@ -1434,7 +1616,14 @@ impl State {
         }
         if let Some(n) = node {
             let accepted = outcome == EvictOutcome::Evicted;
-            self.log(n, OpKind::Evict { pod: key, accepted });
+            self.log(
+                n,
+                OpKind::Evict {
+                    pod: key,
+                    accepted,
+                    network,
+                },
+            );
         }
         outcome
     }
@@ -1470,10 +1659,22 @@ impl State {
             return;
         };
         let name = node.node.name.clone();
+        if self.write_ahead
+            && let Err(why) = crate::faults::write_ahead(node.annotation.as_deref(), &kind)
+        {
+            self.violate(
+                ViolationKind::WriteAhead,
+                format!("{kind:?} on node {name} without a persisted record leading to it: {why}"),
+            );
+        }
+        let Some(node) = self.nodes.get(n) else {
+            return;
+        };
         if self.control_plane_last
             && self.in_scope(n)
             && !node.node.is_control_plane()
             && let Some(cp) = self.cp_started
+            && !self.not_ready_at_cp_start.contains(&n)
             && self.late_reported.insert(n)
         {
             let cp_name = self
@@ -1528,6 +1729,15 @@ impl State {
             .filter(|(_, p)| p.is_drainable())
     }
 
+    fn record(&self, n: usize) -> Option<NodeRecord> {
+        let a = self.nodes.get(n)?.annotation.as_ref()?;
+        NodeRecord::from_annotation(a).ok()
+    }
+
+    fn record_phase(&self, n: usize) -> Option<Phase> {
+        self.record(n).map(|r| r.phase)
+    }
+
     fn record_terminal(&self, n: usize) -> Option<bool> {
         let a = self.nodes.get(n)?.annotation.as_ref()?;
         NodeRecord::from_annotation(a)
@@ -1567,9 +1777,16 @@ impl State {
             }
             if self.cp_started.is_none() {
                 self.cp_started = Some(n);
+                self.not_ready_at_cp_start = (0..self.nodes.len())
+                    .filter(|&w| self.nodes.get(w).is_some_and(|x| !x.node.ready))
+                    .collect();
             }
         }
-        // Budget oversubscription.
+        // Budget oversubscription, judged when a node starts: a rollback cordoning its node again
+        // is not a start.
+        if self.record_phase(n).is_some_and(|p| p != Phase::Pending) {
+            return;
+        }
         let mut demand: BTreeMap<usize, u32> = BTreeMap::new();
         for (_, p) in self.drainable_on(n).filter(|(_, p)| !p.terminating) {
             for &i in &p.pdbs {
@@ -1581,10 +1798,27 @@ impl State {
         }
         let mut pending: BTreeMap<usize, u32> = BTreeMap::new();
         for &m in &self.cordoned_by_us {
-            if m == n || self.labelled(m) {
+            // What is still to drain on `m`, by its record: a forward drain evicts every drainable
+            // pod, a rollback's drain only those on Cilium, anything else nothing.
+            let (draining, cilium_only) = match self.record(m) {
+                None => (!self.labelled(m), false),
+                Some(r) => match (r.phase, r.rollback.as_ref().map(|rb| rb.step)) {
+                    (Phase::Pending | Phase::Cordoned, _) => (true, false),
+                    (
+                        Phase::RollingBack,
+                        Some(RollbackStep::Cordon | RollbackStep::DrainCilium),
+                    ) => (true, true),
+                    _ => (false, false),
+                },
+            };
+            if m == n || !draining {
                 continue;
             }
-            for (_, p) in self.drainable_on(m).filter(|(_, p)| !p.terminating) {
+            for (_, p) in self
+                .drainable_on(m)
+                .filter(|(_, p)| !p.terminating)
+                .filter(|(_, p)| !cilium_only || p.network == PodNetwork::Cilium)
+            {
                 for &i in &p.pdbs {
                     if demand.contains_key(&i) {
                         *pending.entry(i).or_default() += 1;

@@ -262,6 +262,7 @@ async fn faults_agent_never_ready_and_node_not_ready() {
         agent_never_ready: [n1.clone()].into(),
         node_not_ready_at: vec![(n2.clone(), secs(100))],
         blocked_evictions: ["default/web".to_string()].into(),
+        ..Default::default()
     })
     .unwrap();
     sim.install_cilium(live(false)).unwrap();

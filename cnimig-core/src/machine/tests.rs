@@ -378,7 +378,53 @@ fn a_stuck_rollback_ends_failed_for_a_person() {
     view2.node.unschedulable = true;
     let d = run(&d.record, &view2, None, CniDirState::CILIUM, 2000);
     assert_eq!(d.action, Action::RestoreCni);
+    // Still trying after the drain timeout: a rollback step gets a drain plus a step.
     let d = run(&d.record, &view2, None, CniDirState::CILIUM, 2000 + 601_000);
+    assert_eq!(d.action, Action::RestoreCni);
+    let d = run(&d.record, &view2, None, CniDirState::CILIUM, 2000 + 901_000);
     assert_eq!(d.record.phase, Phase::Failed);
     assert!(d.record.rollback.unwrap().cause.contains("RestoreCni"));
+}
+
+#[test]
+fn a_rollback_on_a_node_without_an_agent_pod_does_not_wait_for_one() {
+    let view = NodeView {
+        node: node(true, false),
+        pods: vec![],
+    };
+    let mut rec = NodeRecord::new(Time(0));
+    rec.phase = Phase::Labelled;
+    rec.pre_cordoned = Some(false);
+    // No agent pod was ever scheduled on the node: the restart times out into rollback.
+    let d = run(&rec, &view, None, CniDirState::CALICO, 301_000);
+    assert_eq!(d.record.phase, Phase::RollingBack);
+    // Label already removed, CNI config Calico's, no agent: only the uncordon is left.
+    assert_eq!(d.action, Action::Uncordon);
+    assert_eq!(
+        d.record.rollback.as_ref().map(|r| r.step),
+        Some(RollbackStep::Uncordon)
+    );
+}
+
+#[test]
+fn a_cni_config_written_after_the_restore_step_is_restored_again() {
+    let view = NodeView {
+        node: node(true, false),
+        pods: vec![],
+    };
+    let mut rec = NodeRecord::new(Time(0));
+    rec.phase = Phase::AgentRestarted;
+    rec.pre_cordoned = Some(true);
+    // The agent with the node config is not Ready when the rollback starts: nothing to restore.
+    let a = agent("a1", false, Some("cilium-default"));
+    let d = run(&rec, &view, Some(&a), CniDirState::CALICO, 301_000);
+    assert_eq!(d.record.phase, Phase::RollingBack);
+    assert_eq!(d.action, Action::RestartAgent("a1".into()));
+    // It turns Ready (writing 05-cilium.conflist) just before it is replaced.
+    let fresh = agent("a2", false, None);
+    let d = run(&d.record, &view, Some(&fresh), CniDirState::CILIUM, 303_000);
+    assert_eq!(d.action, Action::RestoreCni);
+    assert_ne!(d.record.phase, Phase::RolledBack);
+    let d = run(&d.record, &view, Some(&fresh), CniDirState::CALICO, 310_000);
+    assert_eq!(d.record.phase, Phase::RolledBack);
 }

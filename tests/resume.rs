@@ -1,0 +1,460 @@
+//! Crash and resume (DESIGN.md invariants 6 and 7): a run killed at random points and started
+//! again ends in the same state as a run never killed, without repeating a disruptive step; two
+//! runs started together never both act; a lock whose holder died is taken over, and a holder
+//! that lost its lock stops acting.
+//!
+//! - `CNIMIG_RESUME_CASES=N` sets how many random clusters the kill property runs (default 1,000).
+//! - `CNIMIG_SEED=S` replays one; a failing case prints its seed.
+
+#![allow(clippy::expect_used, clippy::panic)] // helpers outside #[test] functions
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use cnimig::core::cilium::{CiliumPhase, rendered_config};
+use cnimig::core::config::{FailurePolicy, MigrationConfig};
+use cnimig::core::events::Discard;
+use cnimig::core::machine::{NodeRecord, Phase};
+use cnimig::core::model::{NodeName, Time};
+use cnimig::core::orchestrator::{Orchestrator, Ports, RunError, RunOptions, RunReport};
+use cnimig::core::ports::{Clock, LockOutcome, PortError, StateStore};
+use cnimig::sim::{OpKind, Scenario, SimCluster, SimFaults, SimParams};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use support::{Case, FaultMix, Kill, Tally};
+
+/// The case for a seed: a random cluster, faults whose outcome does not depend on timing (agents
+/// that never become Ready, evictions blocked forever, verification failing), and one to four
+/// kills at random points. Rollback-and-stop runs one node at a time, so which nodes started
+/// before the stop does not depend on timing either.
+fn case(seed: u64) -> Case {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7e57_a127);
+    let scenario = support::draw_scenario(&mut rng);
+    let mut cfg = support::draw_config(&mut rng);
+    if cfg.on_node_failure == FailurePolicy::RollbackAndStop {
+        cfg.max_in_flight = 1;
+    }
+    let faults = if rng.random_bool(0.5) {
+        support::draw_faults(
+            &mut rng,
+            &scenario,
+            FaultMix {
+                api: false,
+                timing: false,
+                joins: false,
+            },
+        )
+    } else {
+        SimFaults::default()
+    };
+    let kills = (0..rng.random_range(1..=4))
+        .map(|_| {
+            if rng.random_bool(0.5) {
+                Kill::Ticks(rng.random_range(1..150))
+            } else {
+                Kill::Calls(rng.random_range(1..1_500))
+            }
+        })
+        .collect();
+    Case {
+        seed,
+        scenario,
+        cfg,
+        faults,
+        kills,
+        new_holder: rng.random_bool(0.5),
+    }
+}
+
+/// Per node: its phase, cordon, migration label, CNI dir and whether its agent runs with the node
+/// config; then its structural operations (cordon, label, agent restart, uncordon, restore,
+/// unlabel) with repeats of the same operation in a row collapsed.
+type EndState = BTreeMap<NodeName, (String, Vec<&'static str>)>;
+
+fn end_state(sim: &SimCluster, report: &RunReport, label: &str) -> EndState {
+    let mut ops: BTreeMap<NodeName, Vec<&'static str>> = BTreeMap::new();
+    for op in sim.op_log() {
+        let k = match op.kind {
+            OpKind::Cordon => "cordon",
+            OpKind::Label { .. } => "label",
+            OpKind::RestartAgent { .. } => "restart-agent",
+            OpKind::Uncordon => "uncordon",
+            OpKind::RestoreCni => "restore-cni",
+            OpKind::Unlabel { .. } => "unlabel",
+            OpKind::Evict { .. } | OpKind::Delete { .. } => continue,
+        };
+        let v = ops.entry(op.node).or_default();
+        if v.last() != Some(&k) {
+            v.push(k);
+        }
+    }
+    let phases: BTreeMap<&NodeName, Phase> =
+        report.nodes.iter().map(|n| (&n.node, n.phase)).collect();
+    sim.node_list()
+        .into_iter()
+        .map(|n| {
+            let node = sim.node(&n);
+            let state = format!(
+                "phase={:?} cordoned={:?} labelled={:?} cni={:?} agent-config={:?}",
+                phases.get(&n),
+                node.as_ref().map(|x| x.unschedulable),
+                node.as_ref().map(|x| x.labels.contains_key(label)),
+                sim.node_cni(&n),
+                sim.node_agent(&n).map(|a| a.node_config.is_some()),
+            );
+            let o = ops.remove(&n).unwrap_or_default();
+            (n, (state, o))
+        })
+        .collect()
+}
+
+async fn run_case(seed: u64) -> Tally {
+    let killed = case(seed);
+    let mut t = Tally::default();
+    let mut problems = Vec::new();
+    // The same case never killed.
+    let calm = Case {
+        kills: Vec::new(),
+        ..killed.clone()
+    };
+    let (sim_a, sim_b) = match (support::build(&calm), support::build(&killed)) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            t.runs += 1;
+            t.violations += 1;
+            t.failing.push((seed, vec![e]));
+            return t;
+        }
+    };
+    let a = support::drive(&sim_a, &calm).await;
+    let b = support::drive(&sim_b, &killed).await;
+    problems.extend(
+        support::check(&sim_a, &calm, &a)
+            .into_iter()
+            .map(|p| format!("never killed: {p}")),
+    );
+    problems.extend(
+        support::check(&sim_b, &killed, &b)
+            .into_iter()
+            .map(|p| format!("killed: {p}")),
+    );
+    if let (Some(ra), Some(rb)) = (&a.report, &b.report) {
+        let label = &killed.cfg.migration_label;
+        let (ea, eb) = (end_state(&sim_a, ra, label), end_state(&sim_b, rb, label));
+        for (node, (sa, oa)) in &ea {
+            match eb.get(node) {
+                None => problems.push(format!("{node} missing after the killed run")),
+                Some((sb, ob)) => {
+                    if sa != sb {
+                        problems.push(format!("{node}: never killed {sa}, killed {sb}"));
+                    }
+                    if oa != ob {
+                        problems.push(format!(
+                            "{node}: operations never killed {oa:?}, killed {ob:?} (a step repeated or skipped)"
+                        ));
+                    }
+                }
+            }
+        }
+        if ra.stopped.is_some() != rb.stopped.is_some() {
+            problems.push(format!(
+                "stop differs: {:?} vs {:?}",
+                ra.stopped, rb.stopped
+            ));
+        }
+    }
+    if std::env::var("CNIMIG_DEBUG").is_ok() {
+        support::dump(&sim_b, &killed, &b);
+    }
+    t.add(seed, &sim_b, &b, problems);
+    t.reference_evictions += sim_a.stats().evictions_accepted;
+    t
+}
+
+#[test]
+fn a_run_killed_at_random_points_ends_as_one_never_killed() {
+    let seeds = support::seeds("CNIMIG_RESUME_CASES", 1_000);
+    let t = support::run_all(&seeds, run_case);
+    println!(
+        "resume: {} random clusters, {} kills ({} restarts locked out until the dead run's lock expired), {} nodes Done, {} RolledBack; {} differing",
+        t.runs,
+        t.kills,
+        t.locked_out,
+        t.done,
+        t.rolled_back,
+        t.failing.len()
+    );
+    println!(
+        "  evictions accepted: {} in the killed runs, {} in the same runs never killed",
+        t.evictions, t.reference_evictions
+    );
+    assert!(t.kills as usize >= seeds.len());
+    if let Some((seed, problems)) = t.failing.first() {
+        panic!(
+            "{} of {} cases differ from the run never killed; first: seed {seed} (replay: CNIMIG_SEED={seed} cargo test --release --test resume):\n  {}",
+            t.failing.len(),
+            t.runs,
+            problems
+                .iter()
+                .take(12)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n  ")
+        );
+    }
+}
+
+// ---------------------------------------------------------------- one run at a time
+
+fn small_cluster(seed: u64) -> (SimCluster, MigrationConfig) {
+    let sim = SimCluster::new(Scenario::reference(8), SimParams::default(), seed).expect("sim");
+    let mut cfg = MigrationConfig::new("10.245.0.0/16".parse().expect("cidr"));
+    cfg.max_in_flight = 2;
+    cfg.on_node_failure = FailurePolicy::RollbackAndContinue;
+    sim.check_write_ahead(true);
+    (sim, cfg)
+}
+
+fn orch(sim: &SimCluster, cfg: &MigrationConfig, holder: &str) -> Orchestrator {
+    let opts = RunOptions {
+        holder: holder.into(),
+        ..RunOptions::default()
+    };
+    Orchestrator::new(Ports::from_one(sim.clone()), cfg.clone(), opts)
+}
+
+async fn install(
+    sim: &SimCluster,
+    o: &Orchestrator,
+    cfg: &MigrationConfig,
+) -> cnimig::core::plan::Plan {
+    let (_, plan) = o.plan().await.expect("plan");
+    assert!(plan.preflight.ok());
+    sim.install_cilium(rendered_config(cfg, plan.inputs, CiliumPhase::Migration))
+        .expect("install");
+    plan
+}
+
+fn all_done(r: &RunReport) -> bool {
+    r.nodes.iter().all(|n| n.phase == Phase::Done)
+}
+
+#[tokio::test]
+async fn two_runs_started_together_exactly_one_acts() {
+    for seed in 0..20u64 {
+        let (sim, cfg) = small_cluster(seed);
+        let (a, b) = (orch(&sim, &cfg, "run-a"), orch(&sim, &cfg, "run-b"));
+        let plan = install(&sim, &a, &cfg).await;
+        // Both start at the same instant; which one polls first varies with the seed.
+        let (ra, rb) = if seed % 2 == 0 {
+            tokio::join!(a.run(&plan, &Discard), b.run(&plan, &Discard))
+        } else {
+            let (rb, ra) = tokio::join!(b.run(&plan, &Discard), a.run(&plan, &Discard));
+            (ra, rb)
+        };
+        let (winner, loser, other) = match (&ra, &rb) {
+            (Ok(w), Err(e)) => (w, e, "run-a"),
+            (Err(e), Ok(w)) => (w, e, "run-b"),
+            _ => panic!("seed {seed}: expected exactly one run to act: {ra:?} / {rb:?}"),
+        };
+        match loser {
+            RunError::Locked { holder, .. } => assert_eq!(holder, other, "names the holder"),
+            e => panic!("seed {seed}: the other run failed with {e}, not Locked"),
+        }
+        assert!(loser.to_string().contains(other), "{loser}");
+        assert!(all_done(winner), "seed {seed}: {winner:?}");
+        assert!(
+            sim.violations().is_empty(),
+            "seed {seed}: {:?}",
+            sim.violations()
+        );
+        assert_eq!(sim.lock_holder(), None, "the winner released the lock");
+    }
+}
+
+#[tokio::test]
+async fn a_dead_runs_lock_is_taken_over_after_it_expires() {
+    let (sim, cfg) = small_cluster(3);
+    let dead = Orchestrator::new(
+        Ports::from_one(sim.clone()),
+        cfg.clone(),
+        RunOptions {
+            holder: "dead".into(),
+            max_ticks: Some(40),
+            ..RunOptions::default()
+        },
+    );
+    let plan = install(&sim, &dead, &cfg).await;
+    let r = dead.run(&plan, &Discard).await.expect("first run");
+    assert!(r.interrupted);
+    let (holder, until) = sim.lock_holder().expect("a dead run keeps its lock");
+    assert_eq!(holder, "dead");
+    let next = orch(&sim, &cfg, "next");
+    match next.run(&plan, &Discard).await {
+        Err(RunError::Locked { holder, until: u }) => {
+            assert_eq!((holder.as_str(), u), ("dead", until));
+        }
+        other => panic!("expected Locked, got {other:?}"),
+    }
+    assert!(sim.now() < until);
+    sim.advance_to(until.after(Duration::from_millis(1)));
+    let r = next.run(&plan, &Discard).await.expect("takeover");
+    assert!(!r.interrupted && all_done(&r), "{r:?}");
+    assert!(sim.violations().is_empty(), "{:?}", sim.violations());
+    for n in &r.nodes {
+        let restarts = sim
+            .op_log()
+            .iter()
+            .filter(|o| o.node == n.node && matches!(o.kind, OpKind::RestartAgent { .. }))
+            .count();
+        assert_eq!(restarts, 1, "{}", n.node);
+    }
+}
+
+/// Sleeps on the simulated clock in one-second steps, so that concurrent runs interleave.
+async fn pause_until(sim: &SimCluster, t: Time) {
+    while sim.now() < t {
+        let next = sim.now().after(Duration::from_secs(1)).min(t);
+        sim.sleep_until(next).await;
+    }
+}
+
+/// The state store of one run whose lock renewals fail while `failing` is set (its API server
+/// connection is broken for lock calls); everything else passes through.
+#[derive(Clone)]
+struct FlakyLock {
+    sim: SimCluster,
+    failing: Arc<AtomicBool>,
+}
+
+/// A boxed port future (what `#[async_trait]` generates; the facade's tests do not depend on the
+/// macro crate).
+type PortFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, PortError>> + Send + 'a>>;
+
+impl StateStore for FlakyLock {
+    fn load<'s, 'f>(&'s self) -> PortFuture<'f, BTreeMap<NodeName, NodeRecord>>
+    where
+        's: 'f,
+        Self: 'f,
+    {
+        Box::pin(self.sim.load())
+    }
+
+    fn save<'s, 'n, 'p, 'x, 'f>(
+        &'s self,
+        node: &'n NodeName,
+        prev: Option<&'p NodeRecord>,
+        next: &'x NodeRecord,
+    ) -> PortFuture<'f, ()>
+    where
+        's: 'f,
+        'n: 'f,
+        'p: 'f,
+        'x: 'f,
+        Self: 'f,
+    {
+        Box::pin(self.sim.save(node, prev, next))
+    }
+
+    fn acquire_lock<'s, 'h, 'f>(
+        &'s self,
+        holder: &'h str,
+        now: Time,
+        ttl: Duration,
+    ) -> PortFuture<'f, LockOutcome>
+    where
+        's: 'f,
+        'h: 'f,
+        Self: 'f,
+    {
+        if self.failing.load(Ordering::SeqCst) {
+            return Box::pin(std::future::ready(Err(PortError::Unavailable {
+                what: "renew the lease".into(),
+                detail: "connection reset".into(),
+            })));
+        }
+        Box::pin(self.sim.acquire_lock(holder, now, ttl))
+    }
+
+    fn release_lock<'s, 'h, 'f>(&'s self, holder: &'h str) -> PortFuture<'f, ()>
+    where
+        's: 'f,
+        'h: 'f,
+        Self: 'f,
+    {
+        Box::pin(self.sim.release_lock(holder))
+    }
+}
+
+#[tokio::test]
+async fn a_run_that_cannot_renew_its_lock_stops_acting_and_yields_to_the_next() {
+    let (sim, cfg) = small_cluster(5);
+    let failing = Arc::new(AtomicBool::new(false));
+    let mut ports = Ports::from_one(sim.clone());
+    ports.store = Arc::new(FlakyLock {
+        sim: sim.clone(),
+        failing: failing.clone(),
+    });
+    let stale = Orchestrator::new(
+        ports,
+        cfg.clone(),
+        RunOptions {
+            holder: "stale".into(),
+            ..RunOptions::default()
+        },
+    );
+    let plan = install(&sim, &stale, &cfg).await;
+    let next = orch(&sim, &cfg, "next");
+    let ttl = RunOptions::default().lock_ttl;
+    let stale_run = stale.run(&plan, &Discard);
+    let takeover = async {
+        // Let the first run get going, then cut its lock renewals. Time moves in small steps so
+        // the two runs interleave (a simulated sleep jumps the clock).
+        pause_until(&sim, Time(90_000)).await;
+        failing.store(true, Ordering::SeqCst);
+        let mut expiry = None;
+        let report = loop {
+            match next.run(&plan, &Discard).await {
+                Err(RunError::Locked { holder, until }) => {
+                    assert_eq!(holder, "stale");
+                    expiry = Some(until);
+                    pause_until(&sim, until.after(Duration::from_millis(1))).await;
+                }
+                other => break other,
+            }
+        };
+        // The first run's connection comes back after the takeover.
+        failing.store(false, Ordering::SeqCst);
+        (expiry, report)
+    };
+    let (stale_result, (expiry, next_result)) = tokio::join!(stale_run, takeover);
+    // It stops: on seeing the new holder, or (the new run has finished and released the lock)
+    // on finding that its own lock expired meanwhile.
+    match stale_result {
+        Err(RunError::Locked { holder, .. }) => assert_eq!(holder, "next"),
+        Err(RunError::LockLost { holder, .. }) => assert_eq!(holder, "stale"),
+        other => panic!("the stale run should stop, got {other:?}"),
+    }
+    let r = next_result.expect("the next run completes");
+    assert!(all_done(&r), "{r:?}");
+    assert!(sim.violations().is_empty(), "{:?}", sim.violations());
+    // The stale lock expired at `expiry`; the stale run stopped acting a third of the lock's
+    // time-to-live before (its last renewal plus two thirds), so nobody acted in between.
+    let expiry = expiry.expect("the next run found the stale run's lock");
+    let quiet_from = Time(expiry.0 - u64::try_from((ttl / 3).as_millis()).expect("ms"));
+    let acted: Vec<_> = sim
+        .op_log()
+        .into_iter()
+        .filter(|o| o.time >= quiet_from && o.time < expiry)
+        .collect();
+    assert!(
+        acted.is_empty(),
+        "acted while its lock was stale: {acted:?}"
+    );
+}
