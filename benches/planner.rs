@@ -43,17 +43,7 @@ fn snapshot(rt: &tokio::runtime::Runtime, sim: &SimCluster) -> ClusterSnapshot {
     rt.block_on(async {
         let inv = sim.inventory().await.expect("inventory");
         let calico = sim.facts().await.expect("facts");
-        ClusterSnapshot {
-            nodes: inv.nodes,
-            pods: inv.pods,
-            pdbs: inv.pdbs,
-            calico,
-            service_cidr: inv.service_cidr,
-            cluster_cidr: inv.cluster_cidr,
-            other_routed: Vec::new(),
-            connectivity_checker: inv.connectivity_checker,
-            cilium_agent_requests: inv.cilium_agent_requests,
-        }
+        inv.with_calico(calico)
     })
 }
 

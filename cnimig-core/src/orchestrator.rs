@@ -310,17 +310,7 @@ impl Orchestrator {
                 calico.facts()
             })
             .await?;
-        let snapshot = ClusterSnapshot {
-            nodes: inv.nodes,
-            pods: inv.pods,
-            pdbs: inv.pdbs,
-            calico,
-            service_cidr: inv.service_cidr,
-            cluster_cidr: inv.cluster_cidr,
-            other_routed: Vec::new(),
-            connectivity_checker: inv.connectivity_checker,
-            cilium_agent_requests: inv.cilium_agent_requests,
-        };
+        let snapshot = inv.with_calico(calico);
         let p = plan(&snapshot, &self.cfg);
         Ok((snapshot, p))
     }

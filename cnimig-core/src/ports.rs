@@ -144,6 +144,24 @@ pub struct Inventory {
     pub cilium_agent_requests: Resources,
 }
 
+impl Inventory {
+    /// The snapshot preflight and the planner read: this inventory plus Calico's facts.
+    #[must_use]
+    pub fn with_calico(self, calico: CalicoFacts) -> crate::model::ClusterSnapshot {
+        crate::model::ClusterSnapshot {
+            nodes: self.nodes,
+            pods: self.pods,
+            pdbs: self.pdbs,
+            calico,
+            service_cidr: self.service_cidr,
+            cluster_cidr: self.cluster_cidr,
+            other_routed: Vec::new(),
+            connectivity_checker: self.connectivity_checker,
+            cilium_agent_requests: self.cilium_agent_requests,
+        }
+    }
+}
+
 /// The Kubernetes side: nodes, pods, eviction.
 #[async_trait]
 pub trait Cluster: Send + Sync {
