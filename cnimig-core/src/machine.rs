@@ -280,6 +280,9 @@ pub struct Decision {
     pub record: NodeRecord,
     /// True when `record` differs from the input.
     pub changed: bool,
+    /// Every phase entered on the way, in order (several when one look shows several steps
+    /// complete), so progress reports miss none.
+    pub entered: Vec<Phase>,
     /// What to do.
     pub action: Action,
 }
@@ -307,9 +310,13 @@ fn fail(rec: &mut NodeRecord, cause: String, now: Time) {
 #[must_use]
 pub fn decide(record: &NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, now: Time) -> Decision {
     let mut rec = record.clone();
+    let mut entered = Vec::new();
     let action = loop {
         match step(&mut rec, obs, cfg, now) {
-            Step::Advance(p) => rec.enter(p, now),
+            Step::Advance(p) => {
+                rec.enter(p, now);
+                entered.push(p);
+            }
             Step::Act(a) => break a,
         }
     };
@@ -317,6 +324,7 @@ pub fn decide(record: &NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, now:
     Decision {
         record: rec,
         changed,
+        entered,
         action,
     }
 }

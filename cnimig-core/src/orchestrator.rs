@@ -1039,6 +1039,19 @@ impl Orchestrator {
         sink: &dyn EventSink,
         now: Time,
     ) -> Result<bool, RunError> {
+        self.save_via(f, next, &[], sink, now).await
+    }
+
+    /// Persists `next` (compare-and-swap against the record we hold) and reports the phases
+    /// entered: `entered` when the caller knows the way (a decision), else just the new phase.
+    async fn save_via(
+        &self,
+        f: &mut Flying,
+        next: NodeRecord,
+        entered: &[Phase],
+        sink: &dyn EventSink,
+        now: Time,
+    ) -> Result<bool, RunError> {
         if next == f.record {
             return Ok(true);
         }
@@ -1082,12 +1095,21 @@ impl Orchestrator {
             return Ok(false);
         }
         if next.phase != f.record.phase {
-            sink.emit(&Event::Phase {
-                node: name,
-                from: f.record.phase,
-                to: next.phase,
-                at: now,
-            });
+            let way: Vec<Phase> = if entered.last() == Some(&next.phase) {
+                entered.to_vec()
+            } else {
+                vec![next.phase]
+            };
+            let mut from = f.record.phase;
+            for to in way {
+                sink.emit(&Event::Phase {
+                    node: name.clone(),
+                    from,
+                    to,
+                    at: now,
+                });
+                from = to;
+            }
         }
         f.record = next;
         f.uncertain.clear();
@@ -1134,7 +1156,7 @@ impl Orchestrator {
             cni,
         };
         let d = decide(&f.record, &obs, &self.step, now);
-        if !self.save(f, d.record, sink, now).await? {
+        if !self.save_via(f, d.record, &d.entered, sink, now).await? {
             return Ok(());
         }
         if d.action == Action::Cordon && f.admitted != Some(now) {

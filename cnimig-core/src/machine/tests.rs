@@ -192,6 +192,12 @@ fn a_node_cordoned_before_the_run_stays_cordoned() {
     let d = run(&rec, &view, Some(&a), CniDirState::CILIUM, 1);
     assert_ne!(d.action, Action::Uncordon);
     assert!(d.record.phase >= Phase::Uncordoned);
+    assert_eq!(
+        d.entered.first(),
+        Some(&Phase::Uncordoned),
+        "every phase passed is reported: {:?}",
+        d.entered
+    );
 }
 
 #[test]
