@@ -59,12 +59,7 @@ impl EventSink for Sampled<'_> {
             .sim
             .pdb_health()
             .into_iter()
-            .map(|h| BudgetHealth {
-                pdb: h.pdb,
-                healthy: h.healthy,
-                desired: h.desired,
-                expected: h.expected,
-            })
+            .map(BudgetHealth::from)
             .collect();
         self.timeline.record_budgets(event_time(e), &budgets);
     }

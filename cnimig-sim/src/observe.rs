@@ -152,6 +152,17 @@ pub struct PdbHealth {
     pub allowed: u32,
 }
 
+impl From<PdbHealth> for cnimig_core::report::BudgetHealth {
+    fn from(h: PdbHealth) -> Self {
+        cnimig_core::report::BudgetHealth {
+            pdb: h.pdb,
+            healthy: h.healthy,
+            desired: h.desired,
+            expected: h.expected,
+        }
+    }
+}
+
 /// A kind of injected fault, for [`SimStats::faults_injected`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "kebab-case")]
