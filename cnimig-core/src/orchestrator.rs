@@ -507,7 +507,7 @@ impl Orchestrator {
         let mut last_join_check = started;
         let mut last_progress = (usize::MAX, 0, 0, 0);
         let mut ticks: u64 = 0;
-        loop {
+        'run: loop {
             let now = ports.clock.now();
             if now.since(last_lock) >= self.opts.lock_ttl / 3 {
                 match ports
@@ -536,124 +536,116 @@ impl Orchestrator {
             }
             // Act only while the lock is surely ours: after a third of its time-to-live without a
             // renewal, another run may take it over once it expires.
-            if now.since(last_lock) >= self.opts.lock_ttl * 2 / 3 {
-                ticks += 1;
-                if self.opts.max_ticks.is_some_and(|m| ticks >= m) {
-                    return Ok(self.report(
-                        plan, &finished, &flying, &pending, started, stopped, true, &joins,
-                    ));
+            'act: {
+                if now.since(last_lock) >= self.opts.lock_ttl * 2 / 3 {
+                    break 'act;
                 }
-                ports
-                    .clock
-                    .sleep_until(now.after(self.cfg.poll_interval))
-                    .await;
-                continue;
-            }
-            if now.since(last_join_check) >= self.opts.join_check_interval {
-                last_join_check = now;
-                self.notice_joins(&mut joins, &mut pending, stopped.is_some(), sink, now)
-                    .await;
-            }
-
-            // Advance every node in flight.
-            let names: Vec<NodeName> = flying.keys().cloned().collect();
-            for name in names {
-                if let Some(f) = flying.get_mut(&name) {
-                    self.advance(f, sink, now).await?;
-                    if f.record.phase.is_terminal()
-                        && let Some(f) = flying.remove(&name)
-                    {
-                        let cause = f.record.rollback.as_ref().map(|r| r.cause.clone());
-                        sink.emit(&Event::NodeFinished {
-                            node: name.clone(),
-                            outcome: f.record.phase,
-                            cause: cause.clone(),
-                            at: now,
-                        });
-                        if f.record.phase != Phase::Done
-                            && self.cfg.on_node_failure == FailurePolicy::RollbackAndStop
-                            && stopped.is_none()
-                        {
-                            let reason = format!(
-                                "node {name} ended {:?}: {}",
-                                f.record.phase,
-                                cause.unwrap_or_default()
-                            );
-                            sink.emit(&Event::Stopping {
-                                reason: reason.clone(),
-                                at: now,
-                            });
-                            stopped = Some(reason);
-                        }
-                        finished.insert(name.clone(), (f.planned, f.record, Some(now)));
-                    }
+                if now.since(last_join_check) >= self.opts.join_check_interval {
+                    last_join_check = now;
+                    self.notice_joins(&mut joins, &mut pending, stopped.is_some(), sink, now)
+                        .await;
                 }
-            }
 
-            // Cordons (drains starting) that wait for the scheduler's admission.
-            self.admit_cordons(&mut flying, limits, sink, now).await?;
-
-            // Before a control-plane node starts, a fresh look for workers that joined or came
-            // back Ready: with control-plane-last, they go first.
-            if self.cfg.control_plane_last
-                && stopped.is_none()
-                && !pending.is_empty()
-                && pending.iter().all(|p| p.control_plane)
-                && last_join_check != now
-            {
-                last_join_check = now;
-                self.notice_joins(&mut joins, &mut pending, false, sink, now)
-                    .await;
-            }
-
-            // Start new nodes.
-            if stopped.is_none()
-                && !pending.is_empty()
-                && flying.len() < self.cfg.max_in_flight as usize
-            {
-                let started_now = self
-                    .start_nodes(
-                        &mut pending,
-                        &mut flying,
-                        &mut uncertain_starts,
-                        limits,
-                        sink,
-                        now,
-                    )
-                    .await?;
-                for name in started_now {
+                // Advance every node in flight.
+                let names: Vec<NodeName> = flying.keys().cloned().collect();
+                for name in names {
                     if let Some(f) = flying.get_mut(&name) {
                         self.advance(f, sink, now).await?;
+                        if f.record.phase.is_terminal()
+                            && let Some(f) = flying.remove(&name)
+                        {
+                            let cause = f.record.rollback.as_ref().map(|r| r.cause.clone());
+                            sink.emit(&Event::NodeFinished {
+                                node: name.clone(),
+                                outcome: f.record.phase,
+                                cause: cause.clone(),
+                                at: now,
+                            });
+                            if f.record.phase != Phase::Done
+                                && self.cfg.on_node_failure == FailurePolicy::RollbackAndStop
+                                && stopped.is_none()
+                            {
+                                let reason = format!(
+                                    "node {name} ended {:?}: {}",
+                                    f.record.phase,
+                                    cause.unwrap_or_default()
+                                );
+                                sink.emit(&Event::Stopping {
+                                    reason: reason.clone(),
+                                    at: now,
+                                });
+                                stopped = Some(reason);
+                            }
+                            finished.insert(name.clone(), (f.planned, f.record, Some(now)));
+                        }
                     }
                 }
-            }
 
-            let done = finished
-                .values()
-                .filter(|(_, r, _)| r.phase == Phase::Done)
-                .count();
-            let progress = (done, finished.len() - done, flying.len(), pending.len());
-            if progress != last_progress {
-                last_progress = progress;
-                sink.emit(&Event::Progress {
-                    done: progress.0,
-                    rolled_back: progress.1,
-                    in_flight: progress.2,
-                    pending: progress.3,
-                    at: now,
-                });
-            }
-            if flying.is_empty() && (pending.is_empty() || stopped.is_some()) {
-                // A last look for nodes that joined since the last check, so none is left behind
-                // unreported.
-                let before = pending.len();
-                let looked = self
-                    .notice_joins(&mut joins, &mut pending, stopped.is_some(), sink, now)
-                    .await;
-                last_join_check = now;
-                // A look that failed is tried again on the next tick rather than ending blind.
-                if looked && (pending.len() == before || stopped.is_some()) {
-                    break;
+                // Cordons (drains starting) that wait for the scheduler's admission.
+                self.admit_cordons(&mut flying, limits, sink, now).await?;
+
+                // Before a control-plane node starts, a fresh look for workers that joined or came
+                // back Ready: with control-plane-last, they go first.
+                if self.cfg.control_plane_last
+                    && stopped.is_none()
+                    && !pending.is_empty()
+                    && pending.iter().all(|p| p.control_plane)
+                    && last_join_check != now
+                {
+                    last_join_check = now;
+                    self.notice_joins(&mut joins, &mut pending, false, sink, now)
+                        .await;
+                }
+
+                // Start new nodes.
+                if stopped.is_none()
+                    && !pending.is_empty()
+                    && flying.len() < self.cfg.max_in_flight as usize
+                {
+                    let started_now = self
+                        .start_nodes(
+                            &mut pending,
+                            &mut flying,
+                            &mut uncertain_starts,
+                            limits,
+                            sink,
+                            now,
+                        )
+                        .await?;
+                    for name in started_now {
+                        if let Some(f) = flying.get_mut(&name) {
+                            self.advance(f, sink, now).await?;
+                        }
+                    }
+                }
+
+                let done = finished
+                    .values()
+                    .filter(|(_, r, _)| r.phase == Phase::Done)
+                    .count();
+                let progress = (done, finished.len() - done, flying.len(), pending.len());
+                if progress != last_progress {
+                    last_progress = progress;
+                    sink.emit(&Event::Progress {
+                        done: progress.0,
+                        rolled_back: progress.1,
+                        in_flight: progress.2,
+                        pending: progress.3,
+                        at: now,
+                    });
+                }
+                if flying.is_empty() && (pending.is_empty() || stopped.is_some()) {
+                    // A last look for nodes that joined since the last check, so none is left behind
+                    // unreported.
+                    let before = pending.len();
+                    let looked = self
+                        .notice_joins(&mut joins, &mut pending, stopped.is_some(), sink, now)
+                        .await;
+                    last_join_check = now;
+                    // A look that failed is tried again on the next tick rather than ending blind.
+                    if looked && (pending.len() == before || stopped.is_some()) {
+                        break 'run;
+                    }
                 }
             }
             ticks += 1;
