@@ -132,6 +132,13 @@ fn port(verb: &str, what: impl Into<String>, e: kube::Error) -> PortError {
     }
 }
 
+/// A JSON patch `test` that failed (the API server answers a bare 422) or a lost update (409):
+/// the object is not what the patch expected. A patch that is invalid for another reason fails
+/// the same way each time and ends the retries with [`PortError::Conflict`].
+fn failed_test(code: u16) -> bool {
+    matches!(code, 409 | 422)
+}
+
 fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
 }
@@ -501,9 +508,9 @@ impl RancherCluster {
                 .await
             {
                 Ok(_) => return Ok(true),
-                // A failed `test` is a 409: the Deployment changed (or another run restored it);
-                // re-read and decide again.
-                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                // A failed `test` (the API server answers 422; 409 for a lost update): the
+                // Deployment changed, or another run restored it. Re-read and decide again.
+                Err(kube::Error::Api(s)) if failed_test(s.code) => {}
                 Err(e) => return Err(port("patch", id, e).into()),
             }
         }
@@ -710,7 +717,7 @@ impl RancherCluster {
             };
             match result {
                 Ok(()) => return Ok(true),
-                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                Err(kube::Error::Api(s)) if failed_test(s.code) => {}
                 Err(e) => return Err(port("write", &what, e).into()),
             }
         }
@@ -734,7 +741,7 @@ impl RancherCluster {
             };
             match api.patch(name, &PatchParams::default(), &Patch::<()>::Json(p)).await {
                 Ok(_) => return Ok(true),
-                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                Err(kube::Error::Api(s)) if failed_test(s.code) => {}
                 Err(e) => return Err(port("patch", &what, e).into()),
             }
         }
