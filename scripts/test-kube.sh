@@ -19,3 +19,7 @@ trap cleanup EXIT
 # shellcheck disable=SC1091
 . "$RUN/env"
 CNIMIG_REQUIRE_TESTENV=1 cargo test -p cnimig-kube --release "$@"
+# cnimig-rancher's control-plane tests (RKE1/RKE2-shaped migrations), unless a filter was given.
+if [ "$#" -eq 0 ]; then
+  CNIMIG_REQUIRE_TESTENV=1 cargo test -p cnimig-rancher --release --test rancher
+fi

@@ -384,11 +384,7 @@ fn held_ports(p: &core::Pod) -> BTreeSet<i32> {
 /// a host-network pod's port, e.g. an ingress controller) is a warning; no node free is a
 /// failure (the agent would crash-loop or stay Pending).
 #[must_use]
-pub fn host_port_check(
-    agent: &Deployment,
-    nodes: &[core::Node],
-    pods: &[core::Pod],
-) -> Check {
+pub fn host_port_check(agent: &Deployment, nodes: &[core::Node], pods: &[core::Pod]) -> Check {
     const ID: &str = "rancher-agent-host-ports";
     let selector: BTreeMap<String, String> = agent
         .spec
@@ -409,14 +405,18 @@ pub fn host_port_check(
         })
         .filter_map(|n| n.metadata.name.clone())
         .collect();
-    let agent_ns = agent.metadata.namespace.as_deref().unwrap_or(AGENT_NAMESPACE);
+    let agent_ns = agent
+        .metadata
+        .namespace
+        .as_deref()
+        .unwrap_or(AGENT_NAMESPACE);
     let mut busy: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for p in pods {
         let is_agent = p.metadata.namespace.as_deref() == Some(agent_ns)
             && !agent_labels.is_empty()
-            && agent_labels.iter().all(|(k, v)| {
-                p.metadata.labels.as_ref().and_then(|l| l.get(k)) == Some(v)
-            });
+            && agent_labels
+                .iter()
+                .all(|(k, v)| p.metadata.labels.as_ref().and_then(|l| l.get(k)) == Some(v));
         let finished = p
             .status
             .as_ref()
@@ -437,7 +437,11 @@ pub fn host_port_check(
                 "{}/{} ({})",
                 p.metadata.namespace.as_deref().unwrap_or(""),
                 p.metadata.name.as_deref().unwrap_or(""),
-                ports.iter().map(i32::to_string).collect::<Vec<_>>().join(", ")
+                ports
+                    .iter()
+                    .map(i32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ));
         }
     }
@@ -481,7 +485,8 @@ mod tests {
     use serde_json::json;
 
     fn deployment(spec: Value, annotations: Option<Value>) -> Deployment {
-        let mut meta = json!({"name": AGENT_NAME, "namespace": AGENT_NAMESPACE, "resourceVersion": "42"});
+        let mut meta =
+            json!({"name": AGENT_NAME, "namespace": AGENT_NAMESPACE, "resourceVersion": "42"});
         if let Some(a) = annotations {
             meta["annotations"] = a;
         }
@@ -517,12 +522,34 @@ mod tests {
                 let d1 = apply(&d0, &prepare_patch(&d0).unwrap().unwrap());
                 let s = d1.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
                 assert_eq!(s.host_network, Some(true), "case {i}");
-                assert_eq!(s.dns_policy.as_deref(), Some(HOST_NET_DNS_POLICY), "case {i}");
-                assert!(matches!(agent_state(&d1).unwrap(), AgentState::Prepared { template_on_host_network: true, .. }));
-                assert_eq!(prepare_patch(&d1).unwrap(), None, "case {i}: a second prepare changes nothing");
+                assert_eq!(
+                    s.dns_policy.as_deref(),
+                    Some(HOST_NET_DNS_POLICY),
+                    "case {i}"
+                );
+                assert!(matches!(
+                    agent_state(&d1).unwrap(),
+                    AgentState::Prepared {
+                        template_on_host_network: true,
+                        ..
+                    }
+                ));
+                assert_eq!(
+                    prepare_patch(&d1).unwrap(),
+                    None,
+                    "case {i}: a second prepare changes nothing"
+                );
                 let d2 = apply(&d1, &restore_patch(&d1).unwrap().unwrap());
-                assert_eq!(template(&d2), template(&d0), "case {i}: template restored exactly");
-                assert_eq!(d2.metadata.annotations.clone().filter(|a| !a.is_empty()), d0.metadata.annotations, "case {i}");
+                assert_eq!(
+                    template(&d2),
+                    template(&d0),
+                    "case {i}: template restored exactly"
+                );
+                assert_eq!(
+                    d2.metadata.annotations.clone().filter(|a| !a.is_empty()),
+                    d0.metadata.annotations,
+                    "case {i}"
+                );
                 assert_eq!(restore_patch(&d2).unwrap(), None, "case {i}: restored once");
             }
         }
@@ -536,9 +563,18 @@ mod tests {
         let mut v = serde_json::to_value(&d1).unwrap();
         v["spec"]["template"]["spec"] = json!({"dnsPolicy": "ClusterFirst", "containers": []});
         let redeployed: Deployment = serde_json::from_value(v).unwrap();
-        assert!(matches!(agent_state(&redeployed).unwrap(), AgentState::Prepared { template_on_host_network: false, .. }));
+        assert!(matches!(
+            agent_state(&redeployed).unwrap(),
+            AgentState::Prepared {
+                template_on_host_network: false,
+                ..
+            }
+        ));
         let d2 = apply(&redeployed, &prepare_patch(&redeployed).unwrap().unwrap());
-        assert_eq!(d2.metadata.annotations, d1.metadata.annotations, "the original copy is kept");
+        assert_eq!(
+            d2.metadata.annotations, d1.metadata.annotations,
+            "the original copy is kept"
+        );
         let d3 = apply(&d2, &restore_patch(&d2).unwrap().unwrap());
         assert_eq!(template(&d3), template(&d0));
     }
@@ -561,7 +597,10 @@ mod tests {
 
     #[test]
     fn a_foreign_annotation_is_refused() {
-        let d = deployment(json!({"containers": []}), Some(json!({ORIGINAL_ANNOTATION: "not json"})));
+        let d = deployment(
+            json!({"containers": []}),
+            Some(json!({ORIGINAL_ANNOTATION: "not json"})),
+        );
         let e = prepare_patch(&d).unwrap_err();
         assert!(e.to_string().contains("restore those by hand"), "{e}");
         assert!(restore_patch(&d).is_err());
@@ -582,30 +621,69 @@ mod tests {
     }
 
     fn nodes(names: &[&str]) -> Vec<core::Node> {
-        names.iter().map(|n| serde_json::from_value(json!({"metadata": {"name": n}})).unwrap()).collect()
+        names
+            .iter()
+            .map(|n| serde_json::from_value(json!({"metadata": {"name": n}})).unwrap())
+            .collect()
     }
 
     #[test]
     fn host_port_collisions() {
         let agent = deployment(json!({"containers": []}), None);
         let ns = nodes(&["a", "b", "c"]);
-        let quiet = [pod("web", "a", json!({"containers": [{"name": "c", "ports": [{"containerPort": 80}]}]}), true)];
-        assert_eq!(host_port_check(&agent, &ns, &quiet).severity, Severity::Pass);
+        let quiet = [pod(
+            "web",
+            "a",
+            json!({"containers": [{"name": "c", "ports": [{"containerPort": 80}]}]}),
+            true,
+        )];
+        assert_eq!(
+            host_port_check(&agent, &ns, &quiet).severity,
+            Severity::Pass
+        );
         let ingress = [
-            pod("nginx", "a", json!({"containers": [{"name": "c", "ports": [{"containerPort": 80, "hostPort": 80}]}]}), true),
-            pod("haproxy", "b", json!({"hostNetwork": true, "containers": [{"name": "c", "ports": [{"containerPort": 443}]}]}), true),
+            pod(
+                "nginx",
+                "a",
+                json!({"containers": [{"name": "c", "ports": [{"containerPort": 80, "hostPort": 80}]}]}),
+                true,
+            ),
+            pod(
+                "haproxy",
+                "b",
+                json!({"hostNetwork": true, "containers": [{"name": "c", "ports": [{"containerPort": 443}]}]}),
+                true,
+            ),
         ];
         let c = host_port_check(&agent, &ns, &ingress);
         assert_eq!(c.severity, Severity::Warn, "{c}");
-        assert!(c.message.contains("a: ingress/nginx (80)") && c.message.contains("b: ingress/haproxy (443)"), "{c}");
-        let all = [ingress[0].clone(), ingress[1].clone(),
-                   pod("x", "c", json!({"containers": [{"name": "c", "ports": [{"containerPort": 9, "hostPort": 444}]}]}), true)];
+        assert!(
+            c.message.contains("a: ingress/nginx (80)")
+                && c.message.contains("b: ingress/haproxy (443)"),
+            "{c}"
+        );
+        let all = [
+            ingress[0].clone(),
+            ingress[1].clone(),
+            pod(
+                "x",
+                "c",
+                json!({"containers": [{"name": "c", "ports": [{"containerPort": 9, "hostPort": 444}]}]}),
+                true,
+            ),
+        ];
         assert_eq!(host_port_check(&agent, &ns, &all).severity, Severity::Fail);
         // The agent's nodeSelector limits the nodes that count.
-        let pinned = deployment(json!({"nodeSelector": {"pool": "sys"}, "containers": []}), None);
+        let pinned = deployment(
+            json!({"nodeSelector": {"pool": "sys"}, "containers": []}),
+            None,
+        );
         let mut ns2 = ns.clone();
         ns2[2].metadata.labels = Some([("pool".to_string(), "sys".to_string())].into());
-        assert_eq!(host_port_check(&pinned, &ns2, &ingress).severity, Severity::Pass);
+        assert_eq!(
+            host_port_check(&pinned, &ns2, &ingress).severity,
+            Severity::Pass
+        );
     }
 
     #[test]
@@ -617,7 +695,14 @@ mod tests {
         let h = agent_health(&d, &[on.clone(), off.clone()]).unwrap();
         assert_eq!((h.ready_on_host_network, h.ready_on_pod_network), (1, 1));
         assert!(h.problems().is_empty());
-        let h = agent_health(&d, &[off, pod("agent-2", "b", json!({"hostNetwork": true}), false)]).unwrap();
+        let h = agent_health(
+            &d,
+            &[
+                off,
+                pod("agent-2", "b", json!({"hostNetwork": true}), false),
+            ],
+        )
+        .unwrap();
         assert_eq!(h.problems().len(), 1, "{:?}", h.problems());
         let original = deployment(json!({"containers": []}), None);
         assert_eq!(agent_health(&original, &[on]).unwrap().problems().len(), 1);

@@ -13,8 +13,7 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1 as core;
 use kube::api::{
-    Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
-    PostParams,
+    Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
 };
 use kube::{Client, ResourceExt};
 use serde_json::Value;
@@ -147,7 +146,12 @@ fn helm_chart() -> ApiResource {
     resource("helm.cattle.io", "v1", "HelmChart", "helmcharts")
 }
 fn helm_chart_config() -> ApiResource {
-    resource("helm.cattle.io", "v1", "HelmChartConfig", "helmchartconfigs")
+    resource(
+        "helm.cattle.io",
+        "v1",
+        "HelmChartConfig",
+        "helmchartconfigs",
+    )
 }
 fn application() -> ApiResource {
     resource("argoproj.io", "v1alpha1", "Application", "applications")
@@ -313,7 +317,11 @@ impl RancherCluster {
         for (ns, name, label) in [
             (sys.as_str(), "calico-node", "kube-system/calico-node"),
             (sys.as_str(), "canal", "kube-system/canal"),
-            (o.calico_namespace.as_str(), "calico-node", "calico-system/calico-node"),
+            (
+                o.calico_namespace.as_str(),
+                "calico-node",
+                "calico-system/calico-node",
+            ),
         ] {
             let ds: Api<DaemonSet> = Api::namespaced(self.client.clone(), ns);
             if opt(ds.get(name).await, "get", &format!("daemonset {ns}/{name}"))?.is_some() {
@@ -324,25 +332,37 @@ impl RancherCluster {
         objects.tigera_installation =
             opt(inst.get("default").await, "get", "installation default")?.is_some();
         if let Some(list) = opt(
-            self.ns_dyn(sys, &helm_chart()).list(&ListParams::default()).await,
+            self.ns_dyn(sys, &helm_chart())
+                .list(&ListParams::default())
+                .await,
             "list",
             "helmcharts",
         )? {
             objects.helm_charts = list.items.iter().map(ResourceExt::name_any).collect();
         }
         let helm_chart_config = opt(
-            self.ns_dyn(sys, &helm_chart_config()).get(cni::RKE2_CALICO).await,
+            self.ns_dyn(sys, &helm_chart_config())
+                .get(cni::RKE2_CALICO)
+                .await,
             "get",
             "helmchartconfig rke2-calico",
         )?
         .map(|h| to_json(&h));
-        let agent = opt(self.agent_api().get(&o.agent_name).await, "get", &self.agent_id())?;
+        let agent = opt(
+            self.agent_api().get(&o.agent_name).await,
+            "get",
+            &self.agent_id(),
+        )?;
         let apps: Api<DynamicObject> = match &o.argo_namespace {
             Some(ns) => self.ns_dyn(ns, &application()),
             None => Api::all_with(self.client.clone(), &application()),
         };
-        let argo_apps = opt(apps.list(&ListParams::default()).await, "list", "applications")?
-            .map(|l| l.items.iter().map(to_json).collect());
+        let argo_apps = opt(
+            apps.list(&ListParams::default()).await,
+            "list",
+            "applications",
+        )?
+        .map(|l| l.items.iter().map(to_json).collect());
 
         let mut snap = RancherSnapshot {
             server_url: self.server_url.clone(),
@@ -360,13 +380,22 @@ impl RancherCluster {
                 Some((ns, name)) => {
                     let api: Api<DynamicObject> =
                         Api::namespaced_with(m.client.clone(), ns, &provisioning_cluster());
-                    snap.rke2_cluster = opt(api.get(name).await, "get", &format!("provisioning cluster {}", m.cluster))?
-                        .map(|c| to_json(&c));
+                    snap.rke2_cluster = opt(
+                        api.get(name).await,
+                        "get",
+                        &format!("provisioning cluster {}", m.cluster),
+                    )?
+                    .map(|c| to_json(&c));
                 }
                 None => {
-                    let api: Api<DynamicObject> = Api::all_with(m.client.clone(), &management_cluster());
-                    snap.rke1_cluster = opt(api.get(&m.cluster).await, "get", &format!("management cluster {}", m.cluster))?
-                        .map(|c| to_json(&c));
+                    let api: Api<DynamicObject> =
+                        Api::all_with(m.client.clone(), &management_cluster());
+                    snap.rke1_cluster = opt(
+                        api.get(&m.cluster).await,
+                        "get",
+                        &format!("management cluster {}", m.cluster),
+                    )?
+                    .map(|c| to_json(&c));
                 }
             }
             let api: Api<DynamicObject> = match &m.fleet_namespace {
@@ -385,7 +414,10 @@ impl RancherCluster {
     /// # Errors
     /// As [`snapshot`](Self::snapshot).
     pub async fn plan(&self) -> Result<RancherPlan, RancherError> {
-        Ok(crate::plan::plan(&self.snapshot().await?, &self.opts.config))
+        Ok(crate::plan::plan(
+            &self.snapshot().await?,
+            &self.opts.config,
+        ))
     }
 
     /// Carries out the plan's [`When::BeforeFirstNode`] steps that cnimig does, in order, then
@@ -408,16 +440,25 @@ impl RancherCluster {
             )));
         }
         let mut done = Vec::new();
-        for s in plan.steps_at(When::BeforeFirstNode).filter(|s| s.automatic()) {
+        for s in plan
+            .steps_at(When::BeforeFirstNode)
+            .filter(|s| s.automatic())
+        {
             let changed = match &s.action {
                 Action::AgentToHostNetwork => self.agent_to_host_network().await?,
                 Action::Rke1PluginNone => self.rke1_plugin_none().await?,
-                Action::Rke2ProvisionedAutodetection => self.rke2_provisioned_autodetection().await?,
+                Action::Rke2ProvisionedAutodetection => {
+                    self.rke2_provisioned_autodetection().await?
+                }
                 Action::Rke2HelmChartConfigAutodetection => self.rke2_helm_chart_config().await?,
                 Action::ArgoPause { namespace, name } => self.argo_pause(namespace, name).await?,
                 _ => false,
             };
-            done.push(format!("{}{}", if changed { "" } else { "(already done) " }, s.describe));
+            done.push(format!(
+                "{}{}",
+                if changed { "" } else { "(already done) " },
+                s.describe
+            ));
         }
         if plan.has_agent() {
             self.wait_agent_ready().await?;
@@ -457,11 +498,17 @@ impl RancherCluster {
                     }
                     self.rke2_cni_switch(target).await?
                 }
-                Action::ArgoRestore { namespace, name } => self.argo_restore(namespace, name).await?,
+                Action::ArgoRestore { namespace, name } => {
+                    self.argo_restore(namespace, name).await?
+                }
                 Action::AgentRestore => self.restore_agent().await?,
                 _ => false,
             };
-            done.push(format!("{}{}", if changed { "" } else { "(already done) " }, s.describe));
+            done.push(format!(
+                "{}{}",
+                if changed { "" } else { "(already done) " },
+                s.describe
+            ));
         }
         Ok(done)
     }
@@ -504,7 +551,11 @@ impl RancherCluster {
                 return Ok(false);
             };
             match api
-                .patch(&self.opts.agent_name, &PatchParams::default(), &Patch::<()>::Json(p))
+                .patch(
+                    &self.opts.agent_name,
+                    &PatchParams::default(),
+                    &Patch::<()>::Json(p),
+                )
                 .await
             {
                 Ok(_) => return Ok(true),
@@ -528,10 +579,21 @@ impl RancherCluster {
     pub async fn agent_check(&self) -> Result<Vec<String>, RancherError> {
         self.counters.checks.fetch_add(1, Ordering::Relaxed);
         let id = self.agent_id();
-        let Some(d) = opt(self.agent_api().get(&self.opts.agent_name).await, "get", &id)? else {
-            return Ok(vec![format!("Deployment {id} is gone: Rancher redeploys it; check the cluster in Rancher before going on")]);
+        let Some(d) = opt(
+            self.agent_api().get(&self.opts.agent_name).await,
+            "get",
+            &id,
+        )?
+        else {
+            return Ok(vec![format!(
+                "Deployment {id} is gone: Rancher redeploys it; check the cluster in Rancher before going on"
+            )]);
         };
-        if let agent::AgentState::Prepared { template_on_host_network: false, .. } = agent::agent_state(&d)? {
+        if let agent::AgentState::Prepared {
+            template_on_host_network: false,
+            ..
+        } = agent::agent_state(&d)?
+        {
             self.counters.repairs.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(agent = %id, "the cluster agent is off the host network again: re-patching it");
             self.agent_to_host_network().await?;
@@ -570,7 +632,11 @@ impl RancherCluster {
         let deadline = tokio::time::Instant::now() + self.opts.agent_ready_timeout;
         let id = self.agent_id();
         loop {
-            let problems = match opt(self.agent_api().get(&self.opts.agent_name).await, "get", &id)? {
+            let problems = match opt(
+                self.agent_api().get(&self.opts.agent_name).await,
+                "get",
+                &id,
+            )? {
                 None => vec![format!("Deployment {id} not found")],
                 Some(d) => {
                     let pods = self.agent_pods(&d).await?;
@@ -593,7 +659,9 @@ impl RancherCluster {
 
     fn mgmt(&self) -> Result<&Management, RancherError> {
         self.mgmt.as_ref().ok_or_else(|| {
-            RancherError::Refused("this step needs the management cluster (--management-kubeconfig)".into())
+            RancherError::Refused(
+                "this step needs the management cluster (--management-kubeconfig)".into(),
+            )
         })
     }
 
@@ -648,9 +716,11 @@ impl RancherCluster {
     /// # Errors
     /// As [`rke1_plugin_none`](Self::rke1_plugin_none).
     pub async fn rke2_provisioned_autodetection(&self) -> Result<bool, RancherError> {
-        self.mgmt_merge(&provisioning_cluster(), &cni::provisioned_autodetection_patch(), |c| {
-            cni::autodetection_ok(cni::provisioned_autodetection(c)).is_ok()
-        })
+        self.mgmt_merge(
+            &provisioning_cluster(),
+            &cni::provisioned_autodetection_patch(),
+            |c| cni::autodetection_ok(cni::provisioned_autodetection(c)).is_ok(),
+        )
         .await
     }
 
@@ -662,9 +732,11 @@ impl RancherCluster {
     /// # Errors
     /// As [`rke1_plugin_none`](Self::rke1_plugin_none).
     pub async fn rke2_cni_switch(&self, target: &str) -> Result<bool, RancherError> {
-        self.mgmt_merge(&provisioning_cluster(), &cni::cni_switch_patch(target), |c| {
-            cni::rke2_cni(c) == Some(target)
-        })
+        self.mgmt_merge(
+            &provisioning_cluster(),
+            &cni::cni_switch_patch(target),
+            |c| cni::rke2_cni(c) == Some(target),
+        )
         .await
     }
 
@@ -694,13 +766,15 @@ impl RancherCluster {
             let result = match &current {
                 None => {
                     let obj: DynamicObject =
-                        serde_json::from_value(cni::helm_chart_config(ns, &new_values)).map_err(|e| {
-                            RancherError::Refused(format!("build {what}: {e}"))
-                        })?;
+                        serde_json::from_value(cni::helm_chart_config(ns, &new_values))
+                            .map_err(|e| RancherError::Refused(format!("build {what}: {e}")))?;
                     api.create(&PostParams::default(), &obj).await.map(|_| ())
                 }
                 Some(h) => {
-                    let rv = h.pointer("/metadata/resourceVersion").cloned().unwrap_or(Value::Null);
+                    let rv = h
+                        .pointer("/metadata/resourceVersion")
+                        .cloned()
+                        .unwrap_or(Value::Null);
                     let op = if h.pointer("/spec").is_some_and(Value::is_object) {
                         serde_json::json!({"op": "add", "path": "/spec/valuesContent", "value": new_values})
                     } else {
@@ -709,10 +783,16 @@ impl RancherCluster {
                     let p: json_patch::Patch = serde_json::from_value(serde_json::json!([
                         {"op": "test", "path": "/metadata/resourceVersion", "value": rv}, op
                     ]))
-                    .map_err(|e| RancherError::Refused(format!("build the patch of {what}: {e}")))?;
-                    api.patch(cni::RKE2_CALICO, &PatchParams::default(), &Patch::<()>::Json(p))
-                        .await
-                        .map(|_| ())
+                    .map_err(|e| {
+                        RancherError::Refused(format!("build the patch of {what}: {e}"))
+                    })?;
+                    api.patch(
+                        cni::RKE2_CALICO,
+                        &PatchParams::default(),
+                        &Patch::<()>::Json(p),
+                    )
+                    .await
+                    .map(|_| ())
                 }
             };
             match result {
@@ -739,7 +819,10 @@ impl RancherCluster {
             let Some(p) = make(&to_json(&app)).map_err(RancherError::Refused)? else {
                 return Ok(false);
             };
-            match api.patch(name, &PatchParams::default(), &Patch::<()>::Json(p)).await {
+            match api
+                .patch(name, &PatchParams::default(), &Patch::<()>::Json(p))
+                .await
+            {
                 Ok(_) => return Ok(true),
                 Err(kube::Error::Api(s)) if failed_test(s.code) => {}
                 Err(e) => return Err(port("patch", &what, e).into()),
@@ -756,7 +839,8 @@ impl RancherCluster {
     /// # Errors
     /// API failures.
     pub async fn argo_pause(&self, namespace: &str, name: &str) -> Result<bool, RancherError> {
-        self.argo_patch(namespace, name, |a| Ok(gitops::argo_pause_patch(a))).await
+        self.argo_patch(namespace, name, |a| Ok(gitops::argo_pause_patch(a)))
+            .await
     }
 
     /// Restores an Application's auto-sync ([`gitops::argo_restore_patch`]).
@@ -767,7 +851,8 @@ impl RancherCluster {
     /// # Errors
     /// API failures; [`RancherError::Refused`] for a foreign annotation.
     pub async fn argo_restore(&self, namespace: &str, name: &str) -> Result<bool, RancherError> {
-        self.argo_patch(namespace, name, gitops::argo_restore_patch).await
+        self.argo_patch(namespace, name, gitops::argo_restore_patch)
+            .await
     }
 }
 

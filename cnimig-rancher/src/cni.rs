@@ -73,14 +73,18 @@ pub fn cni_switch_patch(target: &str) -> Value {
 /// A sentence naming the problem.
 pub fn autodetection_ok(v: Option<&Value>) -> Result<(), String> {
     let Some(v) = v.filter(|v| !v.is_null()) else {
-        return Err("not set, so Calico uses firstFound, which can pick Cilium's cilium_host".into());
+        return Err(
+            "not set, so Calico uses firstFound, which can pick Cilium's cilium_host".into(),
+        );
     };
     if v.get("kubernetes").and_then(Value::as_str) == Some(AUTODETECTION_FIX) {
         return Ok(());
     }
     if let Some(re) = v.get("interface").and_then(Value::as_str) {
         return if cnimig_core::preflight::interface_regex_may_match_cilium(re) {
-            Err(format!("interface: {re:?} may match Cilium's interfaces (cilium_*)"))
+            Err(format!(
+                "interface: {re:?} may match Cilium's interfaces (cilium_*)"
+            ))
         } else {
             Ok(())
         };
@@ -89,7 +93,9 @@ pub fn autodetection_ok(v: Option<&Value>) -> Result<(), String> {
         return if cnimig_core::preflight::skip_interface_regex_excludes_cilium(re) {
             Ok(())
         } else {
-            Err(format!("skipInterface: {re:?} does not exclude every cilium_* interface"))
+            Err(format!(
+                "skipInterface: {re:?} does not exclude every cilium_* interface"
+            ))
         };
     }
     if v.get("cidrs").is_some() || v.get("canReach").is_some() {
@@ -104,9 +110,10 @@ pub fn autodetection_ok(v: Option<&Value>) -> Result<(), String> {
 /// [`CniError::BadValues`] when the document is not YAML.
 pub fn values_autodetection(values_yaml: &str) -> Result<Option<Value>, CniError> {
     let v = parse_values(values_yaml)?;
-    Ok(v
-        .pointer("/installation/calicoNetwork/nodeAddressAutodetectionV4")
-        .cloned())
+    Ok(
+        v.pointer("/installation/calicoNetwork/nodeAddressAutodetectionV4")
+            .cloned(),
+    )
 }
 
 fn parse_values(values_yaml: &str) -> Result<Value, CniError> {
@@ -197,11 +204,20 @@ mod tests {
         assert_eq!(v["installation"]["calicoNetwork"]["mtu"], 1450);
         assert_eq!(v["installation"]["flexVolumePath"], "/x");
         assert_eq!(v["felixConfiguration"]["wireguardEnabled"], false);
-        assert_eq!(v["installation"]["calicoNetwork"]["nodeAddressAutodetectionV4"], json!({"kubernetes": "NodeInternalIP"}));
-        assert_eq!(autodetection_ok(values_autodetection(&after).unwrap().as_ref()), Ok(()));
+        assert_eq!(
+            v["installation"]["calicoNetwork"]["nodeAddressAutodetectionV4"],
+            json!({"kubernetes": "NodeInternalIP"})
+        );
+        assert_eq!(
+            autodetection_ok(values_autodetection(&after).unwrap().as_ref()),
+            Ok(())
+        );
         // Empty values and a fresh HelmChartConfig.
         let fresh = values_with_autodetection("").unwrap();
-        assert_eq!(autodetection_ok(values_autodetection(&fresh).unwrap().as_ref()), Ok(()));
+        assert_eq!(
+            autodetection_ok(values_autodetection(&fresh).unwrap().as_ref()),
+            Ok(())
+        );
     }
 
     #[test]
@@ -230,12 +246,18 @@ mod tests {
         assert_eq!(rke2_cni(&c), Some("calico"));
         assert!(autodetection_ok(provisioned_autodetection(&c)).is_err());
         json_patch::merge(&mut c, &provisioned_autodetection_patch());
-        assert_eq!(provisioned_autodetection(&c), Some(&json!({"kubernetes": "NodeInternalIP"})));
+        assert_eq!(
+            provisioned_autodetection(&c),
+            Some(&json!({"kubernetes": "NodeInternalIP"}))
+        );
         json_patch::merge(&mut c, &cni_switch_patch("none"));
         assert_eq!(rke2_cni(&c), Some("none"));
         let mut r1 = json!({"spec": {"rancherKubernetesEngineConfig": {"network": {"plugin": "calico", "options": {"a": "b"}}}}});
         json_patch::merge(&mut r1, &rke1_plugin_patch());
         assert_eq!(rke1_plugin(&r1), Some("none"));
-        assert_eq!(r1["spec"]["rancherKubernetesEngineConfig"]["network"]["options"]["a"], "b");
+        assert_eq!(
+            r1["spec"]["rancherKubernetesEngineConfig"]["network"]["options"]["a"],
+            "b"
+        );
     }
 }

@@ -71,7 +71,9 @@ pub enum CalicoInstall {
 impl fmt::Display for CalicoInstall {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            CalicoInstall::Rke1Manifest => "RKE1 network plugin manifests (kube-system/calico-node)",
+            CalicoInstall::Rke1Manifest => {
+                "RKE1 network plugin manifests (kube-system/calico-node)"
+            }
             CalicoInstall::Canal => "Canal (kube-system/canal: Calico policy over flannel)",
             CalicoInstall::Rke2Chart => {
                 "RKE2's rke2-calico HelmChart (Tigera operator, calico-system/calico-node)"
@@ -185,7 +187,10 @@ impl Detection {
     pub fn control_plane_nodes(&self) -> Vec<&str> {
         self.roles
             .iter()
-            .filter(|(_, r)| r.iter().any(|r| matches!(r, NodeRole::ControlPlane | NodeRole::Etcd)))
+            .filter(|(_, r)| {
+                r.iter()
+                    .any(|r| matches!(r, NodeRole::ControlPlane | NodeRole::Etcd))
+            })
             .map(|(n, _)| n.as_str())
             .collect()
     }
@@ -224,7 +229,11 @@ fn node_evidence(n: &NodeFacts, out: &mut Vec<Evidence>) {
         // RKE2 embeds k3s and also writes some k3s.io annotations: weak alone.
         push(Distribution::K3s, 1, format!("annotation {k}"));
     }
-    match n.labels.get("node.kubernetes.io/instance-type").map(String::as_str) {
+    match n
+        .labels
+        .get("node.kubernetes.io/instance-type")
+        .map(String::as_str)
+    {
         Some("rke2") => push(Distribution::Rke2, 2, "instance-type rke2".into()),
         Some("k3s") => push(Distribution::K3s, 2, "instance-type k3s".into()),
         _ => {}
@@ -314,7 +323,10 @@ pub fn detect(nodes: &[NodeFacts], objects: &DistroObjects) -> Detection {
     }
     // A kubelet version suffix is decisive: RKE2 also writes k3s.io annotations, RKE2 clusters
     // Rancher provisions also carry rke.cattle.io annotations.
-    let decisive = evidence.iter().find(|e| e.weight >= 10).map(|e| e.distribution);
+    let decisive = evidence
+        .iter()
+        .find(|e| e.weight >= 10)
+        .map(|e| e.distribution);
     let distribution = decisive.unwrap_or_else(|| {
         score
             .iter()
@@ -345,7 +357,13 @@ mod tests {
     use serde_json::json;
 
     /// A Node object as the API returns it, from a compact description.
-    fn node(name: &str, version: &str, runtime: &str, labels: &[&str], annotations: &[&str]) -> core::Node {
+    fn node(
+        name: &str,
+        version: &str,
+        runtime: &str,
+        labels: &[&str],
+        annotations: &[&str],
+    ) -> core::Node {
         let kv = |items: &[&str]| -> serde_json::Map<String, serde_json::Value> {
             items
                 .iter()
@@ -372,7 +390,10 @@ mod tests {
 
     /// Control-plane and etcd nodes come after every worker in the core's order.
     fn assert_control_plane_last(nodes: &[core::Node], expected_cp: &[&str]) {
-        let model: Vec<_> = nodes.iter().filter_map(|n| cnimig_kube::convert::node(n)).collect();
+        let model: Vec<_> = nodes
+            .iter()
+            .filter_map(|n| cnimig_kube::convert::node(n))
+            .collect();
         let refs: Vec<_> = model.iter().collect();
         let order = order_nodes(&refs, true);
         let names: Vec<&str> = order.iter().map(|p| p.name.as_str()).collect();
@@ -383,13 +404,42 @@ mod tests {
     }
 
     fn rke1_nodes() -> Vec<core::Node> {
-        let ann = ["rke.cattle.io/external-ip=203.0.113.5", "rke.cattle.io/internal-ip=10.0.0.5"];
+        let ann = [
+            "rke.cattle.io/external-ip=203.0.113.5",
+            "rke.cattle.io/internal-ip=10.0.0.5",
+        ];
         vec![
-            node("cp-1", "v1.26.15", "docker://20.10.24",
-                 &["node-role.kubernetes.io/controlplane=true", "node-role.kubernetes.io/etcd=true"], &ann),
-            node("etcd-1", "v1.26.15", "docker://20.10.24", &["node-role.kubernetes.io/etcd=true"], &ann),
-            node("w-1", "v1.26.15", "docker://20.10.24", &["node-role.kubernetes.io/worker=true"], &ann),
-            node("w-2", "v1.26.15", "docker://20.10.24", &["node-role.kubernetes.io/worker=true"], &ann),
+            node(
+                "cp-1",
+                "v1.26.15",
+                "docker://20.10.24",
+                &[
+                    "node-role.kubernetes.io/controlplane=true",
+                    "node-role.kubernetes.io/etcd=true",
+                ],
+                &ann,
+            ),
+            node(
+                "etcd-1",
+                "v1.26.15",
+                "docker://20.10.24",
+                &["node-role.kubernetes.io/etcd=true"],
+                &ann,
+            ),
+            node(
+                "w-1",
+                "v1.26.15",
+                "docker://20.10.24",
+                &["node-role.kubernetes.io/worker=true"],
+                &ann,
+            ),
+            node(
+                "w-2",
+                "v1.26.15",
+                "docker://20.10.24",
+                &["node-role.kubernetes.io/worker=true"],
+                &ann,
+            ),
         ]
     }
 
@@ -408,7 +458,10 @@ mod tests {
         assert!(d.conflicts.is_empty(), "{:?}", d.conflicts);
         assert!(!d.rancher_provisioned);
         assert_eq!(d.control_plane_nodes(), vec!["cp-1", "etcd-1"]);
-        assert_eq!(d.roles["cp-1"], vec![NodeRole::ControlPlane, NodeRole::Etcd]);
+        assert_eq!(
+            d.roles["cp-1"],
+            vec![NodeRole::ControlPlane, NodeRole::Etcd]
+        );
         assert_control_plane_last(&nodes, &["cp-1", "etcd-1"]);
     }
 
@@ -424,18 +477,42 @@ mod tests {
     }
 
     fn rke2_nodes(provisioned: bool) -> Vec<core::Node> {
-        let mut ann = vec!["rke2.io/node-args=[\"server\"]", "rke2.io/internal-ip=10.0.0.7",
-                           "k3s.io/node-args=[]"];
+        let mut ann = vec![
+            "rke2.io/node-args=[\"server\"]",
+            "rke2.io/internal-ip=10.0.0.7",
+            "k3s.io/node-args=[]",
+        ];
         if provisioned {
             ann.push("rke.cattle.io/machine=6b1f");
         }
-        let cp = ["node-role.kubernetes.io/control-plane=true", "node-role.kubernetes.io/etcd=true",
-                  "node-role.kubernetes.io/master=true", "node.kubernetes.io/instance-type=rke2"];
+        let cp = [
+            "node-role.kubernetes.io/control-plane=true",
+            "node-role.kubernetes.io/etcd=true",
+            "node-role.kubernetes.io/master=true",
+            "node.kubernetes.io/instance-type=rke2",
+        ];
         vec![
-            node("srv-1", "v1.28.9+rke2r1", "containerd://1.7.11-k3s2", &cp, &ann),
-            node("srv-2", "v1.28.9+rke2r1", "containerd://1.7.11-k3s2", &cp, &ann),
-            node("agent-1", "v1.28.9+rke2r1", "containerd://1.7.11-k3s2",
-                 &["node.kubernetes.io/instance-type=rke2"], &ann),
+            node(
+                "srv-1",
+                "v1.28.9+rke2r1",
+                "containerd://1.7.11-k3s2",
+                &cp,
+                &ann,
+            ),
+            node(
+                "srv-2",
+                "v1.28.9+rke2r1",
+                "containerd://1.7.11-k3s2",
+                &cp,
+                &ann,
+            ),
+            node(
+                "agent-1",
+                "v1.28.9+rke2r1",
+                "containerd://1.7.11-k3s2",
+                &["node.kubernetes.io/instance-type=rke2"],
+                &ann,
+            ),
         ]
     }
 
@@ -443,7 +520,9 @@ mod tests {
     fn rke2_with_the_calico_chart() {
         let nodes = rke2_nodes(false);
         let objects = DistroObjects {
-            helm_charts: ["rke2-calico", "rke2-calico-crd", "rke2-coredns"].map(String::from).into(),
+            helm_charts: ["rke2-calico", "rke2-calico-crd", "rke2-coredns"]
+                .map(String::from)
+                .into(),
             daemonsets: ["calico-system/calico-node".to_string()].into(),
             tigera_installation: true,
             ..DistroObjects::default()
@@ -451,7 +530,11 @@ mod tests {
         let d = detect(&facts(&nodes), &objects);
         assert_eq!(d.distribution, Distribution::Rke2);
         assert_eq!(d.calico, CalicoInstall::Rke2Chart);
-        assert!(d.conflicts.is_empty(), "k3s.io annotations on RKE2 are no conflict: {:?}", d.conflicts);
+        assert!(
+            d.conflicts.is_empty(),
+            "k3s.io annotations on RKE2 are no conflict: {:?}",
+            d.conflicts
+        );
         assert!(!d.rancher_provisioned);
         assert_control_plane_last(&nodes, &["srv-1", "srv-2"]);
         assert!(detect(&facts(&rke2_nodes(true)), &objects).rancher_provisioned);
@@ -460,10 +543,24 @@ mod tests {
     #[test]
     fn k3s_from_the_version_suffix() {
         let nodes = vec![
-            node("k-1", "v1.29.4+k3s1", "containerd://1.7.15-k3s1",
-                 &["node-role.kubernetes.io/control-plane=true", "node-role.kubernetes.io/master=true",
-                   "node.kubernetes.io/instance-type=k3s"], &["k3s.io/node-args=[]"]),
-            node("k-2", "v1.29.4+k3s1", "containerd://1.7.15-k3s1", &[], &["k3s.io/node-args=[]"]),
+            node(
+                "k-1",
+                "v1.29.4+k3s1",
+                "containerd://1.7.15-k3s1",
+                &[
+                    "node-role.kubernetes.io/control-plane=true",
+                    "node-role.kubernetes.io/master=true",
+                    "node.kubernetes.io/instance-type=k3s",
+                ],
+                &["k3s.io/node-args=[]"],
+            ),
+            node(
+                "k-2",
+                "v1.29.4+k3s1",
+                "containerd://1.7.15-k3s1",
+                &[],
+                &["k3s.io/node-args=[]"],
+            ),
         ];
         let objects = DistroObjects {
             helm_charts: ["traefik".to_string()].into(),
@@ -479,8 +576,13 @@ mod tests {
     #[test]
     fn generic_kubeadm_with_the_operator() {
         let nodes = vec![
-            node("m-1", "v1.30.2", "containerd://1.7.18",
-                 &["node-role.kubernetes.io/control-plane="], &["kubeadm.alpha.kubernetes.io/cri-socket=x"]),
+            node(
+                "m-1",
+                "v1.30.2",
+                "containerd://1.7.18",
+                &["node-role.kubernetes.io/control-plane="],
+                &["kubeadm.alpha.kubernetes.io/cri-socket=x"],
+            ),
             node("n-1", "v1.30.2", "containerd://1.7.18", &[], &[]),
         ];
         let objects = DistroObjects {
@@ -501,11 +603,20 @@ mod tests {
         nodes.push(rke1_nodes().remove(2));
         let d = detect(&facts(&nodes), &DistroObjects::default());
         assert_eq!(d.distribution, Distribution::Rke2);
-        assert!(d.conflicts.iter().any(|c| c.contains("rke.cattle.io/external-ip") && c.contains("RKE1")), "{:?}", d.conflicts);
+        assert!(
+            d.conflicts
+                .iter()
+                .any(|c| c.contains("rke.cattle.io/external-ip") && c.contains("RKE1")),
+            "{:?}",
+            d.conflicts
+        );
     }
 
     #[test]
     fn no_calico_found() {
-        assert_eq!(calico_install(&DistroObjects::default()), CalicoInstall::NotFound);
+        assert_eq!(
+            calico_install(&DistroObjects::default()),
+            CalicoInstall::NotFound
+        );
     }
 }

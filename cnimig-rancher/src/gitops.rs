@@ -41,7 +41,10 @@ pub fn classify(group: &str, kind: &str, namespace: &str, name: &str) -> Option<
     }
     if group.ends_with("projectcalico.org")
         || group == "operator.tigera.io"
-        || matches!(namespace, "calico-system" | "tigera-operator" | "calico-apiserver")
+        || matches!(
+            namespace,
+            "calico-system" | "tigera-operator" | "calico-apiserver"
+        )
         || name_l.contains("calico")
         || name_l.contains("tigera")
         || (kind == "DaemonSet" && name_l == "canal")
@@ -155,7 +158,10 @@ pub fn argo_pause_patch(app: &Value) -> Option<Patch> {
         path: ptr("/metadata/resourceVersion"),
         value: rv,
     })];
-    if app.pointer("/metadata/annotations").is_some_and(Value::is_object) {
+    if app
+        .pointer("/metadata/annotations")
+        .is_some_and(Value::is_object)
+    {
         ops.push(PatchOperation::Add(AddOperation {
             path: ptr(&ann_path()),
             value: saved,
@@ -196,7 +202,10 @@ pub fn argo_restore_patch(app: &Value) -> Result<Option<Patch>, String> {
         path: ptr(&ann_path()),
         value: Value::String(raw.to_string()),
     })];
-    if app.pointer("/spec/syncPolicy").is_some_and(Value::is_object) {
+    if app
+        .pointer("/spec/syncPolicy")
+        .is_some_and(Value::is_object)
+    {
         ops.push(PatchOperation::Add(AddOperation {
             path: ptr("/spec/syncPolicy/automated"),
             value: automated,
@@ -275,7 +284,12 @@ pub fn fleet_bundle(bundle: &Value) -> Option<FleetBundle> {
     if covers.is_empty() {
         return None;
     }
-    let s = |p: &str| bundle.pointer(p).and_then(Value::as_str).map(str::to_string);
+    let s = |p: &str| {
+        bundle
+            .pointer(p)
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
     Some(FleetBundle {
         namespace: s("/metadata/namespace").unwrap_or_default(),
         name: s("/metadata/name").unwrap_or_default(),
@@ -311,13 +325,21 @@ mod tests {
         let res = json!([{"group": "apps", "kind": "DaemonSet", "namespace": "kube-system", "name": "calico-node"},
                          {"group": "apps", "kind": "Deployment", "namespace": "cattle-system", "name": "cattle-cluster-agent"},
                          {"group": "", "kind": "ConfigMap", "namespace": "web", "name": "site"}]);
-        let a = argo_app(&app(json!({"automated": {"prune": true, "selfHeal": true}}), res.clone()));
+        let a = argo_app(&app(
+            json!({"automated": {"prune": true, "selfHeal": true}}),
+            res.clone(),
+        ));
         assert!(a.reverts_changes());
         assert_eq!(a.covers, vec![Covers::Calico, Covers::ClusterAgent]);
         let manual = argo_app(&app(json!({"automated": {"prune": true}}), res));
-        assert!(!manual.reverts_changes(), "no selfHeal: it does not revert live changes");
-        let other = argo_app(&app(json!({"automated": {"selfHeal": true}}),
-                                  json!([{"group": "", "kind": "Service", "namespace": "web", "name": "site"}])));
+        assert!(
+            !manual.reverts_changes(),
+            "no selfHeal: it does not revert live changes"
+        );
+        let other = argo_app(&app(
+            json!({"automated": {"selfHeal": true}}),
+            json!([{"group": "", "kind": "Service", "namespace": "web", "name": "site"}]),
+        ));
         assert!(!other.reverts_changes());
         let chart = argo_app(&json!({"metadata": {"name": "c", "namespace": "argocd"},
             "spec": {"source": {"chart": "cilium"}, "syncPolicy": {"automated": {"selfHeal": true}}}}));
@@ -326,7 +348,10 @@ mod tests {
 
     #[test]
     fn pause_and_restore_once() {
-        let original = app(json!({"automated": {"prune": true, "selfHeal": true}, "syncOptions": ["CreateNamespace=true"]}), json!([]));
+        let original = app(
+            json!({"automated": {"prune": true, "selfHeal": true}, "syncOptions": ["CreateNamespace=true"]}),
+            json!([]),
+        );
         let mut v = original.clone();
         json_patch::patch(&mut v, &argo_pause_patch(&original).unwrap()).unwrap();
         assert!(v.pointer("/spec/syncPolicy/automated").is_none());
@@ -338,7 +363,10 @@ mod tests {
         assert_eq!(r["spec"], original["spec"]);
         assert_eq!(r["metadata"]["annotations"], json!({}));
         assert_eq!(argo_restore_patch(&r).unwrap(), None);
-        assert!(json_patch::patch(&mut r, &restore).is_err(), "a replayed restore fails its test");
+        assert!(
+            json_patch::patch(&mut r, &restore).is_err(),
+            "a replayed restore fails its test"
+        );
         // Not automated: nothing to pause.
         assert!(argo_pause_patch(&app(json!({}), json!([]))).is_none());
         let mut bad = v.clone();
@@ -354,7 +382,15 @@ mod tests {
         let f = fleet_bundle(&b).unwrap();
         assert_eq!(f.covers, vec![Covers::Calico]);
         assert!(!f.paused);
-        assert_eq!(f.pause_command(), "kubectl -n fleet-default patch gitrepos.fleet.cattle.io infra --type merge -p '{\"spec\":{\"paused\":true}}'");
-        assert!(fleet_bundle(&json!({"spec": {"resources": [{"name": "web.yaml", "content": "kind: Service"}]}})).is_none());
+        assert_eq!(
+            f.pause_command(),
+            "kubectl -n fleet-default patch gitrepos.fleet.cattle.io infra --type merge -p '{\"spec\":{\"paused\":true}}'"
+        );
+        assert!(
+            fleet_bundle(
+                &json!({"spec": {"resources": [{"name": "web.yaml", "content": "kind: Service"}]}})
+            )
+            .is_none()
+        );
     }
 }

@@ -176,7 +176,9 @@ impl RancherPlan {
     /// The agent is handled (there is one, so it goes on the host network and back).
     #[must_use]
     pub fn has_agent(&self) -> bool {
-        self.steps.iter().any(|s| s.action == Action::AgentToHostNetwork)
+        self.steps
+            .iter()
+            .any(|s| s.action == Action::AgentToHostNetwork)
     }
 }
 
@@ -251,15 +253,29 @@ pub fn plan(snap: &RancherSnapshot, cfg: &RancherConfig) -> RancherPlan {
     checks.push(if detection.conflicts.is_empty() {
         Check::pass(
             "rancher-distribution",
-            format!("{} ({} pieces of evidence)", detection.distribution, detection.evidence.len()),
+            format!(
+                "{} ({} pieces of evidence)",
+                detection.distribution,
+                detection.evidence.len()
+            ),
         )
     } else {
         Check::warn(
             "rancher-distribution",
             format!(
-                "{} chosen, but: {}; check the nodes are one cluster of one distribution",
+                "{} chosen, but: {}{}; check the nodes are one cluster of one distribution",
                 detection.distribution,
-                detection.conflicts.join("; ")
+                detection
+                    .conflicts
+                    .iter()
+                    .take(3)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                match detection.conflicts.len() {
+                    0..=3 => String::new(),
+                    n => format!(" and {} more", n - 3),
+                }
             ),
         )
     });
@@ -283,8 +299,16 @@ pub fn plan(snap: &RancherSnapshot, cfg: &RancherConfig) -> RancherPlan {
     if let Some(agent_dep) = &snap.agent {
         let id = format!(
             "{}/{}",
-            agent_dep.metadata.namespace.as_deref().unwrap_or(agent::AGENT_NAMESPACE),
-            agent_dep.metadata.name.as_deref().unwrap_or(agent::AGENT_NAME)
+            agent_dep
+                .metadata
+                .namespace
+                .as_deref()
+                .unwrap_or(agent::AGENT_NAMESPACE),
+            agent_dep
+                .metadata
+                .name
+                .as_deref()
+                .unwrap_or(agent::AGENT_NAME)
         );
         match agent::agent_state(agent_dep) {
             Err(e) => checks.push(Check::fail("rancher-agent", e.to_string())),
@@ -292,32 +316,47 @@ pub fn plan(snap: &RancherSnapshot, cfg: &RancherConfig) -> RancherPlan {
                 let describe = match &state {
                     AgentState::Original(s) => format!(
                         "JSON-patch Deployment {id}: spec.template.spec.hostNetwork {} -> true, dnsPolicy {} -> {}, original saved in its annotation {}",
-                        s.host_network.map_or("(absent)".to_string(), |b| b.to_string()),
+                        s.host_network
+                            .map_or("(absent)".to_string(), |b| b.to_string()),
                         s.dns_policy.as_deref().unwrap_or("(absent)"),
                         agent::HOST_NET_DNS_POLICY,
                         agent::ORIGINAL_ANNOTATION
                     ),
-                    AgentState::Prepared { template_on_host_network: true, .. } => format!(
+                    AgentState::Prepared {
+                        template_on_host_network: true,
+                        ..
+                    } => format!(
                         "Deployment {id} is already on the host network (saved by an earlier run): nothing to change"
                     ),
                     AgentState::Prepared { .. } => format!(
                         "Deployment {id} was prepared by an earlier run but is off the host network again: re-patch hostNetwork/dnsPolicy, keeping the saved original"
                     ),
                 };
-                checks.push(Check::pass("rancher-agent", format!("{id} found ({})", match state {
-                    AgentState::Original(_) => "as Rancher deployed it",
-                    AgentState::Prepared { .. } => "prepared by an earlier cnimig run",
-                })));
+                checks.push(Check::pass(
+                    "rancher-agent",
+                    format!(
+                        "{id} found ({})",
+                        match state {
+                            AgentState::Original(_) => "as Rancher deployed it",
+                            AgentState::Prepared { .. } => "prepared by an earlier cnimig run",
+                        }
+                    ),
+                ));
                 step(When::BeforeFirstNode, Action::AgentToHostNetwork, describe);
                 step(
                     When::BetweenNodes,
                     Action::AgentCheck,
-                    format!("after each node's verification: {id} Ready on the host network (re-patched if Rancher redeployed it; the node fails verification if the agent is not Ready)"),
+                    format!(
+                        "after each node's verification: {id} Ready on the host network (re-patched if Rancher redeployed it; the node fails verification if the agent is not Ready)"
+                    ),
                 );
                 step(
                     When::AfterLastNode,
                     Action::AgentRestore,
-                    format!("restore {id}'s saved hostNetwork and dnsPolicy exactly and remove {} (once; a resumed run does it if this one dies)", agent::ORIGINAL_ANNOTATION),
+                    format!(
+                        "restore {id}'s saved hostNetwork and dnsPolicy exactly and remove {} (once; a resumed run does it if this one dies)",
+                        agent::ORIGINAL_ANNOTATION
+                    ),
                 );
             }
         }
@@ -472,7 +511,11 @@ pub fn plan(snap: &RancherSnapshot, cfg: &RancherConfig) -> RancherPlan {
             ),
         ));
         for b in unpaused {
-            step(When::BeforeFirstNode, Action::Manual, format!("in the management cluster: {}", b.pause_command()));
+            step(
+                When::BeforeFirstNode,
+                Action::Manual,
+                format!("in the management cluster: {}", b.pause_command()),
+            );
         }
     }
 
@@ -496,13 +539,22 @@ fn rke2_steps(
     const ID: &str = "rancher-rke2-calico-autodetection";
     if let Some(c) = &snap.rke2_cluster {
         match cni::autodetection_ok(cni::provisioned_autodetection(c)) {
-            Ok(()) => checks.push(Check::pass(ID, format!("provisioning Cluster {}: chartValues.rke2-calico keeps Calico off cilium_*", name_of(c)))),
+            Ok(()) => checks.push(Check::pass(
+                ID,
+                format!(
+                    "provisioning Cluster {}: chartValues.rke2-calico keeps Calico off cilium_*",
+                    name_of(c)
+                ),
+            )),
             Err(why) => {
                 checks.push(Check::pass(ID, format!("provisioning Cluster {}: chartValues.rke2-calico autodetection {why}; cnimig sets kubernetes: NodeInternalIP", name_of(c))));
                 step(
                     When::BeforeFirstNode,
                     Action::Rke2ProvisionedAutodetection,
-                    format!("merge-patch provisioning.cattle.io/v1 Cluster {}: spec.rkeConfig.chartValues.rke2-calico.installation.calicoNetwork.nodeAddressAutodetectionV4 -> {{kubernetes: NodeInternalIP}}", name_of(c)),
+                    format!(
+                        "merge-patch provisioning.cattle.io/v1 Cluster {}: spec.rkeConfig.chartValues.rke2-calico.installation.calicoNetwork.nodeAddressAutodetectionV4 -> {{kubernetes: NodeInternalIP}}",
+                        name_of(c)
+                    ),
                 );
             }
         }
@@ -510,8 +562,14 @@ fn rke2_steps(
         if current != cfg.rke2_cni_target {
             step(
                 When::AfterLastNode,
-                Action::Rke2CniSwitch { target: cfg.rke2_cni_target.clone() },
-                format!("only once every node is on Cilium: merge-patch Cluster {}: spec.rkeConfig.machineGlobalConfig.cni {current} -> {} (cluster-wide: RKE2 uninstalls the Calico chart everywhere; Rancher probes Calico on every node until then)", name_of(c), cfg.rke2_cni_target),
+                Action::Rke2CniSwitch {
+                    target: cfg.rke2_cni_target.clone(),
+                },
+                format!(
+                    "only once every node is on Cilium: merge-patch Cluster {}: spec.rkeConfig.machineGlobalConfig.cni {current} -> {} (cluster-wide: RKE2 uninstalls the Calico chart everywhere; Rancher probes Calico on every node until then)",
+                    name_of(c),
+                    cfg.rke2_cni_target
+                ),
             );
         }
         return;
@@ -526,7 +584,14 @@ fn rke2_steps(
             },
         ));
         step(When::BeforeFirstNode, Action::Manual, "in Rancher, edit the cluster as YAML: spec.rkeConfig.chartValues.rke2-calico.installation.calicoNetwork.nodeAddressAutodetectionV4: {kubernetes: NodeInternalIP}".into());
-        step(When::AfterLastNode, Action::Manual, format!("only once every node is on Cilium: spec.rkeConfig.machineGlobalConfig.cni: {} (cluster-wide; removes the Calico chart)", cfg.rke2_cni_target));
+        step(
+            When::AfterLastNode,
+            Action::Manual,
+            format!(
+                "only once every node is on Cilium: spec.rkeConfig.machineGlobalConfig.cni: {} (cluster-wide; removes the Calico chart)",
+                cfg.rke2_cni_target
+            ),
+        );
         return;
     }
     if detection.calico == CalicoInstall::Rke2Chart {
@@ -539,7 +604,13 @@ fn rke2_steps(
         match cni::values_autodetection(values) {
             Err(e) => checks.push(Check::fail(ID, e.to_string())),
             Ok(v) => match cni::autodetection_ok(v.as_ref()) {
-                Ok(()) => checks.push(Check::pass(ID, format!("HelmChartConfig {}/rke2-calico keeps Calico off cilium_*", cfg.system_namespace))),
+                Ok(()) => checks.push(Check::pass(
+                    ID,
+                    format!(
+                        "HelmChartConfig {}/rke2-calico keeps Calico off cilium_*",
+                        cfg.system_namespace
+                    ),
+                )),
                 Err(why) => {
                     checks.push(Check::pass(ID, format!("HelmChartConfig {}/rke2-calico: autodetection {why}; cnimig sets kubernetes: NodeInternalIP", cfg.system_namespace)));
                     step(
@@ -547,14 +618,25 @@ fn rke2_steps(
                         Action::Rke2HelmChartConfigAutodetection,
                         format!(
                             "{} HelmChartConfig {}/rke2-calico: valuesContent installation.calicoNetwork.nodeAddressAutodetectionV4 -> {{kubernetes: NodeInternalIP}}, other values kept (RKE2's helm controller re-renders Calico's Installation from it)",
-                            if snap.helm_chart_config.is_some() { "update" } else { "create" },
+                            if snap.helm_chart_config.is_some() {
+                                "update"
+                            } else {
+                                "create"
+                            },
                             cfg.system_namespace
                         ),
                     );
                 }
             },
         }
-        step(When::AfterLastNode, Action::Manual, format!("only once every node is on Cilium: on every server node set cni: {} in /etc/rancher/rke2/config.yaml and restart rke2-server (cluster-wide; removes the Calico chart)", cfg.rke2_cni_target));
+        step(
+            When::AfterLastNode,
+            Action::Manual,
+            format!(
+                "only once every node is on Cilium: on every server node set cni: {} in /etc/rancher/rke2/config.yaml and restart rke2-server (cluster-wide; removes the Calico chart)",
+                cfg.rke2_cni_target
+            ),
+        );
     }
 }
 
@@ -579,12 +661,23 @@ mod tests {
 
     fn rke2_snapshot() -> RancherSnapshot {
         RancherSnapshot {
-            nodes: vec![node("s1", "v1.28.9+rke2r1", json!({"node-role.kubernetes.io/control-plane": "true"})),
-                        node("a1", "v1.28.9+rke2r1", json!({}))],
-            objects: DistroObjects { helm_charts: ["rke2-calico".to_string()].into(), ..DistroObjects::default() },
+            nodes: vec![
+                node(
+                    "s1",
+                    "v1.28.9+rke2r1",
+                    json!({"node-role.kubernetes.io/control-plane": "true"}),
+                ),
+                node("a1", "v1.28.9+rke2r1", json!({})),
+            ],
+            objects: DistroObjects {
+                helm_charts: ["rke2-calico".to_string()].into(),
+                ..DistroObjects::default()
+            },
             agent: Some(agent()),
-            argo_apps: Some(vec![json!({"metadata": {"name": "cni", "namespace": "argocd", "resourceVersion": "3"},
-                "spec": {"source": {"chart": "rke2-calico"}, "syncPolicy": {"automated": {"selfHeal": true}}}})]),
+            argo_apps: Some(vec![
+                json!({"metadata": {"name": "cni", "namespace": "argocd", "resourceVersion": "3"},
+                "spec": {"source": {"chart": "rke2-calico"}, "syncPolicy": {"automated": {"selfHeal": true}}}}),
+            ]),
             ..RancherSnapshot::default()
         }
     }
@@ -593,21 +686,52 @@ mod tests {
     fn rke2_standalone_plan() {
         let snap = rke2_snapshot();
         let p = plan(&snap, &RancherConfig::default());
-        assert!(!p.ok(), "a self-healing Application fails the plan without --pause-gitops: {p}");
-        let p = plan(&snap, &RancherConfig { pause_gitops: true, ..RancherConfig::default() });
+        assert!(
+            !p.ok(),
+            "a self-healing Application fails the plan without --pause-gitops: {p}"
+        );
+        let p = plan(
+            &snap,
+            &RancherConfig {
+                pause_gitops: true,
+                ..RancherConfig::default()
+            },
+        );
         assert!(p.ok(), "{p}");
         let actions: Vec<(When, &Action)> = p.steps.iter().map(|s| (s.when, &s.action)).collect();
         assert!(actions.contains(&(When::BeforeFirstNode, &Action::AgentToHostNetwork)));
-        assert!(actions.contains(&(When::BeforeFirstNode, &Action::Rke2HelmChartConfigAutodetection)));
-        assert!(actions.contains(&(When::BeforeFirstNode, &Action::ArgoPause { namespace: "argocd".into(), name: "cni".into() })));
+        assert!(actions.contains(&(
+            When::BeforeFirstNode,
+            &Action::Rke2HelmChartConfigAutodetection
+        )));
+        assert!(actions.contains(&(
+            When::BeforeFirstNode,
+            &Action::ArgoPause {
+                namespace: "argocd".into(),
+                name: "cni".into()
+            }
+        )));
         assert!(actions.contains(&(When::AfterLastNode, &Action::AgentRestore)));
-        assert!(actions.contains(&(When::AfterLastNode, &Action::ArgoRestore { namespace: "argocd".into(), name: "cni".into() })));
+        assert!(actions.contains(&(
+            When::AfterLastNode,
+            &Action::ArgoRestore {
+                namespace: "argocd".into(),
+                name: "cni".into()
+            }
+        )));
         // The cni switch of a standalone RKE2 is the person's, and the very last phase.
         let last = p.steps.last().unwrap();
         assert_eq!(last.when, When::AfterLastNode);
-        assert!(p.steps.iter().any(|s| s.action == Action::Manual && s.describe.contains("/etc/rancher/rke2/config.yaml")));
+        assert!(
+            p.steps.iter().any(|s| s.action == Action::Manual
+                && s.describe.contains("/etc/rancher/rke2/config.yaml"))
+        );
         let text = p.to_string();
-        assert!(text.contains("distribution: RKE2") && text.contains("1 control-plane/etcd, migrated last: s1"), "{text}");
+        assert!(
+            text.contains("distribution: RKE2")
+                && text.contains("1 control-plane/etcd, migrated last: s1"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -615,36 +739,79 @@ mod tests {
         let mut snap = rke2_snapshot();
         snap.argo_apps = None;
         snap.management = true;
-        snap.rke2_cluster = Some(json!({"metadata": {"name": "prod", "namespace": "fleet-default"},
-            "spec": {"rkeConfig": {"machineGlobalConfig": {"cni": "calico"}}}}));
+        snap.rke2_cluster = Some(
+            json!({"metadata": {"name": "prod", "namespace": "fleet-default"},
+            "spec": {"rkeConfig": {"machineGlobalConfig": {"cni": "calico"}}}}),
+        );
         let p = plan(&snap, &RancherConfig::default());
         assert!(p.ok(), "{p}");
-        let switch = p.steps.iter().position(|s| s.action == Action::Rke2CniSwitch { target: "none".into() }).unwrap();
+        let switch = p
+            .steps
+            .iter()
+            .position(|s| {
+                s.action
+                    == Action::Rke2CniSwitch {
+                        target: "none".into(),
+                    }
+            })
+            .unwrap();
         assert_eq!(p.steps[switch].when, When::AfterLastNode);
-        assert!(p.steps.iter().any(|s| s.action == Action::Rke2ProvisionedAutodetection && s.when == When::BeforeFirstNode));
-        assert!(!p.steps.iter().any(|s| s.action == Action::Rke2HelmChartConfigAutodetection));
+        assert!(
+            p.steps
+                .iter()
+                .any(|s| s.action == Action::Rke2ProvisionedAutodetection
+                    && s.when == When::BeforeFirstNode)
+        );
+        assert!(
+            !p.steps
+                .iter()
+                .any(|s| s.action == Action::Rke2HelmChartConfigAutodetection)
+        );
     }
 
     #[test]
     fn rke1_plan_with_and_without_the_management_cluster() {
         let rke1 = RancherSnapshot {
-            nodes: vec![node("n1", "v1.26.15", json!({"node-role.kubernetes.io/worker": "true"}))],
-            objects: DistroObjects { rke_network_plugin_configmap: true, ..DistroObjects::default() },
+            nodes: vec![node(
+                "n1",
+                "v1.26.15",
+                json!({"node-role.kubernetes.io/worker": "true"}),
+            )],
+            objects: DistroObjects {
+                rke_network_plugin_configmap: true,
+                ..DistroObjects::default()
+            },
             agent: Some(agent()),
             ..RancherSnapshot::default()
         };
         let p = plan(&rke1, &RancherConfig::default());
         assert_eq!(p.detection.distribution, Distribution::Rke1);
-        assert!(p.steps.iter().any(|s| s.action == Action::Manual && s.describe.contains("network.plugin: none")));
+        assert!(
+            p.steps
+                .iter()
+                .any(|s| s.action == Action::Manual && s.describe.contains("network.plugin: none"))
+        );
         let mut with = rke1.clone();
         with.management = true;
-        with.rke1_cluster = Some(json!({"metadata": {"name": "c-abcde"}, "spec": {"rancherKubernetesEngineConfig": {"network": {"plugin": "calico"}}}}));
+        with.rke1_cluster = Some(
+            json!({"metadata": {"name": "c-abcde"}, "spec": {"rancherKubernetesEngineConfig": {"network": {"plugin": "calico"}}}}),
+        );
         let p = plan(&with, &RancherConfig::default());
         assert!(p.steps.iter().any(|s| s.action == Action::Rke1PluginNone));
-        with.rke1_cluster = Some(json!({"metadata": {"name": "c-abcde"}, "spec": {"rancherKubernetesEngineConfig": {"network": {"plugin": "none"}}}}));
-        assert!(!plan(&with, &RancherConfig::default()).steps.iter().any(|s| s.action == Action::Rke1PluginNone));
+        with.rke1_cluster = Some(
+            json!({"metadata": {"name": "c-abcde"}, "spec": {"rancherKubernetesEngineConfig": {"network": {"plugin": "none"}}}}),
+        );
+        assert!(
+            !plan(&with, &RancherConfig::default())
+                .steps
+                .iter()
+                .any(|s| s.action == Action::Rke1PluginNone)
+        );
         with.rke1_cluster = None;
-        assert!(!plan(&with, &RancherConfig::default()).ok(), "a wrong cluster name fails");
+        assert!(
+            !plan(&with, &RancherConfig::default()).ok(),
+            "a wrong cluster name fails"
+        );
     }
 
     #[test]
@@ -653,11 +820,25 @@ mod tests {
         snap.argo_apps = None;
         snap.server_url = "https://rancher.example/k8s/clusters/c-m-1".into();
         snap.management = true;
-        snap.fleet_bundles = vec![json!({"metadata": {"name": "cni", "namespace": "fleet-default"},
-            "spec": {"resources": [{"name": "cilium.yaml", "content": ""}]}})];
+        snap.fleet_bundles = vec![
+            json!({"metadata": {"name": "cni", "namespace": "fleet-default"},
+            "spec": {"resources": [{"name": "cilium.yaml", "content": ""}]}}),
+        ];
         let p = plan(&snap, &RancherConfig::default());
-        assert!(p.checks.iter().any(|c| c.id == "rancher-proxy" && c.severity == Severity::Warn));
-        assert!(p.checks.iter().any(|c| c.id == "rancher-gitops-fleet" && c.severity == Severity::Warn));
-        assert!(p.steps.iter().any(|s| s.describe.contains("patch bundles.fleet.cattle.io cni")));
+        assert!(
+            p.checks
+                .iter()
+                .any(|c| c.id == "rancher-proxy" && c.severity == Severity::Warn)
+        );
+        assert!(
+            p.checks
+                .iter()
+                .any(|c| c.id == "rancher-gitops-fleet" && c.severity == Severity::Warn)
+        );
+        assert!(
+            p.steps
+                .iter()
+                .any(|s| s.describe.contains("patch bundles.fleet.cattle.io cni"))
+        );
     }
 }

@@ -20,8 +20,10 @@ use cnimig_rancher::plan::{Action, RancherPlan, When};
 use cnimig_rancher::{RancherCluster, RancherVerifier};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams};
 use kube::Client;
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+};
 use serde_json::{Value, json};
 
 use crate::common::{self, wait_until};
@@ -35,7 +37,13 @@ enum Shape {
 
 /// Emulated nodes shaped like `shape`: role labels through the emulator, then the annotations,
 /// kubelet version and runtime the distribution shows.
-async fn cluster(admin: &Client, ns: &str, shape: Shape, workers: usize, servers: usize) -> (cnimig_emu::EmuHandle, Vec<String>) {
+async fn cluster(
+    admin: &Client,
+    ns: &str,
+    shape: Shape,
+    workers: usize,
+    servers: usize,
+) -> (cnimig_emu::EmuHandle, Vec<String>) {
     let mut ecfg = cnimig_emu::EmuConfig::new(&format!("{ns}-n"), workers + servers);
     ecfg.cilium_namespace = ns.to_string();
     ecfg.node_labels = BTreeMap::from([("cnimig.io/e2e".to_string(), ns.to_string())]);
@@ -47,7 +55,10 @@ async fn cluster(admin: &Client, ns: &str, shape: Shape, workers: usize, servers
             (Shape::Rke2, true) => &["control-plane", "etcd", "master"],
             (Shape::Rke2, false) => &[],
         };
-        let mut l: BTreeMap<String, String> = roles.iter().map(|r| (format!("node-role.kubernetes.io/{r}"), "true".to_string())).collect();
+        let mut l: BTreeMap<String, String> = roles
+            .iter()
+            .map(|r| (format!("node-role.kubernetes.io/{r}"), "true".to_string()))
+            .collect();
         if shape == Shape::Rke2 {
             l.insert("node.kubernetes.io/instance-type".into(), "rke2".into());
         }
@@ -58,10 +69,25 @@ async fn cluster(admin: &Client, ns: &str, shape: Shape, workers: usize, servers
     let nodes: Api<Node> = Api::all(admin.clone());
     for n in &names {
         let (version, runtime, ann) = match shape {
-            Shape::Rke1 => ("v1.26.15", "docker://20.10.24", json!({"rke.cattle.io/external-ip": "203.0.113.9", "rke.cattle.io/internal-ip": "10.0.0.9"})),
-            Shape::Rke2 => ("v1.28.9+rke2r1", "containerd://1.7.11-k3s2", json!({"rke2.io/node-args": "[\"server\"]", "rke2.io/internal-ip": "10.0.0.9"})),
+            Shape::Rke1 => (
+                "v1.26.15",
+                "docker://20.10.24",
+                json!({"rke.cattle.io/external-ip": "203.0.113.9", "rke.cattle.io/internal-ip": "10.0.0.9"}),
+            ),
+            Shape::Rke2 => (
+                "v1.28.9+rke2r1",
+                "containerd://1.7.11-k3s2",
+                json!({"rke2.io/node-args": "[\"server\"]", "rke2.io/internal-ip": "10.0.0.9"}),
+            ),
         };
-        nodes.patch(n, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": ann}}))).await.unwrap();
+        nodes
+            .patch(
+                n,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"annotations": ann}})),
+            )
+            .await
+            .unwrap();
         nodes
             .patch_status(n, &PatchParams::default(), &Patch::Merge(json!({"status": {"nodeInfo": {"kubeletVersion": version, "containerRuntimeVersion": runtime}}})))
             .await
@@ -105,32 +131,53 @@ async fn workloads(admin: &Client, ns: &str) -> usize {
 }
 
 fn ready(p: &Pod) -> bool {
-    p.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 async fn wait_pods(admin: &Client, ns: &str, expected: usize, nodes: usize) {
     let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
     let want = expected + 2 * nodes;
-    wait_until(&format!("{want} pods Running and Ready"), Duration::from_secs(180), || {
-        let pods = pods.clone();
-        async move {
-            let Ok(l) = pods.list(&ListParams::default()).await else { return false };
-            l.items.iter().filter(|p| ready(p) && p.metadata.deletion_timestamp.is_none()).count() >= want
-        }
-    })
+    wait_until(
+        &format!("{want} pods Running and Ready"),
+        Duration::from_secs(180),
+        || {
+            let pods = pods.clone();
+            async move {
+                let Ok(l) = pods.list(&ListParams::default()).await else {
+                    return false;
+                };
+                l.items
+                    .iter()
+                    .filter(|p| ready(p) && p.metadata.deletion_timestamp.is_none())
+                    .count()
+                    >= want
+            }
+        },
+    )
     .await;
 }
 
 /// Samples the agent every 200 ms until stopped: each sample where its template is off the host
 /// network or no Ready agent pod runs on the host network is a violation.
-fn watch_agent(admin: Client, ns: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(usize, Vec<String>)> {
+fn watch_agent(
+    admin: Client,
+    ns: String,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(usize, Vec<String>)> {
     tokio::spawn(async move {
         let deps: Api<Deployment> = Api::namespaced(admin.clone(), &ns);
         let pods: Api<Pod> = Api::namespaced(admin, &ns);
         let mut samples = 0;
         let mut violations = Vec::new();
         while !stop.load(Ordering::Relaxed) {
-            if let (Ok(d), Ok(p)) = (deps.get("cattle-cluster-agent").await, pods.list(&ListParams::default().labels("app=cattle-cluster-agent")).await) {
+            if let (Ok(d), Ok(p)) = (
+                deps.get("cattle-cluster-agent").await,
+                pods.list(&ListParams::default().labels("app=cattle-cluster-agent"))
+                    .await,
+            ) {
                 samples += 1;
                 let problems = agent_health(&d, &p.items).unwrap().problems();
                 if !problems.is_empty() {
@@ -157,7 +204,12 @@ fn migration_config(ns: &str) -> MigrationConfig {
 }
 
 /// The core's orchestrator over cnimig-kube as the ServiceAccount, with the Rancher verifier.
-async fn migrate(env: &common::Env, ns: &str, rancher: &RancherCluster, max_ticks: Option<u64>) -> RunReport {
+async fn migrate(
+    env: &common::Env,
+    ns: &str,
+    rancher: &RancherCluster,
+    max_ticks: Option<u64>,
+) -> RunReport {
     let cfg = migration_config(ns);
     let mut opts = common::opts(ns);
     opts.node_selector = Some(format!("cnimig.io/e2e={ns}"));
@@ -165,21 +217,46 @@ async fn migrate(env: &common::Env, ns: &str, rancher: &RancherCluster, max_tick
     let mut ports = Ports::from_one(kube.clone());
     let inner: Arc<dyn Verifier> = Arc::new(kube);
     ports.verifier = Arc::new(RancherVerifier::new(inner, rancher.clone()));
-    let orch = Orchestrator::new(ports, cfg, RunOptions { holder: format!("rancher-{ns}"), max_ticks, ..RunOptions::default() });
+    let orch = Orchestrator::new(
+        ports,
+        cfg,
+        RunOptions {
+            holder: format!("rancher-{ns}"),
+            max_ticks,
+            ..RunOptions::default()
+        },
+    );
     let (_, plan) = orch.plan().await.unwrap();
-    let fails: Vec<String> = plan.preflight.failures().map(|c| format!("{}: {}", c.id, c.message)).collect();
+    let fails: Vec<String> = plan
+        .preflight
+        .failures()
+        .map(|c| format!("{}: {}", c.id, c.message))
+        .collect();
     assert!(fails.is_empty(), "preflight failed: {fails:#?}");
     let last: Vec<bool> = plan.order.iter().map(|p| p.control_plane).collect();
-    assert!(last.windows(2).all(|w| !(w[0] && !w[1])), "control-plane nodes go last: {:?}", plan.order);
-    tokio::time::timeout(Duration::from_secs(420), orch.run(&plan, &cnimig_core::events::Discard))
-        .await
-        .expect("the migration ends within 7 minutes")
-        .unwrap()
+    assert!(
+        last.windows(2).all(|w| !(w[0] && !w[1])),
+        "control-plane nodes go last: {:?}",
+        plan.order
+    );
+    tokio::time::timeout(
+        Duration::from_secs(420),
+        orch.run(&plan, &cnimig_core::events::Discard),
+    )
+    .await
+    .expect("the migration ends within 7 minutes")
+    .unwrap()
 }
 
 async fn setup_cni(admin: &Client, ns: &str) {
     // The ingress holds a hostPort (and so does the agent on the host network): portmap on.
-    let live = rendered_config(&migration_config(ns), ValueInputs { host_port_pods: true }, CiliumPhase::Migration);
+    let live = rendered_config(
+        &migration_config(ns),
+        ValueInputs {
+            host_port_pods: true,
+        },
+        CiliumPhase::Migration,
+    );
     common::cilium_config(admin, ns, serde_json::to_value(&live).unwrap()).await;
 }
 

@@ -19,8 +19,8 @@ mod steps;
 use std::time::Duration;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, GroupVersionKind, Patch, PatchParams};
 use kube::Client;
+use kube::api::{Api, GroupVersionKind, Patch, PatchParams};
 use serde_json::Value;
 use tokio::sync::OnceCell;
 
@@ -33,20 +33,29 @@ pub async fn rancher_crds(admin: &Client) {
             let api: Api<CustomResourceDefinition> = Api::all(admin.clone());
             let mut crds = Vec::new();
             for text in cnimig_rancher::CRDS {
-                let crd: CustomResourceDefinition = serde_yaml_ng::from_str(text).expect("a CRD of deploy/crds/rancher");
+                let crd: CustomResourceDefinition =
+                    serde_yaml_ng::from_str(text).expect("a CRD of deploy/crds/rancher");
                 let name = crd.metadata.name.clone().expect("CRD name");
-                api.patch(&name, &PatchParams::apply("cnimig-setup").force(), &Patch::Apply(&crd))
-                    .await
-                    .expect("apply CRD");
+                api.patch(
+                    &name,
+                    &PatchParams::apply("cnimig-setup").force(),
+                    &Patch::Apply(&crd),
+                )
+                .await
+                .expect("apply CRD");
                 crds.push(crd);
             }
             for crd in &crds {
                 let v = &crd.spec.versions[0].name;
                 let gvk = GroupVersionKind::gvk(&crd.spec.group, v, &crd.spec.names.kind);
-                common::wait_until(&format!("{} served", crd.spec.names.plural), Duration::from_secs(60), || {
-                    let gvk = gvk.clone();
-                    async move { kube::discovery::pinned_kind(admin, &gvk).await.is_ok() }
-                })
+                common::wait_until(
+                    &format!("{} served", crd.spec.names.plural),
+                    Duration::from_secs(60),
+                    || {
+                        let gvk = gvk.clone();
+                        async move { kube::discovery::pinned_kind(admin, &gvk).await.is_ok() }
+                    },
+                )
                 .await;
             }
         })

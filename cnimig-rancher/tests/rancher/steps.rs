@@ -8,8 +8,8 @@ use cnimig_rancher::agent::ORIGINAL_ANNOTATION;
 use cnimig_rancher::plan::{Action, When};
 use cnimig_rancher::{Management, RancherCluster, RancherOptions};
 use k8s_openapi::api::apps::v1::Deployment;
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind};
 use kube::Client;
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind};
 use serde_json::{Value, json};
 
 use crate::common;
@@ -30,7 +30,12 @@ pub fn agent_deployment(ns: &str, node_label: &str) -> Value {
 
 /// cnimig's RancherCluster as the ServiceAccount, its objects in `ns`, with the management
 /// cluster (the same control plane) naming `cluster` when given.
-pub fn rancher(env: &common::Env, ns: &str, cluster: Option<String>, pause_gitops: bool) -> RancherCluster {
+pub fn rancher(
+    env: &common::Env,
+    ns: &str,
+    cluster: Option<String>,
+    pause_gitops: bool,
+) -> RancherCluster {
     let client = Client::try_from(env.sa_config.clone()).unwrap();
     let mut opts = RancherOptions {
         agent_namespace: ns.to_string(),
@@ -45,7 +50,11 @@ pub fn rancher(env: &common::Env, ns: &str, cluster: Option<String>, pause_gitop
     };
     opts.config.pause_gitops = pause_gitops;
     opts.config.system_namespace = ns.to_string();
-    let mgmt = cluster.map(|c| Management { client: client.clone(), cluster: c, fleet_namespace: Some(ns.to_string()) });
+    let mgmt = cluster.map(|c| Management {
+        client: client.clone(),
+        cluster: c,
+        fleet_namespace: Some(ns.to_string()),
+    });
     RancherCluster::new(client, env.sa_config.cluster_url.to_string(), opts, mgmt)
 }
 
@@ -60,7 +69,9 @@ async fn the_agent_is_restored_exactly_and_once() {
     crate::rancher_crds(&admin).await;
     common::with_temp_ns(admin.clone(), "ragent", |ns| async move {
         crate::rancher_rbac(&admin, &ns).await;
-        cnimig_emu::setup::apply(&admin, &agent_deployment(&ns, "nowhere")).await.unwrap();
+        cnimig_emu::setup::apply(&admin, &agent_deployment(&ns, "nowhere"))
+            .await
+            .unwrap();
         let deps: Api<Deployment> = Api::namespaced(admin.clone(), &ns);
         let before = deps.get("cattle-cluster-agent").await.unwrap();
         let r = rancher(&env, &ns, None, false);
@@ -69,15 +80,38 @@ async fn the_agent_is_restored_exactly_and_once() {
         let spec = on.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
         assert_eq!(spec.host_network, Some(true));
         assert_eq!(spec.dns_policy.as_deref(), Some("ClusterFirstWithHostNet"));
-        assert!(on.metadata.annotations.as_ref().unwrap().contains_key(ORIGINAL_ANNOTATION));
-        assert!(!r.agent_to_host_network().await.unwrap(), "a second prepare changes nothing");
+        assert!(
+            on.metadata
+                .annotations
+                .as_ref()
+                .unwrap()
+                .contains_key(ORIGINAL_ANNOTATION)
+        );
+        assert!(
+            !r.agent_to_host_network().await.unwrap(),
+            "a second prepare changes nothing"
+        );
         // Two runs restore at once: exactly one of them does it.
         let r2 = r.clone();
         let (a, b) = tokio::join!(r.restore_agent(), r2.restore_agent());
-        assert_eq!(u8::from(a.unwrap()) + u8::from(b.unwrap()), 1, "restored exactly once");
+        assert_eq!(
+            u8::from(a.unwrap()) + u8::from(b.unwrap()),
+            1,
+            "restored exactly once"
+        );
         let after = deps.get("cattle-cluster-agent").await.unwrap();
-        assert_eq!(template(&after), template(&before), "the pod template is exactly as before");
-        assert!(!after.metadata.annotations.unwrap_or_default().contains_key(ORIGINAL_ANNOTATION));
+        assert_eq!(
+            template(&after),
+            template(&before),
+            "the pod template is exactly as before"
+        );
+        assert!(
+            !after
+                .metadata
+                .annotations
+                .unwrap_or_default()
+                .contains_key(ORIGINAL_ANNOTATION)
+        );
         assert!(!r.restore_agent().await.unwrap());
     })
     .await;
