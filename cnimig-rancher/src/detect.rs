@@ -392,7 +392,7 @@ mod tests {
     fn assert_control_plane_last(nodes: &[core::Node], expected_cp: &[&str]) {
         let model: Vec<_> = nodes
             .iter()
-            .filter_map(|n| cnimig_kube::convert::node(n))
+            .filter_map(cnimig_kube::convert::node)
             .collect();
         let refs: Vec<_> = model.iter().collect();
         let order = order_nodes(&refs, true);
