@@ -5,8 +5,9 @@
 //! cargo bench --bench planner -- decision     # one group
 //! ```
 //!
-//! - `decision/5000`: one scheduling decision on a 5,000-node cluster: the budget view for the
-//!   candidate window and the nodes draining, then `schedule::pick`.
+//! - `decision/5000`: one scheduling decision on a 5,000-node, 150,000-pod cluster (30 pods a
+//!   node): the budget view for the candidate window and the nodes draining, then
+//!   `schedule::pick`.
 //! - `plan/N`: preflight, node order and values from a snapshot of N nodes.
 //! - `migrate/N`: a whole simulated migration of the reference cluster of N nodes (50 in flight).
 
@@ -50,7 +51,9 @@ fn snapshot(rt: &tokio::runtime::Runtime, sim: &SimCluster) -> ClusterSnapshot {
 fn decision(c: &mut Criterion) {
     let rt = rt();
     let n = 5000;
-    let sim = SimCluster::new(Scenario::reference(n), SimParams::default(), 1).expect("scenario");
+    // 30 pods a node: 150,000 pods.
+    let sim = SimCluster::new(Scenario::reference_dense(n, 30), SimParams::default(), 1)
+        .expect("scenario");
     let snap = snapshot(&rt, &sim);
     let p = plan(&snap, &cfg(50));
     let limits = Limits {

@@ -458,3 +458,146 @@ async fn a_run_that_cannot_renew_its_lock_stops_acting_and_yields_to_the_next() 
         "acted while its lock was stale: {acted:?}"
     );
 }
+
+// ---------------------------------------------------------------- rollbacks across runs
+
+/// Runs `o` one tick at a time (each a run "killed" after one tick and started again, as a
+/// resumed run would) until `until` holds for the stored records, at most `max` ticks.
+async fn tick_until(
+    o: &Orchestrator,
+    plan: &cnimig::core::plan::Plan,
+    sim: &SimCluster,
+    max: usize,
+    until: impl Fn(&BTreeMap<NodeName, NodeRecord>) -> bool,
+) {
+    for _ in 0..max {
+        let r = o.run(plan, &Discard).await.expect("run");
+        let records = sim.load().await.expect("records");
+        if until(&records) {
+            return;
+        }
+        assert!(r.interrupted, "the run ended before the condition held: {r:?}");
+    }
+    panic!("condition not reached in {max} ticks");
+}
+
+fn one_tick(sim: &SimCluster, cfg: &MigrationConfig, opts: RunOptions) -> Orchestrator {
+    Orchestrator::new(
+        Ports::from_one(sim.clone()),
+        cfg.clone(),
+        RunOptions {
+            max_ticks: Some(1),
+            ..opts
+        },
+    )
+}
+
+#[tokio::test]
+async fn a_node_that_stays_not_ready_while_rolling_back_ends_failed_naming_node_step_and_cause() {
+    let (sim, mut cfg) = small_cluster(5);
+    cfg.step_timeout = Duration::from_secs(60);
+    let limit = Duration::from_secs(120);
+    let opts = RunOptions {
+        rollback_not_ready_limit: Some(limit),
+        ..RunOptions::default()
+    };
+    let stepper = one_tick(&sim, &cfg, opts.clone());
+    let plan = install(&sim, &stepper, &cfg).await;
+    let victim = plan.order[0].name.clone();
+    // Verification fails on the victim: it rolls back from PodsRestarted, with pods on Cilium and
+    // Cilium's CNI config to undo.
+    let mut faults = SimFaults::default();
+    faults.verify_fails.insert(victim.clone());
+    sim.set_faults(faults.clone()).expect("faults");
+    let v = victim.clone();
+    tick_until(&stepper, &plan, &sim, 2_000, |r| {
+        r.get(&v).is_some_and(|r| r.phase == Phase::RollingBack)
+    })
+    .await;
+    // Its kubelet stops now, for good.
+    let down = sim.now();
+    faults.node_not_ready_at.push((victim.clone(), down));
+    sim.set_faults(faults).expect("faults");
+    let full = Orchestrator::new(Ports::from_one(sim.clone()), cfg.clone(), opts);
+    let report = full.run(&plan, &Discard).await.expect("run");
+    assert!(!report.interrupted);
+    let out = report
+        .nodes
+        .iter()
+        .find(|n| n.node == victim)
+        .expect("victim in the report");
+    assert_eq!(out.phase, Phase::Failed, "{report:?}");
+    let cause = out.cause.clone().unwrap_or_default();
+    assert!(
+        cause.contains(&format!("node {victim} NotReady for more than")),
+        "{cause}"
+    );
+    assert!(cause.contains("rollback step"), "{cause}");
+    assert!(cause.contains("step Verify"), "names the original cause: {cause}");
+    assert!(!cause.contains('\n'), "one line: {cause}");
+    // Given up on after the NotReady limit (plus a poll or two), not after a rollback step's
+    // drain-plus-step limit.
+    let rec = sim.load().await.expect("records").remove(&victim).expect("record");
+    let gave_up = rec.since.since(down);
+    assert!(
+        gave_up >= limit && gave_up <= limit + Duration::from_secs(30),
+        "failed {gave_up:?} after going NotReady"
+    );
+    // The others went on (RollbackAndContinue) to an end: migrated, or rolled back where the
+    // victim's unready pods left a budget without a disruption to spare.
+    assert!(
+        report
+            .nodes
+            .iter()
+            .filter(|n| n.node != victim)
+            .all(|n| matches!(n.phase, Phase::Done | Phase::RolledBack)),
+        "{report:?}"
+    );
+    assert!(
+        sim.violations().is_empty(),
+        "{:?}",
+        sim.violations()
+    );
+}
+
+#[tokio::test]
+async fn a_later_run_retries_rolled_back_nodes_only_when_asked() {
+    let (sim, cfg) = small_cluster(6);
+    let first = orch(&sim, &cfg, "first");
+    let plan = install(&sim, &first, &cfg).await;
+    let victim = plan.order[1].name.clone();
+    let mut faults = SimFaults::default();
+    faults.verify_fails.insert(victim.clone());
+    sim.set_faults(faults).expect("faults");
+    let r = first.run(&plan, &Discard).await.expect("first run");
+    let phase = |r: &RunReport, n: &NodeName| r.nodes.iter().find(|x| &x.node == n).map(|x| x.phase);
+    assert_eq!(phase(&r, &victim), Some(Phase::RolledBack), "{r:?}");
+    // The cause is fixed.
+    sim.set_faults(SimFaults::default()).expect("faults");
+    // By default a later run leaves it rolled back and touches nothing.
+    let ops = sim.op_log().len();
+    let (_, plan2) = first.plan().await.expect("plan");
+    let r = orch(&sim, &cfg, "second").run(&plan2, &Discard).await.expect("second run");
+    assert_eq!(phase(&r, &victim), Some(Phase::RolledBack), "{r:?}");
+    assert!(
+        sim.op_log()[ops..].iter().all(|o| o.node != victim),
+        "the default run acted on the rolled-back node"
+    );
+    // With retry_rolled_back it migrates it.
+    let retry = Orchestrator::new(
+        Ports::from_one(sim.clone()),
+        cfg.clone(),
+        RunOptions {
+            holder: "third".into(),
+            retry_rolled_back: true,
+            ..RunOptions::default()
+        },
+    );
+    let r = retry.run(&plan2, &Discard).await.expect("third run");
+    assert!(all_done(&r), "{r:?}");
+    assert!(sim.is_fully_migrated(&victim));
+    assert!(sim.violations().is_empty(), "{:?}", sim.violations());
+    // Nodes already Done were not touched again.
+    let rec = sim.load().await.expect("records");
+    assert_eq!(rec.get(&victim).map(|r| r.phase), Some(Phase::Done));
+}

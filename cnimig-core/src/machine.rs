@@ -111,6 +111,9 @@ pub struct Rollback {
     /// The agent pod we restarted during rollback, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_restarted_from: Option<String>,
+    /// Since when the rollback has seen the node NotReady without a Ready look between.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_ready_since: Option<Time>,
 }
 
 /// What the machine remembers about one node, persisted in the cluster.
@@ -199,6 +202,11 @@ pub struct StepConfig {
     pub delete_emptydir_data: bool,
     /// Evict pods without a controller.
     pub evict_unmanaged_pods: bool,
+    /// A node rolling back that stays NotReady this long ends [`Phase::Failed`] (nothing on it
+    /// can change back while its kubelet is gone: the CNI restore's helper pod cannot run, pods
+    /// cannot restart), naming the node, the rollback step and the cause, rather than spending
+    /// every remaining step's limit. The config's step timeout unless the run says otherwise.
+    pub rollback_not_ready_limit: Duration,
 }
 
 impl From<&crate::config::MigrationConfig> for StepConfig {
@@ -210,6 +218,7 @@ impl From<&crate::config::MigrationConfig> for StepConfig {
             step_timeout: c.step_timeout,
             delete_emptydir_data: c.delete_emptydir_data,
             evict_unmanaged_pods: c.evict_unmanaged_pods,
+            rollback_not_ready_limit: c.step_timeout,
         }
     }
 }
@@ -300,6 +309,7 @@ fn fail(rec: &mut NodeRecord, cause: String, now: Time) {
         step: RollbackStep::Cordon,
         step_since: now,
         agent_restarted_from: None,
+        not_ready_since: None,
     });
     rec.enter(Phase::RollingBack, now);
 }
@@ -610,6 +620,7 @@ fn rollback_step(rec: &mut NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, 
             step: RollbackStep::Uncordon,
             step_since: now,
             agent_restarted_from: None,
+            not_ready_since: None,
         });
         return Step::Advance(Phase::Failed);
     };
@@ -619,6 +630,31 @@ fn rollback_step(rec: &mut NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, 
             r.step_since = now;
         }
     };
+    // A node whose kubelet is gone cannot change back: give up on it after the limit, saying so.
+    if obs.view.node.ready {
+        if rb.not_ready_since.is_some()
+            && let Some(r) = rec.rollback.as_mut()
+        {
+            r.not_ready_since = None;
+        }
+    } else {
+        let since = rb.not_ready_since.unwrap_or(now);
+        if now.since(since) > cfg.rollback_not_ready_limit {
+            if let Some(r) = rec.rollback.as_mut() {
+                r.cause = format!(
+                    "node {} NotReady for more than {:?} during rollback step {:?}, so it cannot be changed back to Calico (rolling back after: {})",
+                    obs.view.node.name, cfg.rollback_not_ready_limit, rb.step, r.cause
+                );
+                r.not_ready_since = Some(since);
+            }
+            return Step::Advance(Phase::Failed);
+        }
+        if rb.not_ready_since.is_none()
+            && let Some(r) = rec.rollback.as_mut()
+        {
+            r.not_ready_since = Some(now);
+        }
+    }
     if now.since(rb.step_since) > rollback_step_limit(cfg) {
         if let Some(r) = rec.rollback.as_mut() {
             r.cause = format!("{}; rollback step {:?} did not finish", r.cause, rb.step);

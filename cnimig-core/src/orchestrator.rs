@@ -140,6 +140,14 @@ pub struct RunOptions {
     /// The scheduling policy. [`schedule::pick`](crate::schedule::pick) unless a test or a
     /// benchmark swaps in another (e.g. a naive baseline, or a deliberately broken one).
     pub scheduler: PickFn,
+    /// Migrate again the nodes an earlier run rolled back (their record says `RolledBack`), once
+    /// the cause is fixed. Off by default: a rolled-back node stays on Calico and is reported.
+    /// Nodes that ended `Failed` are never retried (a person must look at them first).
+    pub retry_rolled_back: bool,
+    /// A node rolling back that stays NotReady this long ends `Failed` (see
+    /// [`StepConfig::rollback_not_ready_limit`](crate::machine::StepConfig::rollback_not_ready_limit));
+    /// `None` uses the config's step timeout.
+    pub rollback_not_ready_limit: Option<Duration>,
 }
 
 /// A scheduling policy: the signature of [`schedule::pick`](crate::schedule::pick).
@@ -158,6 +166,8 @@ impl Default for RunOptions {
             join_check_interval: Duration::from_secs(60),
             max_ticks: None,
             scheduler: pick,
+            retry_rolled_back: false,
+            rollback_not_ready_limit: None,
         }
     }
 }
@@ -256,6 +266,9 @@ struct Joins {
 /// How many times a call the run cannot go on without is tried before the run gives up.
 const ATTEMPTS: u32 = 8;
 
+/// At most this many looks at one node per tick (steps that take effect at once are chained).
+const MAX_LOOKS_PER_TICK: usize = 8;
+
 /// True while the node may still evict budget-covered pods in a drain: before its drain is done,
 /// or rolling back up to the end of the rollback's own drain. The scheduler counts these
 /// evictions against the budgets before starting another node.
@@ -284,7 +297,10 @@ impl Orchestrator {
     /// A new orchestrator for a validated config.
     #[must_use]
     pub fn new(ports: Ports, cfg: MigrationConfig, opts: RunOptions) -> Self {
-        let step = StepConfig::from(&cfg);
+        let mut step = StepConfig::from(&cfg);
+        if let Some(limit) = opts.rollback_not_ready_limit {
+            step.rollback_not_ready_limit = limit;
+        }
         Orchestrator {
             ports,
             cfg,
@@ -432,10 +448,17 @@ impl Orchestrator {
         let mut stopped: Option<String> = None;
         // First records whose save may have landed although it failed, by node.
         let mut uncertain_starts: BTreeMap<NodeName, Vec<NodeRecord>> = BTreeMap::new();
+        // Rolled-back nodes to migrate again (`retry_rolled_back`): their record is replaced when
+        // they start.
+        let mut retried: BTreeMap<NodeName, NodeRecord> = BTreeMap::new();
         for p in &plan.order {
             joins.known.insert(p.name.clone());
             match records.get(&p.name) {
                 None => pending.push(p.clone()),
+                Some(r) if r.phase == Phase::RolledBack && self.opts.retry_rolled_back => {
+                    retried.insert(p.name.clone(), r.clone());
+                    pending.push(p.clone());
+                }
                 Some(r) if r.phase.is_terminal() => {
                     finished.insert(p.name.clone(), (p.clone(), r.clone(), None));
                 }
@@ -506,6 +529,7 @@ impl Orchestrator {
         let mut last_lock = started;
         let mut last_join_check = started;
         let mut last_progress = (usize::MAX, 0, 0, 0);
+        let mut done_count = (usize::MAX, 0);
         let mut ticks: u64 = 0;
         'run: loop {
             let now = ports.clock.now();
@@ -550,7 +574,7 @@ impl Orchestrator {
                 let names: Vec<NodeName> = flying.keys().cloned().collect();
                 for name in names {
                     if let Some(f) = flying.get_mut(&name) {
-                        self.advance(f, sink, now).await?;
+                        self.advance(f, sink, now, false).await?;
                         if f.record.phase.is_terminal()
                             && let Some(f) = flying.remove(&name)
                         {
@@ -607,22 +631,34 @@ impl Orchestrator {
                             &mut pending,
                             &mut flying,
                             &mut uncertain_starts,
+                            &mut retried,
                             limits,
                             sink,
                             now,
                         )
                         .await?;
-                    for name in started_now {
-                        if let Some(f) = flying.get_mut(&name) {
-                            self.advance(f, sink, now).await?;
+                    // Every node started now is cordoned before any of them evicts: a pod
+                    // evicted from one must not land on another about to be cordoned.
+                    for cordon_only in [true, false] {
+                        for name in &started_now {
+                            if let Some(f) = flying.get_mut(name) {
+                                self.advance(f, sink, now, cordon_only).await?;
+                            }
                         }
                     }
                 }
 
-                let done = finished
-                    .values()
-                    .filter(|(_, r, _)| r.phase == Phase::Done)
-                    .count();
+                // Counted again only when a node finished (not on every tick: O(nodes) each).
+                if done_count.0 != finished.len() {
+                    done_count = (
+                        finished.len(),
+                        finished
+                            .values()
+                            .filter(|(_, r, _)| r.phase == Phase::Done)
+                            .count(),
+                    );
+                }
+                let done = done_count.1;
                 let progress = (done, finished.len() - done, flying.len(), pending.len());
                 if progress != last_progress {
                     last_progress = progress;
@@ -709,12 +745,13 @@ impl Orchestrator {
             push(p);
         }
         // Nodes that joined during the run.
+        let planned: BTreeSet<&NodeName> = plan.order.iter().map(|o| &o.name).collect();
         for p in pending
             .iter()
             .chain(flying.values().map(|f| &f.planned))
             .chain(finished.values().map(|(p, _, _)| p))
         {
-            if !plan.order.iter().any(|o| o.name == p.name) {
+            if !planned.contains(&p.name) {
                 push(p);
             }
         }
@@ -843,6 +880,7 @@ impl Orchestrator {
         pending: &mut Vec<PlannedNode>,
         flying: &mut BTreeMap<NodeName, Flying>,
         uncertain: &mut BTreeMap<NodeName, Vec<NodeRecord>>,
+        retried: &mut BTreeMap<NodeName, NodeRecord>,
         limits: Limits,
         sink: &dyn EventSink,
         now: Time,
@@ -887,7 +925,12 @@ impl Orchestrator {
             };
             let planned = pending.remove(pos);
             let mut record = NodeRecord::new(now);
-            let saved = match self.ports.store.save(&name, None, &record).await {
+            let saved = match self
+                .ports
+                .store
+                .save(&name, retried.get(&name), &record)
+                .await
+            {
                 Ok(()) => true,
                 Err(PortError::Conflict { .. }) => {
                     // Our own first record may be stored already, from a save that failed but
@@ -926,6 +969,7 @@ impl Orchestrator {
                 continue;
             }
             uncertain.remove(&name);
+            retried.remove(&name);
             sink.emit(&Event::NodeStarted {
                 node: name.clone(),
                 at: now,
@@ -995,6 +1039,7 @@ impl Orchestrator {
             _ => "waiting to cordon until the disruption budgets allow it".to_string(),
         };
         let rollback_wait = rollback_step_limit(&self.step) / 2;
+        let mut cordoned = Vec::new();
         for name in waiting {
             let Some(f) = flying.get_mut(&name) else {
                 continue;
@@ -1008,10 +1053,18 @@ impl Orchestrator {
                 .is_some_and(|rb| now.since(rb.step_since) >= rollback_wait);
             if picks.start.contains(&name) || overdue {
                 f.admitted = Some(now);
-                self.act_or_retry(f, Action::Cordon, sink, now).await?;
+                if self.act_or_retry(f, Action::Cordon, sink, now).await? {
+                    cordoned.push(name);
+                }
             } else {
                 self.act_or_retry(f, Action::Wait(reason.clone()), sink, now)
                     .await?;
+            }
+        }
+        // Every admitted node is cordoned before any of them evicts.
+        for name in cordoned {
+            if let Some(f) = flying.get_mut(&name) {
+                self.advance(f, sink, now, false).await?;
             }
         }
         Ok(())
@@ -1108,13 +1161,44 @@ impl Orchestrator {
         Ok(true)
     }
 
-    /// One look at one node: observe, decide, persist, act.
+    /// Looks at one node and acts, then, while the action took effect at once (a cordon, a
+    /// label, an uncordon, a verification that passed), looks again within the same tick: the
+    /// node goes cordon then evict, label then restart, uncordon then recycle, verified then done
+    /// without waiting a poll interval between. `cordon_only` takes one look and acts only if
+    /// that is a cordon (used to cordon every node started at one look before any of them evicts,
+    /// so that evicted pods do not land on a node about to be cordoned).
     async fn advance(
         &self,
         f: &mut Flying,
         sink: &dyn EventSink,
         now: Time,
+        cordon_only: bool,
     ) -> Result<(), RunError> {
+        let chain = !cordon_only;
+        for _ in 0..MAX_LOOKS_PER_TICK {
+            let acted = self.look(f, sink, now, cordon_only).await?;
+            let immediate = match &acted {
+                Some(Action::Cordon | Action::Uncordon | Action::Label | Action::Unlabel) => true,
+                Some(Action::Verify) => f.record.phase == Phase::Verified,
+                _ => false,
+            };
+            if !chain || !immediate || f.record.phase.is_terminal() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// One look at one node: observe, decide, persist, act (with `cordon_only`, act only if the
+    /// action is a cordon; the record is persisted either way). The action taken, if it was taken
+    /// without error.
+    async fn look(
+        &self,
+        f: &mut Flying,
+        sink: &dyn EventSink,
+        now: Time,
+        cordon_only: bool,
+    ) -> Result<Option<Action>, RunError> {
         let name = f.planned.name.clone();
         let ports = &self.ports;
         let observed = async {
@@ -1131,14 +1215,14 @@ impl Orchestrator {
                 let mut gone = next;
                 gone.phase = Phase::Failed;
                 self.save(f, gone, sink, now).await?;
-                return Ok(());
+                return Ok(None);
             }
             Err(e) if e.is_transient() => {
                 sink.emit(&Event::Retrying {
                     what: format!("observe {name}: {e}"),
                     at: now,
                 });
-                return Ok(());
+                return Ok(None);
             }
             Err(e) => return Err(e.into()),
         };
@@ -1149,27 +1233,35 @@ impl Orchestrator {
         };
         let d = decide(&f.record, &obs, &self.step, now);
         if !self.save_via(f, d.record, &d.entered, sink, now).await? {
-            return Ok(());
+            return Ok(None);
         }
         if d.action == Action::Cordon && f.admitted != Some(now) {
             // Cordoning starts a drain: it goes through the scheduler first (`admit_cordons`).
             f.wants_cordon = true;
-            return Ok(());
+            return Ok(None);
         }
-        self.act_or_retry(f, d.action, sink, now).await
+        if cordon_only && d.action != Action::Cordon {
+            return Ok(None);
+        }
+        let action = d.action.clone();
+        Ok(self
+            .act_or_retry(f, d.action, sink, now)
+            .await?
+            .then_some(action))
     }
 
-    /// Acts, retrying on the next look what a transient error or a 409 stopped.
+    /// Acts, retrying on the next look what a transient error or a 409 stopped. True when the
+    /// action went through.
     async fn act_or_retry(
         &self,
         f: &mut Flying,
         action: Action,
         sink: &dyn EventSink,
         now: Time,
-    ) -> Result<(), RunError> {
+    ) -> Result<bool, RunError> {
         let name = f.planned.name.clone();
         match self.act(f, action, sink, now).await {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(true),
             // A 409 on a write other than the record's (the node or a pod changed meanwhile) is
             // retried like a transient error: the next look re-reads.
             Err(RunError::Port(e))
@@ -1179,7 +1271,7 @@ impl Orchestrator {
                     what: format!("{name}: {e}"),
                     at: now,
                 });
-                Ok(())
+                Ok(false)
             }
             Err(e) => Err(e),
         }

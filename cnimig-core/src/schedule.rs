@@ -7,10 +7,12 @@
 //! 3. A node whose drain would need more disruptions than a PodDisruptionBudget allows, given the
 //!    evictions still ahead of the nodes already draining, waits. A budget nobody else is draining
 //!    against may be used by one node even if that node needs several disruptions (its own drain
-//!    then evicts them one at a time as replacements become ready); a budget with no disruption
-//!    allowed right now waits, unless nothing at all is in flight (then the node starts and its
-//!    drain timeout decides).
-//! 4. Among the nodes allowed, prefer the zone with the fewest nodes in flight, then plan order.
+//!    then evicts them one at a time as replacements become ready).
+//! 4. A node whose budget allows no disruption right now (replacements of earlier evictions are
+//!    still starting) starts only when no other drain in flight or started in this decision still
+//!    has pods of that budget, and after every node that can drain at once: its drain then waits
+//!    for the budget like `kubectl drain` does, and its drain timeout decides if it never frees.
+//! 5. Among the nodes allowed, prefer the zone with the fewest nodes in flight, then plan order.
 
 use std::collections::BTreeMap;
 
@@ -93,7 +95,6 @@ pub fn pick(
     let mut slots = (limits.max_in_flight as usize).saturating_sub(in_flight.len());
     let workers_left =
         in_flight.iter().any(|n| !n.control_plane) || pending.iter().any(|n| !n.control_plane);
-    let nothing_in_flight = in_flight.is_empty();
 
     let mut reserved: BTreeMap<&str, u32> = BTreeMap::new();
     for n in in_flight.iter().filter(|n| n.draining) {
@@ -116,54 +117,66 @@ pub fn pick(
         .take(window(limits, in_flight.len()))
         .enumerate()
         .collect();
-    while slots > 0 && !candidates.is_empty() {
-        // Least-loaded zone first, then plan order.
-        let Some(best) = candidates
-            .iter()
-            .enumerate()
-            .min_by_key(|(_, (order, n))| {
-                (
-                    zone_load.get(&n.zone.as_deref()).copied().unwrap_or(0),
-                    *order,
-                )
-            })
-            .map(|(i, _)| i)
-        else {
-            break;
-        };
-        let (_, node) = candidates.remove(best);
-        if limits.control_plane_last && node.control_plane && workers_left {
-            picks
-                .held
-                .get_or_insert((node.name.clone(), Held::ControlPlaneLast));
-            continue;
+    // Nodes that could start but whose budget allows no disruption right now: they go after every
+    // node that can drain at once (rule 4).
+    let mut deferred: Vec<(usize, &PendingNode)> = Vec::new();
+    for second_pass in [false, true] {
+        if second_pass {
+            candidates = std::mem::take(&mut deferred);
         }
-        let demand = budgets
-            .per_node
-            .get(&node.name)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        let blocking = demand.iter().find(|(pdb, need)| {
-            let used = reserved.get(pdb.as_str()).copied().unwrap_or(0);
-            let allowed = budgets.allowed.get(pdb).copied().unwrap_or(0);
-            if used > 0 {
-                used + need > allowed
-            } else {
-                allowed == 0 && !(nothing_in_flight && picks.start.is_empty())
+        while slots > 0 && !candidates.is_empty() {
+            // Least-loaded zone first, then plan order.
+            let Some(best) = candidates
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, (order, n))| {
+                    (
+                        zone_load.get(&n.zone.as_deref()).copied().unwrap_or(0),
+                        *order,
+                    )
+                })
+                .map(|(i, _)| i)
+            else {
+                break;
+            };
+            let (order, node) = candidates.remove(best);
+            if limits.control_plane_last && node.control_plane && workers_left {
+                picks
+                    .held
+                    .get_or_insert((node.name.clone(), Held::ControlPlaneLast));
+                continue;
             }
-        });
-        if let Some((pdb, _)) = blocking {
-            picks
-                .held
-                .get_or_insert((node.name.clone(), Held::Budget { pdb: pdb.clone() }));
-            continue;
+            let demand = budgets
+                .per_node
+                .get(&node.name)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let used = |pdb: &str| reserved.get(pdb).copied().unwrap_or(0);
+            let allowed = |pdb: &String| budgets.allowed.get(pdb).copied().unwrap_or(0);
+            let blocking = demand
+                .iter()
+                .find(|(pdb, need)| {
+                    let u = used(pdb.as_str());
+                    u > 0 && u + need > allowed(pdb)
+                })
+                .map(|(pdb, _)| pdb);
+            if let Some(pdb) = blocking {
+                picks
+                    .held
+                    .get_or_insert((node.name.clone(), Held::Budget { pdb: pdb.clone() }));
+                continue;
+            }
+            if !second_pass && demand.iter().any(|(pdb, _)| allowed(pdb) == 0) {
+                deferred.push((order, node));
+                continue;
+            }
+            for (pdb, need) in demand {
+                *reserved.entry(pdb.as_str()).or_default() += need;
+            }
+            *zone_load.entry(node.zone.as_deref()).or_default() += 1;
+            picks.start.push(node.name.clone());
+            slots -= 1;
         }
-        for (pdb, need) in demand {
-            *reserved.entry(pdb.as_str()).or_default() += need;
-        }
-        *zone_load.entry(node.zone.as_deref()).or_default() += 1;
-        picks.start.push(node.name.clone());
-        slots -= 1;
     }
     if slots == 0
         && picks.held.is_none()
@@ -309,15 +322,62 @@ mod tests {
     }
 
     #[test]
-    fn an_exhausted_budget_waits_unless_nothing_is_in_flight() {
-        let b = budgets(&[("w1", &[("app/web", 1)])], &[("app/web", 0)]);
-        let p = pick(&[pend("w1", "a", false)], &[fly("x", "b", false)], &b, LIM);
+    fn an_exhausted_budget_waits_while_another_drain_still_has_its_pods() {
+        let b = budgets(
+            &[("w1", &[("app/web", 1)]), ("x", &[("app/web", 2)])],
+            &[("app/web", 0)],
+        );
+        // x is still draining pods of app/web: w1 waits.
+        let p = pick(&[pend("w1", "a", false)], &[fly("x", "b", true)], &b, LIM);
         assert!(p.start.is_empty());
-        let p = pick(&[pend("w1", "a", false)], &[], &b, LIM);
         assert_eq!(
-            p.start,
-            vec![n("w1")],
-            "nothing in flight: start and let the drain timeout decide"
+            p.held,
+            Some((
+                n("w1"),
+                Held::Budget {
+                    pdb: "app/web".into()
+                }
+            ))
+        );
+        // x has drained (its replacements are still starting): w1 starts and its drain waits.
+        let p = pick(&[pend("w1", "a", false)], &[fly("x", "b", false)], &b, LIM);
+        assert_eq!(p.start, vec![n("w1")]);
+        let p = pick(&[pend("w1", "a", false)], &[], &b, LIM);
+        assert_eq!(p.start, vec![n("w1")]);
+    }
+
+    #[test]
+    fn nodes_that_can_drain_at_once_go_before_an_exhausted_budget() {
+        let b = budgets(
+            &[
+                ("w1", &[("app/web", 1)]),
+                ("w2", &[("app/web", 1)]),
+                ("w3", &[("app/db", 1)]),
+            ],
+            &[("app/web", 0), ("app/db", 1)],
+        );
+        let lim = Limits {
+            max_in_flight: 2,
+            control_plane_last: true,
+        };
+        let pending = [
+            pend("w1", "a", false),
+            pend("w2", "a", false),
+            pend("w3", "a", false),
+        ];
+        let p = pick(&pending, &[], &b, lim);
+        // w3 first although later in plan order; then one (not two) node on the exhausted budget.
+        assert_eq!(p.start, vec![n("w3"), n("w1")]);
+        let p = pick(&pending, &[], &b, LIM);
+        assert_eq!(p.start, vec![n("w3"), n("w1")]);
+        assert_eq!(
+            p.held,
+            Some((
+                n("w2"),
+                Held::Budget {
+                    pdb: "app/web".into()
+                }
+            ))
         );
     }
 

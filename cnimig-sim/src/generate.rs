@@ -50,6 +50,23 @@ impl Scenario {
     /// `kubernetes-internal-ip` autodetection, so the cluster is migratable.
     #[must_use]
     pub fn reference(nodes: usize) -> Scenario {
+        Scenario::reference_with(nodes, 89)
+    }
+
+    /// The reference cluster of `nodes` nodes with about `pods_per_node` pods per node (the four
+    /// DaemonSets' and application pods; Cilium's agent comes on top), for scaling measurements:
+    /// the same workload mix as [`Scenario::reference`], with more application replicas.
+    /// `pods_per_node` is at least 5 (one application pod per node).
+    #[must_use]
+    pub fn reference_dense(nodes: usize, pods_per_node: u32) -> Scenario {
+        let apps = u64::from(pods_per_node.saturating_sub(4).max(1));
+        let mut s = Scenario::reference_with(nodes, apps * 10);
+        s.name = format!("{}-x{pods_per_node}", s.name);
+        s
+    }
+
+    /// The reference cluster with `app_tenths` / 10 application pods per node.
+    fn reference_with(nodes: usize, app_tenths: u64) -> Scenario {
         let n = nodes.clamp(1, crate::scenario::MAX_NODES);
         let mut rng = ChaCha8Rng::seed_from_u64(0x00c1_1e5e ^ n as u64);
         let cp = if n >= 3 { 3 } else { 1 };
@@ -123,8 +140,8 @@ impl Scenario {
             .pdb(PdbSpec::max_unavailable(1)),
         );
         w.push(small(WorkloadKind::Deployment, "infra", "host-agent", 2).host_network(true));
-        // Application workloads: about 9 pods per node beyond the DaemonSets.
-        let target = (n as u64 * 89).div_ceil(10);
+        // Application workloads: about 9 pods per node beyond the DaemonSets (reference).
+        let target = (n as u64 * app_tenths).div_ceil(10);
         let mut total = 0u64;
         let mut k = 0usize;
         while total < target {

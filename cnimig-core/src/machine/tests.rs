@@ -11,6 +11,7 @@ fn cfg() -> StepConfig {
         step_timeout: Duration::from_secs(300),
         delete_emptydir_data: true,
         evict_unmanaged_pods: false,
+        rollback_not_ready_limit: Duration::from_secs(300),
     }
 }
 
@@ -433,4 +434,40 @@ fn a_cni_config_written_after_the_restore_step_is_restored_again() {
     assert_ne!(d.record.phase, Phase::RolledBack);
     let d = run(&d.record, &view, Some(&fresh), CniDirState::CALICO, 310_000);
     assert_eq!(d.record.phase, Phase::RolledBack);
+}
+
+#[test]
+fn a_rollback_on_a_node_that_stays_not_ready_ends_failed_naming_node_step_and_cause() {
+    let mut view = NodeView {
+        node: node(true, true),
+        pods: vec![],
+    };
+    view.node.ready = false;
+    let mut rec = NodeRecord::new(Time(0));
+    rec.phase = Phase::AgentRestarted;
+    rec.pre_cordoned = Some(false);
+    let rec = start_rollback(&rec, "step AgentReady: agent a1 not Ready".into(), Time(0));
+    // Cordoned already; the restore cannot happen on a NotReady node.
+    let d = run(&rec, &view, None, CniDirState::CILIUM, 1000);
+    assert_eq!(d.action, Action::RestoreCni);
+    assert_eq!(
+        d.record.rollback.as_ref().and_then(|r| r.not_ready_since),
+        Some(Time(1000))
+    );
+    // Back Ready for a look: the clock starts again.
+    view.node.ready = true;
+    let d = run(&d.record, &view, None, CniDirState::CILIUM, 100_000);
+    assert_eq!(d.record.rollback.as_ref().unwrap().not_ready_since, None);
+    view.node.ready = false;
+    let d = run(&d.record, &view, None, CniDirState::CILIUM, 200_000);
+    let d = run(&d.record, &view, None, CniDirState::CILIUM, 500_000);
+    assert_eq!(d.record.phase, Phase::RollingBack, "not over the limit yet");
+    let d = run(&d.record, &view, None, CniDirState::CILIUM, 501_000);
+    assert_eq!(d.record.phase, Phase::Failed);
+    assert_eq!(d.action, Action::Finished);
+    let cause = d.record.rollback.unwrap().cause;
+    assert!(cause.contains("node w1 NotReady"), "{cause}");
+    assert!(cause.contains("RestoreCni"), "{cause}");
+    assert!(cause.contains("agent a1 not Ready"), "{cause}");
+    assert!(!cause.contains('\n'));
 }
