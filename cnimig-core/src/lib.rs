@@ -21,3 +21,4 @@ pub mod ports;
 pub mod preflight;
 pub mod report;
 pub mod schedule;
+pub mod verify;
