@@ -22,3 +22,4 @@ pub mod preflight;
 pub mod report;
 pub mod schedule;
 pub mod verify;
+pub mod verify_probe;
