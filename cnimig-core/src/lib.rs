@@ -21,3 +21,5 @@ pub mod ports;
 pub mod preflight;
 pub mod report;
 pub mod schedule;
+pub mod verify;
+pub mod verify_probe;

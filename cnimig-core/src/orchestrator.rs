@@ -43,6 +43,7 @@ use crate::plan::{Plan, PlannedNode, Skipped, in_scope, plan};
 use crate::ports::{
     Clock, Cluster, EvictOutcome, LockOutcome, NewCni, OldCni, PortError, StateStore, Verifier,
 };
+use crate::ports::Verification; // verify (issue #9)
 use crate::schedule::{InFlightNode, Limits, PendingNode, pick, window};
 
 /// The ports a run drives.
@@ -495,6 +496,14 @@ impl Orchestrator {
                 flying.insert(name.clone(), Flying::new(planned, r.clone()));
             }
         }
+        // verify (issue #9): the whole cluster must be healthy before the first node is touched.
+        if flying.is_empty() {
+            let v = &ports.verifier;
+            let pre = self.retry("verify the cluster", sink, move || v.verify_cluster());
+            if let Verification::Unhealthy(p) = pre.await? {
+                return Err(RunError::Preflight(crate::verify::before_first_node(p)));
+            }
+        }
         sink.emit(&Event::RunStarted {
             nodes: plan.order.len(),
             resumed: flying.len(),
@@ -694,6 +703,12 @@ impl Orchestrator {
                 .clock
                 .sleep_until(now.after(self.cfg.poll_interval))
                 .await;
+        }
+        // verify (issue #9): the whole cluster once more after the last node.
+        if stopped.is_none()
+            && let Verification::Unhealthy(p) = ports.verifier.verify_cluster().await?
+        {
+            stopped = Some(crate::verify::after_last_node(&p));
         }
         Ok(self.report(
             plan, &finished, &flying, &pending, started, stopped, false, &joins,
@@ -1318,7 +1333,10 @@ impl Orchestrator {
                 self.evict_all(f, &evict, &delete, sink, now).await?
             }
             Action::Verify => {
-                let v = ports.verifier.verify_node(&name).await?;
+                let mut v = ports.verifier.verify_node(&name).await?;
+                if v == Verification::Healthy {
+                    v = ports.verifier.verify_cluster().await?; // verify (issue #9)
+                }
                 let next = on_verification(&f.record, &v, &self.step, now);
                 self.save(f, next, sink, now).await?;
             }

@@ -9,6 +9,9 @@
 //! - [`emulator::start`] with an [`emulator::EmuConfig`]: the emulator (the module docs say what
 //!   it emulates);
 //! - [`cni`]: its CNI decisions, pure and unit-tested;
+//! - [`goldpinger`]: a Goldpinger-compatible `/check_all` endpoint computed from the shared
+//!   reachability model (`cnimig_sim::pairs`), with an injectable firewall;
+//! - [`probe`]: finishes cnimig's per-node probe pods with results from the same model;
 //! - [`setup`]: CRDs, RBAC, server-side apply, ServiceAccount clients for tests;
 //! - the `cnimig-emu` binary runs the emulator against `KUBECONFIG` until interrupted.
 //!
@@ -23,6 +26,8 @@
 
 pub mod cni;
 pub mod emulator;
+pub mod goldpinger;
+pub mod probe;
 pub mod setup;
 
 pub use emulator::{EmuConfig, EmuHandle, start};

@@ -12,6 +12,8 @@
 //! - [`convert`]: how Nodes, Pods and PodDisruptionBudgets become model values (pure, tested
 //!   without a cluster);
 //! - [`events::KubeEventSink`]: the orchestrator's progress as Kubernetes Events on the Nodes;
+//! - [`goldpinger`]: Goldpinger's manifests and [`goldpinger::GoldpingerVerifier`], the cluster
+//!   check that reads every node-to-node result (README, "Verification");
 //! - [`metrics`]: `apiserver_request_total` scraping, for request-cost reports;
 //! - `deploy/rbac.yaml`: the ServiceAccount and ClusterRole with exactly the verbs used here; each
 //!   method's `# RBAC` section names its own.
@@ -68,7 +70,9 @@ mod cluster;
 pub mod convert;
 mod error;
 pub mod events;
+pub mod goldpinger;
 pub mod metrics;
+pub mod probe;
 mod state;
 mod verify;
 

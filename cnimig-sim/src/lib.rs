@@ -71,6 +71,7 @@ mod generate;
 mod observe;
 mod ports;
 mod quantity;
+pub mod pairs;
 pub mod reach;
 pub mod scenario;
 mod sim;

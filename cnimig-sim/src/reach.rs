@@ -1,7 +1,7 @@
 //! The reachability model: which ready pods can reach which, computed from classes of pods
 //! (network, and for hostPort pods on Cilium whether `portmap` is chained), never from pairs.
 //!
-//! Rules:
+//! Rules (the pairwise form, for the emulator, is [`crate::pairs`]):
 //! - Calico↔Calico and Cilium↔Cilium reach each other; hostNetwork pods reach everything.
 //! - Calico↔Cilium only with `enable-host-legacy-routing: "true"` in the live Cilium config, and
 //!   not when an enabled Calico pool uses VXLAN on the same UDP port as Cilium's tunnel.
@@ -10,24 +10,10 @@
 //! - A hostPort pod on Cilium is unreachable on its host port unless `portmap` was chained on
 //!   its node when it started.
 
-use std::collections::BTreeMap;
-
 use crate::state::State;
 
 /// At most this many nodes or pods are named in one problem.
 const LIST: usize = 10;
-
-fn tunnel_port(live: &BTreeMap<String, String>) -> u16 {
-    let default = if live.get("tunnel-protocol").is_some_and(|p| p == "geneve") {
-        6081
-    } else {
-        8472
-    };
-    live.get("tunnel-port")
-        .and_then(|p| p.trim().parse::<u16>().ok())
-        .filter(|p| *p != 0)
-        .unwrap_or(default)
-}
 
 fn list(names: impl Iterator<Item = String>) -> String {
     let all: Vec<String> = names.collect();
@@ -42,27 +28,7 @@ impl State {
     /// Why Calico and Cilium pods cannot reach each other, if they cannot.
     pub(crate) fn cross_cni_reason(&self) -> Option<String> {
         let c = self.cilium.as_ref()?;
-        if c.live
-            .get("enable-host-legacy-routing")
-            .is_none_or(|v| v != "true")
-        {
-            return Some(
-                "Cilium's enable-host-legacy-routing is not \"true\", so traffic between Calico and Cilium pods bypasses the host's routing stack"
-                    .into(),
-            );
-        }
-        let port = tunnel_port(&c.live);
-        let vxlan = self
-            .calico
-            .ip_pools
-            .iter()
-            .any(|p| !p.disabled && p.encapsulation.uses_vxlan());
-        if vxlan && self.calico.vxlan_port == port {
-            return Some(format!(
-                "Calico's VXLAN and Cilium's tunnel both use UDP port {port}; give Cilium another tunnel-port"
-            ));
-        }
-        None
+        crate::pairs::cross_cni_block(&c.live, &self.calico)
     }
 
     fn autodetect_breaks(&self) -> bool {
@@ -195,22 +161,5 @@ impl State {
             );
         }
         out
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tunnel_port_defaults() {
-        let mut live = BTreeMap::new();
-        assert_eq!(tunnel_port(&live), 8472);
-        live.insert("tunnel-protocol".to_string(), "geneve".to_string());
-        assert_eq!(tunnel_port(&live), 6081);
-        live.insert("tunnel-port".to_string(), "4789".to_string());
-        assert_eq!(tunnel_port(&live), 4789);
-        live.insert("tunnel-port".to_string(), "0".to_string());
-        assert_eq!(tunnel_port(&live), 6081);
     }
 }

@@ -21,6 +21,8 @@ mod cilium;
 mod common;
 mod e2e;
 mod eviction;
+mod goldpinger;
 mod metrics;
 mod nodes;
+mod probe;
 mod state;

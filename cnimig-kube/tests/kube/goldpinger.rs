@@ -1,0 +1,185 @@
+//! Goldpinger verification against the real control plane: the library's Goldpinger DaemonSet
+//! runs on emulated nodes, the emulator answers `/check_all` from the shared reachability model,
+//! and a firewall-like break injected into that model (Cilium's tunnel port dropped between
+//! nodes) is caught after the first node moves to Cilium, which then rolls back.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cnimig_core::cilium::{CiliumPhase, ValueInputs, rendered_config};
+use cnimig_core::config::{MigrationConfig, NodeScope};
+use cnimig_core::machine::Phase;
+use cnimig_core::model::LabelSelector;
+use cnimig_core::orchestrator::{Orchestrator, Ports, RunOptions};
+use cnimig_core::ports::{Verification, Verifier};
+use cnimig_kube::goldpinger::{GoldpingerOptions, GoldpingerSource, GoldpingerVerifier, manifests};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
+use kube::ResourceExt;
+use serde_json::json;
+
+use crate::common::{self, wait_until};
+
+fn ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        && p.metadata.deletion_timestamp.is_none()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_firewall_break_is_caught_by_goldpinger_and_the_node_rolls_back() {
+    let env = crate::env_or_skip!();
+    let admin = env.admin.clone();
+    common::with_temp_ns(admin.clone(), "gp", |ns| async move {
+        let mut cfg = MigrationConfig::new("10.245.0.0/16".parse().unwrap());
+        cfg.scope = NodeScope::Selector(LabelSelector {
+            match_labels: BTreeMap::from([("cnimig.io/e2e".to_string(), ns.clone())]),
+            match_expressions: Vec::new(),
+        });
+        cfg.poll_interval = Duration::from_millis(300);
+        cfg.drain_timeout = Duration::from_secs(60);
+        cfg.step_timeout = Duration::from_secs(10);
+        let live = rendered_config(&cfg, ValueInputs::default(), CiliumPhase::Migration);
+        common::cilium_config(&admin, &ns, serde_json::to_value(&live).unwrap()).await;
+        crate::calico::calico_objects(&admin).await;
+        let mut ecfg = cnimig_emu::EmuConfig::new(&format!("{ns}-n"), 3);
+        ecfg.cilium_namespace = ns.clone();
+        ecfg.node_labels = BTreeMap::from([("cnimig.io/e2e".to_string(), ns.clone())]);
+        let node_names = ecfg.nodes.clone();
+        let emu = cnimig_emu::start(admin.clone(), ecfg).await.unwrap();
+
+        // The library's Goldpinger, pinned to this test's nodes.
+        let gopts = GoldpingerOptions {
+            namespace: ns.clone(),
+            name: format!("gp-{ns}"),
+            ..GoldpingerOptions::default()
+        };
+        let mut m = manifests(&gopts);
+        if let Some(spec) = m.daemon_set.spec.as_mut().and_then(|s| s.template.spec.as_mut()) {
+            spec.node_selector = Some(BTreeMap::from([("cnimig.io/e2e".to_string(), ns.clone())]));
+        }
+        // Deployed as cnimig's ServiceAccount with deploy/rbac-verify.yaml.
+        cnimig_emu::setup::apply_yaml(&admin, include_str!("../../../deploy/rbac-verify.yaml"))
+            .await
+            .unwrap();
+        let sa = kube::Client::try_from(env.sa_config.clone()).unwrap();
+        // (RBAC changes reach the authorizer through an informer: allow it a moment.)
+        wait_until("Goldpinger applied as the ServiceAccount", Duration::from_secs(10), || {
+            let (m, sa) = (m.clone(), sa.clone());
+            async move { m.apply(&sa).await.map_err(|e| eprintln!("apply: {e}")).is_ok() }
+        })
+        .await;
+        for label in ["cilium", "calico-node"] {
+            let ds = json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+                "metadata": {"name": label, "namespace": ns},
+                "spec": {"selector": {"matchLabels": {"k8s-app": label}},
+                         "template": {"metadata": {"labels": {"k8s-app": label}},
+                            "spec": {"hostNetwork": true, "nodeSelector": {"cnimig.io/e2e": ns},
+                                     "terminationGracePeriodSeconds": 1,
+                                     "tolerations": [{"operator": "Exists"}],
+                                     "containers": [{"name": label, "image": "registry.k8s.io/pause:3.10"}]}}}});
+            cnimig_emu::setup::apply(&admin, &ds).await.unwrap();
+        }
+        let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
+        wait_until("9 pods Running and Ready", Duration::from_secs(120), || {
+            let pods = pods.clone();
+            async move {
+                let Ok(l) = pods.list(&ListParams::default()).await else { return false };
+                l.items.iter().filter(|p| ready(p)).count() == 9
+            }
+        })
+        .await;
+
+        let mut gcfg = cnimig_emu::goldpinger::GoldpingerEmuConfig::new(&ns);
+        gcfg.selector = format!("app=gp-{ns}");
+        gcfg.cilium_namespace = ns.clone();
+        let gp = cnimig_emu::goldpinger::serve(admin.clone(), gcfg).await.unwrap();
+
+        let mut opts = common::opts(&ns);
+        opts.node_selector = Some(format!("cnimig.io/e2e={ns}"));
+        let cluster = env.cluster(opts);
+        let verifier = GoldpingerVerifier::new(
+            cluster.clone(),
+            GoldpingerOptions {
+                source: GoldpingerSource::Url(gp.check_all_url()),
+                window: Duration::from_secs(3),
+                interval: Duration::from_millis(500),
+                ..gopts.clone()
+            },
+        )
+        .unwrap();
+        let r = verifier.check_all().await.unwrap();
+        assert_eq!(r.hosts.len(), 3, "one Goldpinger pod per node: {r:?}");
+        assert_eq!(verifier.verify_cluster().await.unwrap(), Verification::Healthy);
+
+        // A security group that does not open Cilium's tunnel port between the nodes: harmless
+        // while every pod is on Calico, so the check before the first node passes.
+        let port = cnimig_sim::pairs::tunnel_port(&live);
+        gp.firewall.lock().unwrap().blocked_udp_ports.insert(port);
+        assert_eq!(verifier.verify_cluster().await.unwrap(), Verification::Healthy);
+
+        let mut ports = Ports::from_one(cluster.clone());
+        ports.verifier = Arc::new(verifier.clone());
+        let orch = Orchestrator::new(
+            ports,
+            cfg.clone(),
+            RunOptions { holder: format!("gp-{ns}"), ..RunOptions::default() },
+        );
+        let (_, plan) = orch.plan().await.unwrap();
+        let report = tokio::time::timeout(Duration::from_secs(300), orch.run(&plan, &cnimig_core::events::Discard))
+            .await
+            .expect("the run ends")
+            .unwrap();
+        assert!(report.stopped.is_some(), "RollbackAndStop stops the run: {report:?}");
+        let failed: Vec<_> = report.nodes.iter().filter(|n| n.phase == Phase::RolledBack).collect();
+        assert_eq!(failed.len(), 1, "{report:#?}");
+        assert_eq!(report.count(Phase::Done), 0, "{report:#?}");
+        let cause = failed[0].cause.clone().unwrap_or_default();
+        assert!(cause.contains("step Verify"), "{cause}");
+        assert!(cause.contains("cannot reach"), "the failing pairs are named: {cause}");
+        assert!(cause.contains(&format!("UDP port {port}")), "{cause}");
+        assert!(cause.contains(failed[0].node.as_str()), "the migrated node is named: {cause}");
+
+        // Back on Calico everywhere, the same break is latent again; without it, healthy.
+        assert_eq!(verifier.verify_cluster().await.unwrap(), Verification::Healthy);
+        gp.firewall.lock().unwrap().blocked_udp_ports.clear();
+        assert_eq!(verifier.verify_cluster().await.unwrap(), Verification::Healthy);
+        let pool: ipnet::Ipv4Net = "10.245.0.0/16".parse().unwrap();
+        for p in pods.list(&ListParams::default()).await.unwrap().items {
+            let ip: Option<std::net::Ipv4Addr> = p.status.as_ref().and_then(|s| s.pod_ip.as_deref()).and_then(|s| s.parse().ok());
+            assert!(!ip.is_some_and(|ip| pool.contains(&ip)), "pod {} still on Cilium after the rollback", p.name_any());
+        }
+        drop(gp);
+        emu.stop();
+        for n in &node_names {
+            common::delete_node(&admin, n).await;
+        }
+    })
+    .await;
+}
+
+/// A Goldpinger URL that answers something else is a clear error, not a pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_goldpinger_url_is_an_error() {
+    let env = crate::env_or_skip!();
+    let cluster = env.cluster(common::opts("default"));
+    assert!(GoldpingerVerifier::new(
+        cluster.clone(),
+        GoldpingerOptions { source: GoldpingerSource::Url("https://x/check_all".into()), ..GoldpingerOptions::default() }
+    )
+    .is_err());
+    let v = GoldpingerVerifier::new(
+        cluster,
+        GoldpingerOptions {
+            source: GoldpingerSource::Url("http://127.0.0.1:1/check_all".into()),
+            window: Duration::from_millis(300),
+            interval: Duration::from_millis(100),
+            ..GoldpingerOptions::default()
+        },
+    )
+    .unwrap();
+    assert!(v.verify_cluster().await.is_err());
+}
