@@ -25,7 +25,9 @@ use cnimig::core::orchestrator::{Orchestrator, Ports, RunOptions};
 use cnimig::sim::{Scenario, SimCluster, SimParams};
 
 #[derive(Parser, Debug)]
-#[command(about = "Wall time, CPU time and memory of whole simulated migrations, 500 to 5,000 nodes")]
+#[command(
+    about = "Wall time, CPU time and memory of whole simulated migrations, 500 to 5,000 nodes"
+)]
 struct Args {
     /// Cluster sizes (nodes), each measured in its own process.
     #[arg(long, value_delimiter = ',', default_values_t = vec![500, 1000, 2000, 3000, 5000])]
@@ -70,8 +72,8 @@ fn cpu_seconds() -> anyhow::Result<f64> {
 
 /// Peak resident memory of this process, from `VmHWM` in `/proc/self/status`.
 fn peak_rss_mib() -> anyhow::Result<f64> {
-    let text =
-        std::fs::read_to_string("/proc/self/status").context("read /proc/self/status (Linux only)")?;
+    let text = std::fs::read_to_string("/proc/self/status")
+        .context("read /proc/self/status (Linux only)")?;
     let kib: u64 = text
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
@@ -95,7 +97,11 @@ fn measure(args: &Args, nodes: usize) -> anyhow::Result<Sample> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut cfg = MigrationConfig::new("10.224.0.0/11".parse()?);
     cfg.max_in_flight = args.max_in_flight;
-    let orch = Orchestrator::new(Ports::from_one(sim.clone()), cfg.clone(), RunOptions::default());
+    let orch = Orchestrator::new(
+        Ports::from_one(sim.clone()),
+        cfg.clone(),
+        RunOptions::default(),
+    );
     let report = rt.block_on(async {
         let (_, plan) = orch.plan().await?;
         if !plan.preflight.ok() {

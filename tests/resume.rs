@@ -461,8 +461,9 @@ async fn a_run_that_cannot_renew_its_lock_stops_acting_and_yields_to_the_next() 
 
 // ---------------------------------------------------------------- rollbacks across runs
 
-/// Runs `o` one tick at a time (each a run "killed" after one tick and started again, as a
-/// resumed run would) until `until` holds for the stored records, at most `max` ticks.
+/// Runs `o` one tick at a time (each a run "killed" after one tick and started again a poll
+/// interval later, as a resumed run would) until `until` holds for the stored records, at most
+/// `max` ticks.
 async fn tick_until(
     o: &Orchestrator,
     plan: &cnimig::core::plan::Plan,
@@ -476,7 +477,12 @@ async fn tick_until(
         if until(&records) {
             return;
         }
-        assert!(r.interrupted, "the run ended before the condition held: {r:?}");
+        assert!(
+            r.interrupted,
+            "the run ended before the condition held: {r:?}"
+        );
+        sim.sleep_until(sim.now().after(Duration::from_secs(2)))
+            .await;
     }
     panic!("condition not reached in {max} ticks");
 }
@@ -533,11 +539,19 @@ async fn a_node_that_stays_not_ready_while_rolling_back_ends_failed_naming_node_
         "{cause}"
     );
     assert!(cause.contains("rollback step"), "{cause}");
-    assert!(cause.contains("step Verify"), "names the original cause: {cause}");
+    assert!(
+        cause.contains("step Verify"),
+        "names the original cause: {cause}"
+    );
     assert!(!cause.contains('\n'), "one line: {cause}");
     // Given up on after the NotReady limit (plus a poll or two), not after a rollback step's
     // drain-plus-step limit.
-    let rec = sim.load().await.expect("records").remove(&victim).expect("record");
+    let rec = sim
+        .load()
+        .await
+        .expect("records")
+        .remove(&victim)
+        .expect("record");
     let gave_up = rec.since.since(down);
     assert!(
         gave_up >= limit && gave_up <= limit + Duration::from_secs(30),
@@ -553,16 +567,15 @@ async fn a_node_that_stays_not_ready_while_rolling_back_ends_failed_naming_node_
             .all(|n| matches!(n.phase, Phase::Done | Phase::RolledBack)),
         "{report:?}"
     );
-    assert!(
-        sim.violations().is_empty(),
-        "{:?}",
-        sim.violations()
-    );
+    assert!(sim.violations().is_empty(), "{:?}", sim.violations());
 }
 
 #[tokio::test]
 async fn a_later_run_retries_rolled_back_nodes_only_when_asked() {
-    let (sim, cfg) = small_cluster(6);
+    // The first run stops at the node that failed (so the control-plane nodes, which go last,
+    // are still pending when the retried worker migrates).
+    let (sim, mut cfg) = small_cluster(6);
+    cfg.on_node_failure = FailurePolicy::RollbackAndStop;
     let first = orch(&sim, &cfg, "first");
     let plan = install(&sim, &first, &cfg).await;
     let victim = plan.order[1].name.clone();
@@ -570,19 +583,31 @@ async fn a_later_run_retries_rolled_back_nodes_only_when_asked() {
     faults.verify_fails.insert(victim.clone());
     sim.set_faults(faults).expect("faults");
     let r = first.run(&plan, &Discard).await.expect("first run");
-    let phase = |r: &RunReport, n: &NodeName| r.nodes.iter().find(|x| &x.node == n).map(|x| x.phase);
+    let phase =
+        |r: &RunReport, n: &NodeName| r.nodes.iter().find(|x| &x.node == n).map(|x| x.phase);
     assert_eq!(phase(&r, &victim), Some(Phase::RolledBack), "{r:?}");
+    let done_first: Vec<NodeName> = r
+        .nodes
+        .iter()
+        .filter(|n| n.phase == Phase::Done)
+        .map(|n| n.node.clone())
+        .collect();
     // The cause is fixed.
     sim.set_faults(SimFaults::default()).expect("faults");
     // By default a later run leaves it rolled back and touches nothing.
     let ops = sim.op_log().len();
     let (_, plan2) = first.plan().await.expect("plan");
-    let r = orch(&sim, &cfg, "second").run(&plan2, &Discard).await.expect("second run");
+    let r = orch(&sim, &cfg, "second")
+        .run(&plan2, &Discard)
+        .await
+        .expect("second run");
     assert_eq!(phase(&r, &victim), Some(Phase::RolledBack), "{r:?}");
+    assert!(r.stopped.is_some(), "{r:?}");
     assert!(
         sim.op_log()[ops..].iter().all(|o| o.node != victim),
         "the default run acted on the rolled-back node"
     );
+    let ops = sim.op_log().len();
     // With retry_rolled_back it migrates it.
     let retry = Orchestrator::new(
         Ports::from_one(sim.clone()),
@@ -597,7 +622,14 @@ async fn a_later_run_retries_rolled_back_nodes_only_when_asked() {
     assert!(all_done(&r), "{r:?}");
     assert!(sim.is_fully_migrated(&victim));
     assert!(sim.violations().is_empty(), "{:?}", sim.violations());
-    // Nodes already Done were not touched again.
     let rec = sim.load().await.expect("records");
     assert_eq!(rec.get(&victim).map(|r| r.phase), Some(Phase::Done));
+    // Nodes already Done were not touched again: no operation of the retry run names them.
+    assert!(!done_first.is_empty());
+    assert!(
+        sim.op_log()[ops..]
+            .iter()
+            .all(|o| !done_first.contains(&o.node)),
+        "the retry run acted on a node already Done"
+    );
 }

@@ -205,7 +205,9 @@ pub struct StepConfig {
     /// A node rolling back that stays NotReady this long ends [`Phase::Failed`] (nothing on it
     /// can change back while its kubelet is gone: the CNI restore's helper pod cannot run, pods
     /// cannot restart), naming the node, the rollback step and the cause, rather than spending
-    /// every remaining step's limit. The config's step timeout unless the run says otherwise.
+    /// every remaining step's limit. By default a rollback step's limit
+    /// ([`rollback_step_limit`]: the drain timeout plus the step timeout), counted across steps,
+    /// so a node whose kubelet comes back within it still rolls back.
     pub rollback_not_ready_limit: Duration,
 }
 
@@ -218,7 +220,7 @@ impl From<&crate::config::MigrationConfig> for StepConfig {
             step_timeout: c.step_timeout,
             delete_emptydir_data: c.delete_emptydir_data,
             evict_unmanaged_pods: c.evict_unmanaged_pods,
-            rollback_not_ready_limit: c.step_timeout,
+            rollback_not_ready_limit: c.drain_timeout.saturating_add(c.step_timeout),
         }
     }
 }

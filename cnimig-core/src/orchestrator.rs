@@ -147,7 +147,7 @@ pub struct RunOptions {
     pub retry_rolled_back: bool,
     /// A node rolling back that stays NotReady this long ends `Failed` (see
     /// [`StepConfig::rollback_not_ready_limit`](crate::machine::StepConfig::rollback_not_ready_limit));
-    /// `None` uses the config's step timeout.
+    /// `None` uses a rollback step's limit (the config's drain timeout plus its step timeout).
     pub rollback_not_ready_limit: Option<Duration>,
 }
 
@@ -648,11 +648,23 @@ impl Orchestrator {
                         .await?;
                     // Every node started now is cordoned before any of them evicts: a pod
                     // evicted from one must not land on another about to be cordoned.
-                    for cordon_only in [true, false] {
-                        for name in &started_now {
-                            if let Some(f) = flying.get_mut(name) {
-                                self.advance(f, sink, now, cordon_only).await?;
+                    // A node whose cordon did not go through (an API error) must not cordon later
+                    // in this tick, after the others evicted: it goes through the scheduler again
+                    // on the next look (`admit_cordons`), against the budgets as they are then.
+                    let mut cordoned = Vec::new();
+                    for name in started_now {
+                        if let Some(f) = flying.get_mut(&name) {
+                            let acted = self.advance(f, sink, now, true).await?;
+                            if acted == Some(Action::Cordon) || f.record.phase != Phase::Pending {
+                                cordoned.push(name);
+                            } else {
+                                f.admitted = None;
                             }
+                        }
+                    }
+                    for name in cordoned {
+                        if let Some(f) = flying.get_mut(&name) {
+                            self.advance(f, sink, now, false).await?;
                         }
                     }
                 }
@@ -1188,8 +1200,9 @@ impl Orchestrator {
         sink: &dyn EventSink,
         now: Time,
         cordon_only: bool,
-    ) -> Result<(), RunError> {
+    ) -> Result<Option<Action>, RunError> {
         let chain = !cordon_only;
+        let mut last = None;
         for _ in 0..MAX_LOOKS_PER_TICK {
             let acted = self.look(f, sink, now, cordon_only).await?;
             let immediate = match &acted {
@@ -1197,11 +1210,12 @@ impl Orchestrator {
                 Some(Action::Verify) => f.record.phase == Phase::Verified,
                 _ => false,
             };
+            last = acted;
             if !chain || !immediate || f.record.phase.is_terminal() {
                 break;
             }
         }
-        Ok(())
+        Ok(last)
     }
 
     /// One look at one node: observe, decide, persist, act (with `cordon_only`, act only if the
