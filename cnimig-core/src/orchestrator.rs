@@ -40,10 +40,10 @@ use crate::machine::{
 };
 use crate::model::{ClusterSnapshot, NodeName, Time};
 use crate::plan::{Plan, PlannedNode, Skipped, in_scope, plan};
+use crate::ports::Verification; // verify (issue #9)
 use crate::ports::{
     Clock, Cluster, EvictOutcome, LockOutcome, NewCni, OldCni, PortError, StateStore, Verifier,
 };
-use crate::ports::Verification; // verify (issue #9)
 use crate::schedule::{InFlightNode, Limits, PendingNode, pick, window};
 
 /// The ports a run drives.

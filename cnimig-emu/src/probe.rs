@@ -123,9 +123,9 @@ async fn tick(client: &Client, cfg: &ProbeEmuConfig) -> Result<()> {
         .iter()
         .filter(|p| {
             p.metadata.deletion_timestamp.is_none()
-                && p.status.as_ref().is_some_and(|s| {
-                    s.phase.as_deref() == Some("Running") && s.pod_ip.is_some()
-                })
+                && p.status
+                    .as_ref()
+                    .is_some_and(|s| s.phase.as_deref() == Some("Running") && s.pod_ip.is_some())
         })
         .collect();
     if waiting.is_empty() {
@@ -139,7 +139,11 @@ async fn tick(client: &Client, cfg: &ProbeEmuConfig) -> Result<()> {
     let pool: Vec<Ipv4Net> = live
         .as_ref()
         .and_then(|l| l.get("cluster-pool-ipv4-cidr"))
-        .map(|s| s.split_whitespace().filter_map(|c| c.parse().ok()).collect())
+        .map(|s| {
+            s.split_whitespace()
+                .filter_map(|c| c.parse().ok())
+                .collect()
+        })
         .unwrap_or_default();
     let pods = all.list(&ListParams::default()).await?.items;
     let firewall = cfg
@@ -225,8 +229,12 @@ async fn tick(client: &Client, cfg: &ProbeEmuConfig) -> Result<()> {
             }],
         }});
         let api: Api<Pod> = Api::namespaced(client.clone(), &probe.namespace().unwrap_or_default());
-        api.patch_status(&probe.name_any(), &PatchParams::default(), &Patch::Merge(status))
-            .await?;
+        api.patch_status(
+            &probe.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(status),
+        )
+        .await?;
     }
     Ok(())
 }
