@@ -3,7 +3,7 @@
 //!
 //! Once the emulator has started a probe pod (it got an address from Calico's or Cilium's block
 //! of its node, as any pod), [`respond`] finishes it as the script would: each check computed
-//! from the shared reachability model ([`cnimig_sim::pairs`]) and a [`Firewall`]:
+//! from the shared reachability model ([`cnimig_sim::pairs`]) and a [`Firewall`](cnimig_sim::pairs::Firewall):
 //! - `api`: the pod to the API server (a host endpoint on the pseudo-node `api-server`);
 //! - `dns`: the pod to any Ready cluster DNS pod (`k8s-app=kube-dns`); none Ready is a failure;
 //! - `peer`: the pod to the pod whose address is in the probe's `PEER_IP` (skipped without it).
