@@ -669,10 +669,12 @@ impl Orchestrator {
                 .await;
         }
         // verify (issue #9): the whole cluster once more after the last node.
-        if stopped.is_none()
-            && let Verification::Unhealthy(p) = ports.verifier.verify_cluster().await?
-        {
-            stopped = Some(crate::verify::after_last_node(&p));
+        if stopped.is_none() {
+            let v = &ports.verifier;
+            let post = self.retry("verify the cluster", sink, move || v.verify_cluster());
+            if let Verification::Unhealthy(p) = post.await? {
+                stopped = Some(crate::verify::after_last_node(&p));
+            }
         }
         Ok(self.report(
             plan, &finished, &flying, &pending, started, stopped, false, &joins,
