@@ -19,6 +19,7 @@ pub mod plan;
 pub mod policy;
 pub mod ports;
 pub mod preflight;
+pub mod prepare;
 pub mod report;
 pub mod schedule;
 pub mod verify;

@@ -40,10 +40,10 @@ use crate::machine::{
 };
 use crate::model::{ClusterSnapshot, NodeName, Time};
 use crate::plan::{Plan, PlannedNode, Skipped, in_scope, plan};
+use crate::ports::Verification; // verify (issue #9)
 use crate::ports::{
     Clock, Cluster, EvictOutcome, LockOutcome, NewCni, OldCni, PortError, StateStore, Verifier,
 };
-use crate::ports::Verification; // verify (issue #9)
 use crate::schedule::{InFlightNode, Limits, PendingNode, pick, window};
 
 /// The ports a run drives.
@@ -717,10 +717,12 @@ impl Orchestrator {
                 .await;
         }
         // verify (issue #9): the whole cluster once more after the last node.
-        if stopped.is_none()
-            && let Verification::Unhealthy(p) = ports.verifier.verify_cluster().await?
-        {
-            stopped = Some(crate::verify::after_last_node(&p));
+        if stopped.is_none() {
+            let v = &ports.verifier;
+            let post = self.retry("verify the cluster", sink, move || v.verify_cluster());
+            if let Verification::Unhealthy(p) = post.await? {
+                stopped = Some(crate::verify::after_last_node(&p));
+            }
         }
         Ok(self.report(
             plan, &finished, &flying, &pending, started, stopped, false, &joins,

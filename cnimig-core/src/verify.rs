@@ -268,13 +268,21 @@ mod tests {
 
     #[test]
     fn all_pairs_healthy() {
-        let hosts = [host("a", "10.0.0.1"), host("b", "10.0.0.2"), host("c", "10.0.0.3")];
+        let hosts = [
+            host("a", "10.0.0.1"),
+            host("b", "10.0.0.2"),
+            host("c", "10.0.0.3"),
+        ];
         assert!(failing_pairs(&result(&hosts, &[]), &nodes(), &names()).is_empty());
     }
 
     #[test]
     fn a_broken_pair_is_named_with_its_nodes() {
-        let hosts = [host("a", "10.0.0.1"), host("b", "10.0.0.2"), host("c", "10.0.0.3")];
+        let hosts = [
+            host("a", "10.0.0.1"),
+            host("b", "10.0.0.2"),
+            host("c", "10.0.0.3"),
+        ];
         let p = failing_pairs(&result(&hosts, &[("a", "c")]), &nodes(), &names());
         assert_eq!(
             p,

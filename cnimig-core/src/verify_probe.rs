@@ -140,7 +140,9 @@ mod tests {
     #[test]
     fn all_ok() {
         let r = ProbeReport::parse("api=ok\ndns=ok\npeer=ok\n");
-        assert!(probe_problems("n", Some("10.245.1.2".parse().unwrap()), &pool(), &r, true).is_empty());
+        assert!(
+            probe_problems("n", Some("10.245.1.2".parse().unwrap()), &pool(), &r, true).is_empty()
+        );
     }
 
     #[test]
@@ -163,6 +165,9 @@ mod tests {
     #[test]
     fn failure_reasons_are_kept() {
         let r = ProbeReport::parse("api=fail: no TCP connection to 10.96.0.1:443\ndns=ok\npeer=ok");
-        assert_eq!(r.api, Outcome::Fail("no TCP connection to 10.96.0.1:443".into()));
+        assert_eq!(
+            r.api,
+            Outcome::Fail("no TCP connection to 10.96.0.1:443".into())
+        );
     }
 }

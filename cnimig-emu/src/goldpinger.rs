@@ -186,7 +186,11 @@ async fn check_all(client: &Client, cfg: &GoldpingerEmuConfig) -> Result<CheckAl
     let pool: Vec<Ipv4Net> = live
         .as_ref()
         .and_then(|l| l.get("cluster-pool-ipv4-cidr"))
-        .map(|s| s.split_whitespace().filter_map(|c| c.parse().ok()).collect())
+        .map(|s| {
+            s.split_whitespace()
+                .filter_map(|c| c.parse().ok())
+                .collect()
+        })
         .unwrap_or_default();
     struct Gp {
         name: String,

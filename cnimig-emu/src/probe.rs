@@ -3,7 +3,7 @@
 //!
 //! Once the emulator has started a probe pod (it got an address from Calico's or Cilium's block
 //! of its node, as any pod), [`respond`] finishes it as the script would: each check computed
-//! from the shared reachability model ([`cnimig_sim::pairs`]) and a [`Firewall`]:
+//! from the shared reachability model ([`cnimig_sim::pairs`]) and a [`Firewall`](cnimig_sim::pairs::Firewall):
 //! - `api`: the pod to the API server (a host endpoint on the pseudo-node `api-server`);
 //! - `dns`: the pod to any Ready cluster DNS pod (`k8s-app=kube-dns`); none Ready is a failure;
 //! - `peer`: the pod to the pod whose address is in the probe's `PEER_IP` (skipped without it).
@@ -123,9 +123,9 @@ async fn tick(client: &Client, cfg: &ProbeEmuConfig) -> Result<()> {
         .iter()
         .filter(|p| {
             p.metadata.deletion_timestamp.is_none()
-                && p.status.as_ref().is_some_and(|s| {
-                    s.phase.as_deref() == Some("Running") && s.pod_ip.is_some()
-                })
+                && p.status
+                    .as_ref()
+                    .is_some_and(|s| s.phase.as_deref() == Some("Running") && s.pod_ip.is_some())
         })
         .collect();
     if waiting.is_empty() {
@@ -139,7 +139,11 @@ async fn tick(client: &Client, cfg: &ProbeEmuConfig) -> Result<()> {
     let pool: Vec<Ipv4Net> = live
         .as_ref()
         .and_then(|l| l.get("cluster-pool-ipv4-cidr"))
-        .map(|s| s.split_whitespace().filter_map(|c| c.parse().ok()).collect())
+        .map(|s| {
+            s.split_whitespace()
+                .filter_map(|c| c.parse().ok())
+                .collect()
+        })
         .unwrap_or_default();
     let pods = all.list(&ListParams::default()).await?.items;
     let firewall = cfg
@@ -225,8 +229,12 @@ async fn tick(client: &Client, cfg: &ProbeEmuConfig) -> Result<()> {
             }],
         }});
         let api: Api<Pod> = Api::namespaced(client.clone(), &probe.namespace().unwrap_or_default());
-        api.patch_status(&probe.name_any(), &PatchParams::default(), &Patch::Merge(status))
-            .await?;
+        api.patch_status(
+            &probe.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(status),
+        )
+        .await?;
     }
     Ok(())
 }

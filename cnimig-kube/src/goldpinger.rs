@@ -22,9 +22,8 @@ use cnimig_core::ports::{PortError, Verification, Verifier};
 use cnimig_core::verify::{CheckAll, capped, failing_pairs};
 use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector,
-    PodSpec, PodTemplateSpec, Probe, Service, ServiceAccount, ServicePort, ServiceSpec,
-    Toleration,
+    Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSpec,
+    PodTemplateSpec, Probe, Service, ServiceAccount, ServicePort, ServiceSpec, Toleration,
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -371,12 +370,13 @@ impl GoldpingerVerifier {
                     "/api/v1/namespaces/{}/services/{}:{}/proxy/check_all",
                     o.namespace, o.name, o.port
                 );
-                let req = http::Request::get(&path)
-                    .body(Vec::new())
-                    .map_err(|e| PortError::Invalid {
-                        what: format!("build GET {path}"),
-                        detail: e.to_string(),
-                    })?;
+                let req =
+                    http::Request::get(&path)
+                        .body(Vec::new())
+                        .map_err(|e| PortError::Invalid {
+                            what: format!("build GET {path}"),
+                            detail: e.to_string(),
+                        })?;
                 let fut = self.cluster.client().request_text(req);
                 tokio::time::timeout(o.request_timeout, fut)
                     .await
@@ -385,21 +385,18 @@ impl GoldpingerVerifier {
                     })?
                     .map_err(|e| port_error("get", format!("services/proxy {path}"), e))?
             }
-            GoldpingerSource::Url(u) => {
-                tokio::time::timeout(o.request_timeout, http_get(u))
-                    .await
-                    .map_err(|_| PortError::Timeout {
-                        what: format!("GET {u}"),
-                    })??
-            }
+            GoldpingerSource::Url(u) => tokio::time::timeout(o.request_timeout, http_get(u))
+                .await
+                .map_err(|_| PortError::Timeout {
+                    what: format!("GET {u}"),
+                })??,
         };
         serde_json::from_str(&body).map_err(|e| PortError::Invalid {
             what: "read Goldpinger's /check_all answer".into(),
             detail: format!(
                 "{e}; is {} really Goldpinger? (first bytes: {:?})",
                 match &o.source {
-                    GoldpingerSource::ServiceProxy =>
-                        format!("service {}/{}", o.namespace, o.name),
+                    GoldpingerSource::ServiceProxy => format!("service {}/{}", o.namespace, o.name),
                     GoldpingerSource::Url(u) => u.clone(),
                 },
                 body.chars().take(80).collect::<String>()
@@ -507,7 +504,8 @@ async fn http_get(u: &str) -> Result<String, PortError> {
     let mut sock = tokio::net::TcpStream::connect(&authority)
         .await
         .map_err(|e| unavailable(e.to_string()))?;
-    let req = format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\nAccept: application/json\r\n\r\n");
+    let req =
+        format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\nAccept: application/json\r\n\r\n");
     sock.write_all(req.as_bytes())
         .await
         .map_err(|e| unavailable(e.to_string()))?;
@@ -558,9 +556,6 @@ mod tests {
             ds.selector.match_labels,
             ds.template.metadata.unwrap().labels
         );
-        assert_eq!(
-            m.service.spec.unwrap().selector,
-            ds.selector.match_labels
-        );
+        assert_eq!(m.service.spec.unwrap().selector, ds.selector.match_labels);
     }
 }

@@ -273,11 +273,19 @@ mod tests {
     #[test]
     fn probe_pod_is_pinned_and_unprivileged() {
         let node = NodeName::new("n-01").unwrap();
-        let p = probe_pod(&node, "kube-system", Some(Ipv4Addr::new(10, 42, 1, 2)), &ProbeOptions::default());
+        let p = probe_pod(
+            &node,
+            "kube-system",
+            Some(Ipv4Addr::new(10, 42, 1, 2)),
+            &ProbeOptions::default(),
+        );
         assert_eq!(p["spec"]["nodeName"], "n-01");
         assert_eq!(p["metadata"]["name"], "cnimig-probe-n-01");
         assert_eq!(p["spec"]["containers"][0]["env"][1]["value"], "10.42.1.2");
-        assert_eq!(p["spec"]["containers"][0]["securityContext"]["allowPrivilegeEscalation"], false);
+        assert_eq!(
+            p["spec"]["containers"][0]["securityContext"]["allowPrivilegeEscalation"],
+            false
+        );
         let _: core::Pod = serde_json::from_value(p).unwrap();
     }
 

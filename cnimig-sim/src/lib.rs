@@ -69,9 +69,9 @@
 mod faults;
 mod generate;
 mod observe;
+pub mod pairs;
 mod ports;
 mod quantity;
-pub mod pairs;
 pub mod reach;
 pub mod scenario;
 mod sim;

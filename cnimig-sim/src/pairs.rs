@@ -227,7 +227,10 @@ mod tests {
             firewall: &f,
         };
         assert!(m.reach(A, B).is_err());
-        assert!(m.reach(B, C).is_ok(), "Calico to Calico does not use Cilium's tunnel");
+        assert!(
+            m.reach(B, C).is_ok(),
+            "Calico to Calico does not use Cilium's tunnel"
+        );
         let same = Endpoint {
             node: "n1",
             net: Net::Calico,

@@ -15,8 +15,8 @@ use cnimig_core::orchestrator::{Orchestrator, Ports, RunOptions};
 use cnimig_core::ports::{Verification, Verifier};
 use cnimig_kube::goldpinger::{GoldpingerOptions, GoldpingerSource, GoldpingerVerifier, manifests};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams};
 use kube::ResourceExt;
+use kube::api::{Api, ListParams};
 use serde_json::json;
 
 use crate::common::{self, wait_until};
@@ -166,11 +166,16 @@ async fn a_firewall_break_is_caught_by_goldpinger_and_the_node_rolls_back() {
 async fn a_wrong_goldpinger_url_is_an_error() {
     let env = crate::env_or_skip!();
     let cluster = env.cluster(common::opts("default"));
-    assert!(GoldpingerVerifier::new(
-        cluster.clone(),
-        GoldpingerOptions { source: GoldpingerSource::Url("https://x/check_all".into()), ..GoldpingerOptions::default() }
-    )
-    .is_err());
+    assert!(
+        GoldpingerVerifier::new(
+            cluster.clone(),
+            GoldpingerOptions {
+                source: GoldpingerSource::Url("https://x/check_all".into()),
+                ..GoldpingerOptions::default()
+            }
+        )
+        .is_err()
+    );
     let v = GoldpingerVerifier::new(
         cluster,
         GoldpingerOptions {

@@ -79,7 +79,9 @@ async fn run(env: &common::Env, ns: &str, firewall: SharedFirewall) -> RunReport
     wait_until("9 pods Running and Ready", Duration::from_secs(120), || {
         let pods = pods.clone();
         async move {
-            let Ok(l) = pods.list(&ListParams::default()).await else { return false };
+            let Ok(l) = pods.list(&ListParams::default()).await else {
+                return false;
+            };
             l.items.iter().filter(|p| ready(p)).count() == 9
         }
     })
@@ -91,18 +93,27 @@ async fn run(env: &common::Env, ns: &str, firewall: SharedFirewall) -> RunReport
     ports.verifier = Arc::new(ProbeVerifier::new(
         cluster.clone(),
         cluster.clone(),
-        ProbeOptions { timeout: Duration::from_secs(20), ..ProbeOptions::default() },
+        ProbeOptions {
+            timeout: Duration::from_secs(20),
+            ..ProbeOptions::default()
+        },
     ));
     let orch = Orchestrator::new(
         ports,
         cfg,
-        RunOptions { holder: format!("probe-{ns}"), ..RunOptions::default() },
+        RunOptions {
+            holder: format!("probe-{ns}"),
+            ..RunOptions::default()
+        },
     );
     let (_, plan) = orch.plan().await.unwrap();
-    let report = tokio::time::timeout(Duration::from_secs(400), orch.run(&plan, &cnimig_core::events::Discard))
-        .await
-        .expect("the run ends")
-        .unwrap();
+    let report = tokio::time::timeout(
+        Duration::from_secs(400),
+        orch.run(&plan, &cnimig_core::events::Discard),
+    )
+    .await
+    .expect("the run ends")
+    .unwrap();
     let probes: Vec<String> = pods
         .list(&ListParams::default().labels("cnimig.io/helper=probe"))
         .await
@@ -147,7 +158,11 @@ async fn a_probe_that_cannot_reach_the_api_server_rolls_the_node_back() {
         }
         let report = run(&env, &ns, firewall).await;
         assert!(report.stopped.is_some(), "{report:#?}");
-        let failed: Vec<_> = report.nodes.iter().filter(|n| n.phase == Phase::RolledBack).collect();
+        let failed: Vec<_> = report
+            .nodes
+            .iter()
+            .filter(|n| n.phase == Phase::RolledBack)
+            .collect();
         assert_eq!(failed.len(), 1, "{report:#?}");
         let cause = failed[0].cause.clone().unwrap_or_default();
         assert!(cause.contains("step Verify"), "{cause}");
