@@ -14,7 +14,6 @@
 //! a browser) and a Markdown report for a change ticket. The simulator checks the invariants at every step; the exit code is 1 if
 //! any was violated or any node did not end Done.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -23,12 +22,12 @@ use clap::Parser;
 use cnimig::core::cilium::{CiliumPhase, rendered_config};
 use cnimig::core::config::{FailurePolicy, MigrationConfig};
 use cnimig::core::events::{Discard, Event, EventSink};
-use cnimig::progress::{Mode, Progress};
 use cnimig::core::machine::Phase;
 use cnimig::core::orchestrator::{Orchestrator, Ports, RunOptions, RunReport};
 use cnimig::core::plan::Plan;
 use cnimig::core::preflight::Severity;
 use cnimig::core::report::{BudgetHealth, Figures, Timeline, event_time, markdown};
+use cnimig::progress::{Mode, Progress};
 use cnimig::sim::{Scenario, SimCluster, SimParams, ViolationKind};
 use serde::Serialize;
 
@@ -153,7 +152,10 @@ async fn migrate(
             .iter()
             .filter(|c| c.severity != Severity::Pass)
         {
-            notes.println(&format!("preflight {:?} [{}] {}", c.severity, c.id, c.message));
+            notes.println(&format!(
+                "preflight {:?} [{}] {}",
+                c.severity, c.id, c.message
+            ));
         }
         notes.println(&plan.node_config.reasons.join("\n"));
     }

@@ -196,8 +196,8 @@ impl State {
                     n.step
                 });
                 Some(match step {
-                    Some(step) => format!("[{t}] {node}: {step:?}, waiting for {reason}"),
-                    None => format!("[{t}] {node}: waiting for {reason}"),
+                    Some(step) => format!("[{t}] {node}: {step:?}: {reason}"),
+                    None => format!("[{t}] {node}: {reason}"),
                 })
             }
             Event::EvictionBlocked { node, pod, pdb, .. } => {
@@ -276,7 +276,7 @@ impl State {
         if let Some((pod, pdb)) = &n.blocked {
             line.push_str(&format!("  drain blocked: {pod} refused by PDB {pdb}"));
         } else if let Some(reason) = &n.waiting {
-            line.push_str(&format!("  waiting for {reason}"));
+            line.push_str(&format!("  {reason}"));
         }
         line
     }
@@ -309,11 +309,10 @@ impl Bars {
     fn new(target: ProgressDrawTarget) -> Bars {
         let multi = MultiProgress::with_draw_target(target);
         // Both templates are constants; a bad one would fall back to the default style.
-        let style = ProgressStyle::with_template(
-            "[{prefix}] [{bar:30}] {pos}/{len} nodes done  {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> ");
+        let style =
+            ProgressStyle::with_template("[{prefix}] [{bar:30}] {pos}/{len} nodes done  {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> ");
         let node_style = ProgressStyle::with_template("  {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_spinner());
         let main = multi.add(ProgressBar::new(0).with_style(style));
@@ -387,7 +386,9 @@ pub struct Progress {
 
 impl std::fmt::Debug for Progress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Progress").field("mode", &self.mode).finish()
+        f.debug_struct("Progress")
+            .field("mode", &self.mode)
+            .finish()
     }
 }
 
@@ -528,7 +529,7 @@ mod tests {
             },
             Event::Waiting {
                 node: b.clone(),
-                reason: "the Cilium agent to be Ready".into(),
+                reason: "waiting for the Cilium agent to be Ready".into(),
                 at: Time(61_000),
             },
             Event::NodeFinished {
@@ -583,7 +584,7 @@ mod tests {
 [0:00:00] 0/2 done, 2 in flight, 0 pending, 0 rolled back
 [0:00:02] worker-a: Pending -> Cordoned (0:00:02 in Pending)
 [0:00:05] worker-a: drain blocked: evicting shop/web-0 refused by PodDisruptionBudget shop/web
-[0:01:01] worker-b: Pending, waiting for the Cilium agent to be Ready
+[0:01:01] worker-b: Pending: waiting for the Cilium agent to be Ready
 [0:01:02] worker-b: RolledBack: AgentReady: timed out after 300s
 [0:01:02] 0/2 done, 1 in flight, 0 pending, 1 rolled back
 "
@@ -677,11 +678,14 @@ mod tests {
             "{drawn}"
         );
         assert!(
-            drawn.contains("  worker-b  Pending for 0:01:01  waiting for the Cilium agent to be Ready"),
+            drawn.contains(
+                "  worker-b  Pending for 0:01:01  waiting for the Cilium agent to be Ready"
+            ),
             "{drawn}"
         );
         assert!(
-            drawn.contains("[0:01:01] [") && drawn.contains("] 0/2 nodes done  2 in flight, 0 pending, 0 rolled back"),
+            drawn.contains("[0:01:01] [")
+                && drawn.contains("] 0/2 nodes done  2 in flight, 0 pending, 0 rolled back"),
             "{drawn}"
         );
         for e in &evs[7..] {
