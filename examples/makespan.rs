@@ -146,6 +146,7 @@ fn hms(s: f64) -> String {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    cnimig::progress::init_logs();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()?;

@@ -67,6 +67,7 @@ fn read(path: &PathBuf) -> anyhow::Result<String> {
 }
 
 fn main() {
+    cnimig::progress::init_logs();
     match run() {
         Ok(code) => std::process::exit(code),
         Err(e) => {

@@ -45,6 +45,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    cnimig::progress::init_logs();
     let s = rancher_common::connect(&args.conn).await?;
     let rplan = s.rancher.plan().await?;
 

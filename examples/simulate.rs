@@ -14,10 +14,7 @@
 //! a browser) and a Markdown report for a change ticket. The simulator checks the invariants at every step; the exit code is 1 if
 //! any was violated or any node did not end Done.
 
-use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -30,6 +27,7 @@ use cnimig::core::orchestrator::{Orchestrator, Ports, RunOptions, RunReport};
 use cnimig::core::plan::Plan;
 use cnimig::core::preflight::Severity;
 use cnimig::core::report::{BudgetHealth, Figures, Timeline, event_time, markdown};
+use cnimig::progress::{Mode, Progress};
 use cnimig::sim::{Scenario, SimCluster, SimParams, ViolationKind};
 use serde::Serialize;
 
@@ -54,9 +52,13 @@ struct Args {
     /// Print one JSON report on stdout instead of the summary.
     #[arg(long)]
     json: bool,
-    /// No progress lines while it runs.
+    /// Plain progress lines instead of the live bar (also when stdout is not a terminal or
+    /// RUST_LOG is set).
     #[arg(long)]
     no_progress: bool,
+    /// No progress and no notes on stderr; only the summary (or --json) on stdout.
+    #[arg(long, short)]
+    quiet: bool,
     /// Skip the one-node-at-a-time baseline run.
     #[arg(long)]
     no_baseline: bool,
@@ -94,58 +96,6 @@ struct Report {
     wall_seconds: f64,
 }
 
-/// Progress lines a person can follow: one per simulated minute at most, plus every rollback.
-struct Lines {
-    last: Mutex<Option<u64>>,
-    total: AtomicUsize,
-}
-
-impl EventSink for Lines {
-    fn emit(&self, e: &Event) {
-        let line = match e {
-            Event::RunStarted { nodes, resumed, at } => {
-                self.total.store(*nodes, Ordering::Relaxed);
-                format!(
-                    "[{}] migrating {nodes} nodes ({resumed} resumed)",
-                    clock(at.0)
-                )
-            }
-            Event::Progress {
-                done,
-                rolled_back,
-                in_flight,
-                pending,
-                at,
-            } => {
-                let minute = at.0 / 60_000;
-                let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-                let total = self.total.load(Ordering::Relaxed);
-                let finished = *done + *rolled_back == total;
-                if *last == Some(minute) && !finished {
-                    return;
-                }
-                *last = Some(minute);
-                format!(
-                    "[{}] {done:>4}/{} done  {in_flight:>3} in flight  {pending:>4} pending  {rolled_back} rolled back",
-                    clock(at.0),
-                    total
-                )
-            }
-            Event::NodeFinished {
-                node,
-                outcome,
-                cause: Some(cause),
-                at,
-            } if *outcome != Phase::Done => {
-                format!("[{}] {node} {outcome:?}: {cause}", clock(at.0))
-            }
-            Event::Stopping { reason, at } => format!("[{}] stopping: {reason}", clock(at.0)),
-            _ => return,
-        };
-        let _ = writeln!(std::io::stderr(), "{line}");
-    }
-}
-
 /// Passes every event on to `inner` and `timeline`, and samples the budgets' health for the
 /// timeline at each event (the simulator knows them; the orchestrator does not report them).
 struct Sampled<'a> {
@@ -179,7 +129,7 @@ async fn migrate(
     seed: u64,
     sink: &dyn EventSink,
     timeline: Option<&Timeline>,
-    quiet: bool,
+    notes: Option<&Progress>,
 ) -> anyhow::Result<(SimCluster, Plan, RunReport, usize)> {
     let sim = SimCluster::new(scenario.clone(), SimParams::default(), seed)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -195,16 +145,19 @@ async fn migrate(
         .iter()
         .filter(|c| c.severity == Severity::Warn)
         .count();
-    if !quiet {
+    if let Some(notes) = notes {
         for c in plan
             .preflight
             .checks
             .iter()
             .filter(|c| c.severity != Severity::Pass)
         {
-            eprintln!("preflight {:?} [{}] {}", c.severity, c.id, c.message);
+            notes.println(&format!(
+                "preflight {:?} [{}] {}",
+                c.severity, c.id, c.message
+            ));
         }
-        eprintln!("{}", plan.node_config.reasons.join("\n"));
+        notes.println(&plan.node_config.reasons.join("\n"));
     }
     if !plan.preflight.ok() {
         bail!("preflight failed; nothing was changed");
@@ -230,6 +183,7 @@ async fn migrate(
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    cnimig::progress::init_logs();
     #[allow(
         clippy::disallowed_methods,
         reason = "the example reports its own wall time; the simulation never reads this clock"
@@ -261,19 +215,24 @@ fn main() -> anyhow::Result<()> {
     } else {
         scenario.name.clone()
     };
-    let lines = Lines {
-        last: Mutex::new(None),
-        total: AtomicUsize::new(0),
-    };
-    let sink: &dyn EventSink = if args.no_progress { &Discard } else { &lines };
+    let progress = Progress::new(Mode::detect(args.no_progress, args.quiet));
+    let notes = (!args.quiet).then_some(&progress);
     let timeline = Timeline::new();
     let record = (args.svg.is_some() || args.report.is_some()).then_some(&timeline);
-    let (sim, plan, report, warnings) =
-        rt.block_on(migrate(&scenario, &cfg, args.seed, sink, record, args.json))?;
+    let result = rt.block_on(migrate(
+        &scenario,
+        &cfg,
+        args.seed,
+        &progress,
+        record,
+        notes.filter(|_| !args.json),
+    ));
+    progress.finish();
+    let (sim, plan, report, warnings) = result?;
     let sequential = if args.no_baseline {
         None
     } else {
-        if !args.no_progress {
+        if !args.quiet {
             eprintln!(
                 "baseline: the same cluster one node at a time (as the source procedure does) ..."
             );
@@ -281,7 +240,7 @@ fn main() -> anyhow::Result<()> {
         let mut one = cfg.clone();
         one.max_in_flight = 1;
         let (_, _, r, _) =
-            rt.block_on(migrate(&scenario, &one, args.seed, &Discard, None, true))?;
+            rt.block_on(migrate(&scenario, &one, args.seed, &Discard, None, None))?;
         Some(r.makespan().as_secs_f64())
     };
 
@@ -323,7 +282,7 @@ fn main() -> anyhow::Result<()> {
     if let Some(path) = &args.svg {
         std::fs::write(path, timeline.to_svg())
             .with_context(|| format!("writing {}", path.display()))?;
-        if !args.no_progress {
+        if !args.quiet {
             eprintln!("wrote the timeline to {}", path.display());
         }
     }
@@ -331,7 +290,7 @@ fn main() -> anyhow::Result<()> {
         let figures = figures(&out, &cfg);
         std::fs::write(path, markdown(&plan, &report, &figures))
             .with_context(|| format!("writing {}", path.display()))?;
-        if !args.no_progress {
+        if !args.quiet {
             eprintln!("wrote the report to {}", path.display());
         }
     }

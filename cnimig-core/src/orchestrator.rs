@@ -1327,39 +1327,64 @@ impl Orchestrator {
                 f.waiting = Some(reason);
             }
         };
-        match action {
-            Action::Cordon => ports.cluster.set_unschedulable(&name, true).await?,
-            Action::Uncordon => ports.cluster.set_unschedulable(&name, false).await?,
-            Action::Label => {
-                ports
-                    .cluster
-                    .set_node_label(&name, &self.cfg.migration_label, Some("true"))
-                    .await?
+        // Every write the adapters make for this action is logged inside this span.
+        let span = tracing::info_span!(
+            "step",
+            node = %name,
+            phase = ?f.record.phase,
+            action = match &action {
+                Action::Cordon => "cordon",
+                Action::Evict(_) => "evict",
+                Action::Label => "label",
+                Action::RestartAgent(_) => "restart agent",
+                Action::Uncordon => "uncordon",
+                Action::Recycle { .. } => "recycle pods",
+                Action::Verify => "verify",
+                Action::RestoreCni => "restore Calico CNI",
+                Action::Unlabel => "unlabel",
+                Action::Wait(_) => "wait",
+                Action::Finished => "finished",
             }
-            Action::Unlabel => {
-                ports
-                    .cluster
-                    .set_node_label(&name, &self.cfg.migration_label, None)
-                    .await?
-            }
-            Action::RestartAgent(uid) => ports.cilium.restart_agent(&name, &uid).await?,
-            Action::RestoreCni => ports.cilium.restore_calico_cni(&name).await?,
-            Action::Evict(pods) => self.evict_all(f, &pods, &[], sink, now).await?,
-            Action::Recycle { evict, delete } => {
-                self.evict_all(f, &evict, &delete, sink, now).await?
-            }
-            Action::Verify => {
-                let mut v = ports.verifier.verify_node(&name).await?;
-                if v == Verification::Healthy {
-                    v = ports.verifier.verify_cluster().await?; // verify (issue #9)
+        );
+        tracing::Instrument::instrument(
+            async {
+                match action {
+                    Action::Cordon => ports.cluster.set_unschedulable(&name, true).await?,
+                    Action::Uncordon => ports.cluster.set_unschedulable(&name, false).await?,
+                    Action::Label => {
+                        ports
+                            .cluster
+                            .set_node_label(&name, &self.cfg.migration_label, Some("true"))
+                            .await?
+                    }
+                    Action::Unlabel => {
+                        ports
+                            .cluster
+                            .set_node_label(&name, &self.cfg.migration_label, None)
+                            .await?
+                    }
+                    Action::RestartAgent(uid) => ports.cilium.restart_agent(&name, &uid).await?,
+                    Action::RestoreCni => ports.cilium.restore_calico_cni(&name).await?,
+                    Action::Evict(pods) => self.evict_all(f, &pods, &[], sink, now).await?,
+                    Action::Recycle { evict, delete } => {
+                        self.evict_all(f, &evict, &delete, sink, now).await?
+                    }
+                    Action::Verify => {
+                        let mut v = ports.verifier.verify_node(&name).await?;
+                        if v == Verification::Healthy {
+                            v = ports.verifier.verify_cluster().await?; // verify (issue #9)
+                        }
+                        let next = on_verification(&f.record, &v, &self.step, now);
+                        self.save(f, next, sink, now).await?;
+                    }
+                    Action::Wait(reason) => waiting(f, reason),
+                    Action::Finished => {}
                 }
-                let next = on_verification(&f.record, &v, &self.step, now);
-                self.save(f, next, sink, now).await?;
-            }
-            Action::Wait(reason) => waiting(f, reason),
-            Action::Finished => {}
-        }
-        Ok(())
+                Ok::<(), RunError>(())
+            },
+            span,
+        )
+        .await
     }
 
     async fn evict_all(

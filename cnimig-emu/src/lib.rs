@@ -15,6 +15,19 @@
 //! - [`setup`]: CRDs, RBAC, server-side apply, ServiceAccount clients for tests;
 //! - the `cnimig-emu` binary runs the emulator against `KUBECONFIG` until interrupted.
 //!
+//! Its CNI decisions are pure; for instance the pod CIDR block of the second node:
+//!
+//! ```
+//! use cnimig_emu::cni::node_block;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let block = node_block("10.245.0.0/16".parse()?, 24, 1).ok_or("the pool has 256 blocks")?;
+//! assert_eq!(block.to_string(), "10.245.1.0/24");
+//! assert_eq!(node_block("10.245.0.0/23".parse()?, 24, 2), None);
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! ## Contracts with cnimig-kube
 //!
 //! A real cluster shows two things only on the node; the emulator publishes them as

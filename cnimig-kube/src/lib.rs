@@ -17,6 +17,24 @@
 //! - [`metrics`]: `apiserver_request_total` scraping, for request-cost reports;
 //! - `deploy/rbac.yaml`: the ServiceAccount and ClusterRole with exactly the verbs used here; each
 //!   method's `# RBAC` section names its own.
+//! - [`log`]: every write to the API server logged at `info`, in the step's tracing span.
+//!
+//! The pure parts run without a cluster:
+//!
+//! ```
+//! use cnimig_kube::convert::{cpu_millis, memory_bytes};
+//! use cnimig_kube::log::describe;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! assert_eq!(cpu_millis("250m"), Some(250));
+//! assert_eq!(memory_bytes("128Mi"), Some(128 << 20));
+//! // The log line an eviction gets.
+//! let w = describe(&http::Method::POST, &"/api/v1/namespaces/shop/pods/web-0/eviction".parse()?)
+//!     .ok_or("an eviction is a write")?;
+//! assert_eq!((w.verb, w.resource.as_str(), w.object.as_str()), ("create", "pods/eviction", "shop/web-0"));
+//! # Ok(())
+//! # }
+//! ```
 //!
 //! ## What is read and written
 //!
@@ -71,6 +89,7 @@ pub mod convert;
 mod error;
 pub mod events;
 pub mod goldpinger;
+pub mod log;
 pub mod metrics;
 pub mod probe;
 mod state;
@@ -168,6 +187,16 @@ impl std::fmt::Debug for KubeCluster {
     }
 }
 
+/// A client whose writes are logged by [`log::LogWritesLayer`].
+///
+/// # Errors
+/// When the config cannot make a client (bad TLS material, URL).
+pub fn logged_client(config: Config) -> Result<Client, kube::Error> {
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&log::LogWritesLayer)
+        .build())
+}
+
 impl KubeCluster {
     /// An adapter for the cluster `config` points at. Builds two clients: one as configured,
     /// one with kube's default retry off for evictions.
@@ -179,10 +208,10 @@ impl KubeCluster {
             what: "build a Kubernetes client".into(),
             detail: e.to_string(),
         };
-        let client = Client::try_from(config.clone()).map_err(bad)?;
+        let client = logged_client(config.clone()).map_err(bad)?;
         let mut no_retry = config;
         no_retry.default_retry = false;
-        let evict_client = Client::try_from(no_retry).map_err(bad)?;
+        let evict_client = logged_client(no_retry).map_err(bad)?;
         Ok(KubeCluster {
             inner: Arc::new(Inner {
                 client,

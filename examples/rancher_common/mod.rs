@@ -102,14 +102,14 @@ pub async fn connect(c: &Conn) -> Result<Session> {
     };
     let config = kube_config(c.kubeconfig.as_ref(), c.context.as_ref()).await?;
     let url = config.cluster_url.to_string();
-    let client = kube::Client::try_from(config.clone()).context("build a client")?;
+    let client = cnimig_kube::logged_client(config.clone()).context("build a client")?;
     let kube =
         KubeCluster::new(config, KubeOptions::default()).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mgmt = match (&c.management_kubeconfig, &c.cluster) {
         (Some(p), Some(cluster)) => {
             let mc = kube_config(Some(p), c.management_context.as_ref()).await?;
             Some(Management {
-                client: kube::Client::try_from(mc).context("build the management client")?,
+                client: cnimig_kube::logged_client(mc).context("build the management client")?,
                 cluster: cluster.clone(),
                 fleet_namespace: None,
             })
