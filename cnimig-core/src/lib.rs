@@ -9,9 +9,12 @@
 //! Everything except the orchestrator is synchronous, free of IO, and never reads the clock or a
 //! random source: time comes in as [`model::Time`] values.
 
+pub mod allow;
 pub mod cilium;
+pub mod cleanup;
 pub mod config;
 pub mod events;
+pub mod finalize;
 pub mod machine;
 pub mod model;
 pub mod orchestrator;
