@@ -63,11 +63,13 @@ use tokio::sync::RwLock;
 
 mod calico;
 mod cilium;
+pub mod cleanup;
 mod clock;
 mod cluster;
 pub mod convert;
 mod error;
 pub mod events;
+pub mod finalize;
 pub mod metrics;
 mod state;
 mod verify;
