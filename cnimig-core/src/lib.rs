@@ -31,9 +31,12 @@
 //! # }
 //! ```
 
+pub mod allow;
 pub mod cilium;
+pub mod cleanup;
 pub mod config;
 pub mod events;
+pub mod finalize;
 pub mod machine;
 pub mod model;
 pub mod orchestrator;

@@ -59,7 +59,7 @@ impl KubeCluster {
     ///
     /// # RBAC
     /// None beyond discovery (`/apis/cilium.io/*` is open to authenticated users).
-    async fn node_config_api(&self) -> Result<NodeConfigApi, PortError> {
+    pub(crate) async fn node_config_api(&self) -> Result<NodeConfigApi, PortError> {
         let group = kube::discovery::group(&self.inner.client, "cilium.io")
             .await
             .map_err(|e| port_error("discover", "API group cilium.io", e))?;

@@ -83,11 +83,13 @@ use tokio::sync::RwLock;
 
 mod calico;
 mod cilium;
+pub mod cleanup;
 mod clock;
 mod cluster;
 pub mod convert;
 mod error;
 pub mod events;
+pub mod finalize;
 pub mod goldpinger;
 pub mod log;
 pub mod metrics;

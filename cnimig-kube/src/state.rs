@@ -101,7 +101,7 @@ impl KubeCluster {
         })
     }
 
-    fn leases(&self) -> Api<Lease> {
+    pub(crate) fn leases(&self) -> Api<Lease> {
         Api::namespaced(self.inner.client.clone(), &self.inner.opts.system_namespace)
     }
 

@@ -67,6 +67,7 @@
 //! ```
 
 mod faults;
+pub mod finalize;
 mod generate;
 mod observe;
 pub mod pairs;
