@@ -19,8 +19,10 @@
 mod calico;
 mod cilium;
 mod common;
+mod conformance;
 mod e2e;
 mod eviction;
 mod metrics;
 mod nodes;
+mod rbac;
 mod state;
