@@ -67,8 +67,16 @@ trait Harness: Send + Sync {
 }
 
 /// The namespace every scenario object lives in; also the sim's, so names compare literally.
+/// Calico as `crate::calico::calico_objects` installs it on the control plane.
+const CALICO: &str = r"
+calico:
+  pools: [{name: default-ipv4-ippool, cidr: 10.42.0.0/16, encapsulation: VXLAN}]
+  autodetection: kubernetes-internal-ip
+";
+
 fn scenario(yaml: &str, ns: &str) -> Scenario {
-    let mut s = Scenario::from_yaml(&yaml.replace("{ns}", ns)).expect("scenario YAML");
+    let text = format!("{}{CALICO}", yaml.replace("{ns}", ns));
+    let mut s = Scenario::from_yaml(&text).expect("scenario YAML");
     for n in &mut s.nodes {
         n.labels.insert(SCOPE_LABEL.into(), ns.into());
     }
