@@ -88,7 +88,7 @@ fn ready(p: &Pod) -> bool {
 }
 
 /// Watches the budgets every 200 ms: the lowest `currentHealthy - desiredHealthy` seen.
-fn watch_budgets(
+pub(crate) fn watch_budgets(
     admin: Client,
     ns: String,
     stop: Arc<AtomicBool>,

@@ -19,10 +19,12 @@
 mod calico;
 mod cilium;
 mod common;
+mod conformance;
 mod e2e;
 mod eviction;
 mod goldpinger;
 mod metrics;
 mod nodes;
 mod probe;
+mod rbac;
 mod state;
