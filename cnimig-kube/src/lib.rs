@@ -69,6 +69,7 @@ pub mod convert;
 mod error;
 pub mod events;
 pub mod metrics;
+pub mod planning;
 mod state;
 mod verify;
 
