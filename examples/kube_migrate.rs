@@ -92,13 +92,19 @@ async fn run(args: &Args) -> Result<Outcome, Fail> {
     if args.lock_ttl < 3 {
         return Err(Fail::new(
             EXIT_USAGE,
-            format!("--lock-ttl {} is too short: use 3 seconds or more", args.lock_ttl),
+            format!(
+                "--lock-ttl {} is too short: use 3 seconds or more",
+                args.lock_ttl
+            ),
         ));
     }
     let cfg = args.conn.migration_config()?;
     let config = args.conn.kube_config().await?;
     let server = config.cluster_url.to_string();
-    let holder = args.holder.clone().unwrap_or_else(kube_common::default_holder);
+    let holder = args
+        .holder
+        .clone()
+        .unwrap_or_else(kube_common::default_holder);
     let cluster = planning::connect(&config, args.conn.kube_options(Some(holder.clone())))
         .await
         .map_err(|e| Fail::new(EXIT_API, e.to_string()))?;
@@ -197,7 +203,10 @@ fn summarise(r: &RunReport) -> i32 {
             "  {}: {:?}{}",
             n.node,
             n.phase,
-            n.cause.as_deref().map(|c| format!(": {c}")).unwrap_or_default()
+            n.cause
+                .as_deref()
+                .map(|c| format!(": {c}"))
+                .unwrap_or_default()
         );
     }
     for s in &r.skipped {

@@ -84,13 +84,14 @@ async fn env() -> Option<Env> {
                    "nodeAddressAutodetectionV4": {"kubernetes": "NodeInternalIP"},
                    "ipPools": [{"cidr": "10.42.0.0/16", "encapsulation": "VXLAN"}]}}}),
     ] {
-        cnimig_emu::setup::apply(&admin, &obj).await.expect("calico objects");
+        cnimig_emu::setup::apply(&admin, &obj)
+            .await
+            .expect("calico objects");
     }
     let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), "kube-system");
-    let req: k8s_openapi::api::authentication::v1::TokenRequest = serde_json::from_value(
-        json!({"spec": {"audiences": [], "expirationSeconds": 3600}}),
-    )
-    .unwrap();
+    let req: k8s_openapi::api::authentication::v1::TokenRequest =
+        serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 3600}}))
+            .unwrap();
     let resp = sas
         .create_subresource::<_, k8s_openapi::api::authentication::v1::TokenRequest>(
             "token",
@@ -123,7 +124,10 @@ fn binary() -> PathBuf {
             .current_dir(root)
             .status()
             .expect("run cargo build");
-        assert!(status.success(), "cargo build --release --example kube_migrate failed");
+        assert!(
+            status.success(),
+            "cargo build --release --example kube_migrate failed"
+        );
         // The test executable is target/release/deps/kube_migrate-HASH.
         let exe = std::env::current_exe().unwrap();
         let target = exe.parent().and_then(Path::parent).unwrap();
@@ -215,7 +219,10 @@ impl Cluster {
                 format!("zone-{}", i % 3),
             )]);
             if i >= workers {
-                l.insert("node-role.kubernetes.io/control-plane".into(), "true".into());
+                l.insert(
+                    "node-role.kubernetes.io/control-plane".into(),
+                    "true".into(),
+                );
             }
             ecfg.extra_labels.insert(n.clone(), l);
         }
@@ -230,18 +237,22 @@ impl Cluster {
                 "metadata": {"name": name, "namespace": ns},
                 "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
                          "template": template(name, &ns)}}));
-            objs.push(json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+            objs.push(
+                json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
                 "metadata": {"name": name, "namespace": ns},
-                "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {"app": name}}}}));
+                "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {"app": name}}}}),
+            );
             expected += replicas;
         }
         objs.push(json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
             "metadata": {"name": "db", "namespace": ns},
             "spec": {"replicas": 3, "serviceName": "db", "podManagementPolicy": "Parallel",
                      "selector": {"matchLabels": {"app": "db"}}, "template": template("db", &ns)}}));
-        objs.push(json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+        objs.push(
+            json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
             "metadata": {"name": "db", "namespace": ns},
-            "spec": {"minAvailable": 2, "selector": {"matchLabels": {"app": "db"}}}}));
+            "spec": {"minAvailable": 2, "selector": {"matchLabels": {"app": "db"}}}}),
+        );
         expected += 3;
         for label in ["cilium", "calico-node"] {
             objs.push(json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
@@ -258,21 +269,37 @@ impl Cluster {
             cnimig_emu::setup::apply(&admin, &o).await.unwrap();
         }
         let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
-        wait_until(&format!("{expected} pods Ready"), Duration::from_secs(240), || {
-            let pods = pods.clone();
-            async move {
-                let Ok(l) = pods.list(&ListParams::default()).await else { return false };
-                l.items.iter().filter(|p| ready(p) && p.metadata.deletion_timestamp.is_none()).count() == expected
-            }
-        })
+        wait_until(
+            &format!("{expected} pods Ready"),
+            Duration::from_secs(240),
+            || {
+                let pods = pods.clone();
+                async move {
+                    let Ok(l) = pods.list(&ListParams::default()).await else {
+                        return false;
+                    };
+                    l.items
+                        .iter()
+                        .filter(|p| ready(p) && p.metadata.deletion_timestamp.is_none())
+                        .count()
+                        == expected
+                }
+            },
+        )
         .await;
         let pdbs: Api<PodDisruptionBudget> = Api::namespaced(admin.clone(), &ns);
         wait_until("budgets allow disruptions", Duration::from_secs(60), || {
             let pdbs = pdbs.clone();
             async move {
-                let Ok(l) = pdbs.list(&ListParams::default()).await else { return false };
+                let Ok(l) = pdbs.list(&ListParams::default()).await else {
+                    return false;
+                };
                 l.items.len() == 3
-                    && l.items.iter().all(|p| p.status.as_ref().is_some_and(|s| s.disruptions_allowed >= 1))
+                    && l.items.iter().all(|p| {
+                        p.status
+                            .as_ref()
+                            .is_some_and(|s| s.disruptions_allowed >= 1)
+                    })
             }
         })
         .await;
@@ -337,7 +364,11 @@ impl Cluster {
         for n in &self.nodes {
             let node = nodes.get(n).await.unwrap();
             assert!(
-                !node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false),
+                !node
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.unschedulable)
+                    .unwrap_or(false),
                 "{n} left cordoned"
             );
             let record: cnimig_core::machine::NodeRecord = serde_json::from_str(
@@ -346,11 +377,16 @@ impl Cluster {
                     .unwrap_or_else(|| panic!("{n} has no migration record")),
             )
             .unwrap();
-            assert_eq!(record.phase, cnimig_core::machine::Phase::Done, "{n}: {record:?}");
+            assert_eq!(
+                record.phase,
+                cnimig_core::machine::Phase::Done,
+                "{n}: {record:?}"
+            );
             assert_eq!(record.pre_cordoned, Some(false), "{n}: {record:?}");
             assert!(record.rollback.is_none(), "{n} rolled back: {record:?}");
             assert!(
-                node.labels().contains_key("io.cilium.migration/cilium-default"),
+                node.labels()
+                    .contains_key("io.cilium.migration/cilium-default"),
                 "{n} not labelled: {:?}",
                 node.labels()
             );
@@ -422,13 +458,19 @@ impl Watch {
                 if let Ok(list) = api.list(&ListParams::default()).await {
                     for p in list.items {
                         let Some(st) = &p.status else { continue };
-                        if st.observed_generation.unwrap_or(0) < p.metadata.generation.unwrap_or(0) {
+                        if st.observed_generation.unwrap_or(0) < p.metadata.generation.unwrap_or(0)
+                        {
                             continue;
                         }
                         let margin = st.current_healthy - st.desired_healthy;
                         min = min.min(margin);
                         if margin < 0 {
-                            violations.push(format!("{}: {} healthy < {} desired", p.name_any(), st.current_healthy, st.desired_healthy));
+                            violations.push(format!(
+                                "{}: {} healthy < {} desired",
+                                p.name_any(),
+                                st.current_healthy,
+                                st.desired_healthy
+                            ));
                         }
                     }
                 }
@@ -443,9 +485,14 @@ impl Watch {
         let pods = tokio::spawn(async move {
             let mut stream = watcher(pods, watcher::Config::default()).boxed();
             while let Some(ev) = stream.next().await {
-                let Ok(watcher::Event::Apply(p) | watcher::Event::Delete(p)) = ev else { continue };
+                let Ok(watcher::Event::Apply(p) | watcher::Event::Delete(p)) = ev else {
+                    continue;
+                };
                 if p.metadata.deletion_timestamp.is_none()
-                    || p.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false)
+                    || p.spec
+                        .as_ref()
+                        .and_then(|s| s.host_network)
+                        .unwrap_or(false)
                 {
                     continue;
                 }
@@ -501,7 +548,10 @@ fn is_step_line(l: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_at_random_moments_resumes_to_the_same_final_state() {
     let Some(env) = env().await else { return };
-    let seed: u64 = std::env::var("CNIMIG_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(7);
+    let seed: u64 = std::env::var("CNIMIG_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(7);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let cluster = Cluster::new(&env, "kill", 9, 1).await;
     let watch = Watch::start(&env.admin, &cluster.ns);
@@ -515,7 +565,9 @@ async fn killed_at_random_moments_resumes_to_the_same_final_state() {
     for n in &cluster.nodes {
         let node = nodes.get(n).await.unwrap();
         assert!(
-            !node.annotations().contains_key(cnimig_core::machine::STATE_ANNOTATION),
+            !node
+                .annotations()
+                .contains_key(cnimig_core::machine::STATE_ANNOTATION),
             "the dry run wrote {n}'s record"
         );
     }
@@ -527,11 +579,18 @@ async fn killed_at_random_moments_resumes_to_the_same_final_state() {
     let mut log = String::new();
     loop {
         runs += 1;
-        assert!(runs < 40, "no successful run after {runs} starts (seed {seed}):\n{log}");
+        assert!(
+            runs < 40,
+            "no successful run after {runs} starts (seed {seed}):\n{log}"
+        );
         let mut child = cluster.command(&["--yes"]).spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
-        let kill_after = if kills.len() < wanted_kills { Some(rng.random_range(2..12)) } else { None };
+        let kill_after = if kills.len() < wanted_kills {
+            Some(rng.random_range(2..12))
+        } else {
+            None
+        };
         let mut steps = 0;
         let mut killed = false;
         while let Ok(Some(l)) = tokio::time::timeout(Duration::from_secs(300), lines.next_line())
@@ -579,7 +638,10 @@ async fn killed_at_random_moments_resumes_to_the_same_final_state() {
         kills.join("; ")
     );
     assert_eq!(kills.len(), wanted_kills, "{log}");
-    assert!(violations.is_empty(), "budgets violated (seed {seed}): {violations:?}");
+    assert!(
+        violations.is_empty(),
+        "budgets violated (seed {seed}): {violations:?}"
+    );
     assert!(
         cilium_deleted.is_empty(),
         "pods already on Cilium were deleted: a step was repeated after its node moved (seed {seed}): {cilium_deleted:?}\n{log}"
@@ -602,7 +664,9 @@ async fn two_runs_one_acts_and_a_dead_holders_lease_is_taken_over() {
     let (winner, loser_err, loser) = match (ca, cb) {
         (0, 3) => ("run-a", eb, "run-b"),
         (3, 0) => ("run-b", ea, "run-a"),
-        _ => panic!("expected one run to act and one to exit 3: a={ca} b={cb}\n{oa}\n{ea}\n{ob}\n{eb}"),
+        _ => panic!(
+            "expected one run to act and one to exit 3: a={ca} b={cb}\n{oa}\n{ea}\n{ob}\n{eb}"
+        ),
     };
     assert!(
         loser_err.contains(&format!("holder {winner}")),
@@ -614,13 +678,26 @@ async fn two_runs_one_acts_and_a_dead_holders_lease_is_taken_over() {
     let leases: Api<Lease> = Api::namespaced(env.admin.clone(), &cluster.ns);
     let name = format!("lock-{}", cluster.ns);
     let mut lease = leases.get(&name).await.unwrap();
-    let past = k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(300);
+    let past =
+        k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(300);
     let spec = lease.spec.get_or_insert_with(Default::default);
     spec.holder_identity = Some("dead-run".into());
-    spec.renew_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(past));
+    spec.renew_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+        past,
+    ));
     spec.lease_duration_seconds = Some(10);
-    leases.replace(&name, &PostParams::default(), &lease).await.unwrap();
-    let before = leases.get(&name).await.unwrap().spec.unwrap().lease_transitions.unwrap_or(0);
+    leases
+        .replace(&name, &PostParams::default(), &lease)
+        .await
+        .unwrap();
+    let before = leases
+        .get(&name)
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .lease_transitions
+        .unwrap_or(0);
     let (c, o, e) = run_to_end(cluster.command(&["--yes", "--holder", "run-c"])).await;
     assert_eq!(c, 0, "the expired Lease was not taken over:\n{o}\n{e}");
     let after = leases.get(&name).await.unwrap().spec.unwrap();
@@ -638,7 +715,10 @@ async fn two_runs_one_acts_and_a_dead_holders_lease_is_taken_over() {
         k8s_openapi::jiff::Timestamp::now(),
     ));
     spec.lease_duration_seconds = Some(120);
-    leases.replace(&name, &PostParams::default(), &lease).await.unwrap();
+    leases
+        .replace(&name, &PostParams::default(), &lease)
+        .await
+        .unwrap();
     let (c, _, e) = run_to_end(cluster.command(&["--yes"])).await;
     assert_eq!(c, 3, "{e}");
     assert!(e.contains("holder live-run") && e.contains("UTC"), "{e}");
@@ -651,21 +731,35 @@ async fn two_runs_one_acts_and_a_dead_holders_lease_is_taken_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_with_in_cluster_configuration() {
     let Some(env) = env().await else { return };
-    let root = std::process::Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false);
-    let unshare = std::process::Command::new("unshare").arg("--help").output().is_ok();
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    let unshare = std::process::Command::new("unshare")
+        .arg("--help")
+        .output()
+        .is_ok();
     if !root || !unshare {
         assert!(
-            std::env::var("CNIMIG_REQUIRE_TESTENV").as_deref() != Ok("1") || std::env::var("CNIMIG_ALLOW_NO_UNSHARE").is_ok(),
+            std::env::var("CNIMIG_REQUIRE_TESTENV").as_deref() != Ok("1")
+                || std::env::var("CNIMIG_ALLOW_NO_UNSHARE").is_ok(),
             "the in-cluster test needs root and unshare(1) to bind-mount the ServiceAccount files; set CNIMIG_ALLOW_NO_UNSHARE=1 to skip"
         );
-        eprintln!("SKIPPED runs_with_in_cluster_configuration: needs root and unshare -m (root={root}, unshare={unshare})");
+        eprintln!(
+            "SKIPPED runs_with_in_cluster_configuration: needs root and unshare -m (root={root}, unshare={unshare})"
+        );
         return;
     }
     let cluster = Cluster::new(&env, "incluster", 3, 0).await;
     let sa_dir = cluster.dir.join("serviceaccount");
     std::fs::create_dir_all(&sa_dir).unwrap();
     std::fs::write(sa_dir.join("token"), &env.token).unwrap();
-    std::fs::copy(std::env::var("CNIMIG_TESTENV_CA").unwrap(), sa_dir.join("ca.crt")).unwrap();
+    std::fs::copy(
+        std::env::var("CNIMIG_TESTENV_CA").unwrap(),
+        sa_dir.join("ca.crt"),
+    )
+    .unwrap();
     std::fs::write(sa_dir.join("namespace"), "kube-system").unwrap();
     let url = env.admin_config.cluster_url.clone();
     let host = url.host().unwrap().to_string();
@@ -690,12 +784,23 @@ async fn runs_with_in_cluster_configuration() {
         .kill_on_drop(true);
     let (code, out, err) = run_to_end(c).await;
     assert_eq!(code, 0, "in-cluster run failed:\n{out}\n{err}");
-    assert!(out.contains(&format!("== Cluster https://{host}:{port}")), "not the in-cluster server: {out}");
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(cluster.dir.join("report.json")).unwrap()).unwrap();
+    assert!(
+        out.contains(&format!("== Cluster https://{host}:{port}")),
+        "not the in-cluster server: {out}"
+    );
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(cluster.dir.join("report.json")).unwrap())
+            .unwrap();
     assert_eq!(report["exitCode"], 0);
     assert_eq!(report["run"]["nodes"].as_array().map(Vec::len), Some(3));
     // The mount stayed private to the run.
-    assert!(!Path::new(target).join("token").exists() || std::fs::read_to_string(Path::new(target).join("token")).ok().as_deref() != Some(env.token.as_str()));
+    assert!(
+        !Path::new(target).join("token").exists()
+            || std::fs::read_to_string(Path::new(target).join("token"))
+                .ok()
+                .as_deref()
+                != Some(env.token.as_str())
+    );
     cluster.assert_final_state().await;
     cluster.cleanup().await;
 }

@@ -49,7 +49,9 @@ use crate::{CILIUM_AGENT_LABEL, FIELD_MANAGER, KubeCluster, KubeOptions};
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
     /// The API server could not be reached or refused the credentials.
-    #[error("could not connect to {server}: {detail}; check --kubeconfig/--context (or the in-cluster ServiceAccount)")]
+    #[error(
+        "could not connect to {server}: {detail}; check --kubeconfig/--context (or the in-cluster ServiceAccount)"
+    )]
     Connect {
         /// The server URL.
         server: String,
@@ -89,7 +91,12 @@ impl SnapshotSummary {
             cordoned_nodes: s.nodes.iter().filter(|n| n.unschedulable).count(),
             pods: s.pods.len(),
             pdbs: s.pdbs.len(),
-            calico_pools: s.calico.ip_pools.iter().map(|p| p.cidr.to_string()).collect(),
+            calico_pools: s
+                .calico
+                .ip_pools
+                .iter()
+                .map(|p| p.cidr.to_string())
+                .collect(),
             service_cidr: s.service_cidr.to_string(),
         }
     }
@@ -211,7 +218,10 @@ impl fmt::Display for KubePlan {
             writeln!(f, "  {c}")?;
         }
         writeln!(f, "== Cilium's live config (cilium-config)")?;
-        match (&self.live_config_error, self.live_config_mismatches.is_empty()) {
+        match (
+            &self.live_config_error,
+            self.live_config_mismatches.is_empty(),
+        ) {
             (Some(e), _) => writeln!(f, "  not readable: {e}")?,
             (None, true) => writeln!(f, "  in migration mode")?,
             (None, false) => {
@@ -515,7 +525,11 @@ impl fmt::Display for Probe {
         match &self.outcome {
             ProbeOutcome::Allowed => write!(f, "  ok       {} (dryRun=All)", self.write),
             ProbeOutcome::Refused { code, message } => {
-                write!(f, "  REFUSED  {} (dryRun=All): {code} {message}", self.write)
+                write!(
+                    f,
+                    "  REFUSED  {} (dryRun=All): {code} {message}",
+                    self.write
+                )
             }
             ProbeOutcome::NotSent { reason } => {
                 write!(f, "  not sent {}: {reason}", self.write)
@@ -796,7 +810,7 @@ async fn probe_event(client: &Client, node: &str) -> Probe {
     let now = k8s_openapi::jiff::Timestamp::now();
     let ev = k8s_openapi::api::events::v1::Event {
         metadata: meta::ObjectMeta {
-            generate_name: Some(format!("{node}.")),
+            generate_name: Some(format!("{node}-")),
             ..meta::ObjectMeta::default()
         },
         event_time: Some(meta::MicroTime(now)),

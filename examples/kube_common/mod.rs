@@ -94,7 +94,10 @@ impl Conn {
         match &self.config {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|e| {
-                    Fail::new(EXIT_USAGE, format!("cannot read --config {}: {e}", p.display()))
+                    Fail::new(
+                        EXIT_USAGE,
+                        format!("cannot read --config {}: {e}", p.display()),
+                    )
                 })?;
                 MigrationConfig::from_yaml(&text)
                     .map_err(|e| Fail::new(EXIT_USAGE, format!("--config {}: {e}", p.display())))
@@ -170,7 +173,10 @@ pub fn relative(until_ms: u64) -> String {
 pub fn event_line(e: &Event) -> String {
     match e {
         Event::RunStarted { nodes, resumed, at } => {
-            format!("{} run started: {nodes} nodes, {resumed} resumed", clock(at.0))
+            format!(
+                "{} run started: {nodes} nodes, {resumed} resumed",
+                clock(at.0)
+            )
         }
         Event::NodeStarted { node, at } => format!("{} {node}: started", clock(at.0)),
         Event::Phase { node, from, to, at } => {
@@ -189,7 +195,10 @@ pub fn event_line(e: &Event) -> String {
         } => format!(
             "{} {node}: finished {outcome:?}{}",
             clock(at.0),
-            cause.as_deref().map(|c| format!(": {c}")).unwrap_or_default()
+            cause
+                .as_deref()
+                .map(|c| format!(": {c}"))
+                .unwrap_or_default()
         ),
         Event::NodeJoined {
             node,
@@ -198,7 +207,11 @@ pub fn event_line(e: &Event) -> String {
         } => format!(
             "{} {node}: joined the cluster ({})",
             clock(at.0),
-            if *migrating { "will migrate" } else { "out of scope, reported only" }
+            if *migrating {
+                "will migrate"
+            } else {
+                "out of scope, reported only"
+            }
         ),
         Event::Retrying { what, at } => format!("{} retrying: {what}", clock(at.0)),
         Event::Stopping { reason, at } => format!("{} stopping: {reason}", clock(at.0)),
