@@ -94,6 +94,7 @@ pub mod goldpinger;
 pub mod log;
 pub mod metrics;
 pub mod probe;
+pub mod planning;
 mod state;
 mod verify;
 

@@ -1,0 +1,281 @@
+//! Migrates a cluster from Calico to Cilium node by node, with the core's orchestrator over
+//! `KubeCluster`. Cilium must already be installed with the migration values `kube_plan` prints.
+//!
+//! It always prints the plan first. Without `--yes` it changes nothing: it prints the writes a
+//! run makes (objects, fields, order) and sends the first write of each kind with server-side
+//! `dryRun=All`, so RBAC and admission problems show before anything is done. With `--yes` it
+//! takes the run lock (a Lease), migrates, and prints one line per progress event. A run that
+//! was killed resumes, when started again, from the records on the Nodes.
+//!
+//! Without `--kubeconfig`/`--context` it uses `$KUBECONFIG`, `~/.kube/config`, or, in a pod,
+//! the in-cluster ServiceAccount (see `deploy/job.yaml`).
+//!
+//! Exit codes:
+//! - 0: every node Done (without `--yes`: the plan is ready and every dry-run write was allowed);
+//! - 1: a node failed or was rolled back, or the run stopped (lock lost, another writer);
+//! - 2: usage or config error;
+//! - 3: another run holds the lock (its holder and expiry are printed);
+//! - 4: preflight failed, or Cilium's live config is not in migration mode (each failed rule
+//!   is printed with its fix);
+//! - 5: cluster or API error (unreachable, a request or dry-run write refused).
+//!
+//! ```sh
+//! cargo run --release --example kube_migrate -- --kubeconfig prod.yaml            # dry run
+//! cargo run --release --example kube_migrate -- --kubeconfig prod.yaml --config m.yaml --yes
+//! ```
+
+#[path = "kube_common/mod.rs"]
+mod kube_common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use cnimig_core::events::{Event, EventSink};
+use cnimig_core::machine::Phase;
+use cnimig_core::orchestrator::{Orchestrator, Ports, RunError, RunOptions, RunReport};
+use cnimig_kube::planning::{self, KubePlan};
+use kube_common::{
+    EXIT_API, EXIT_LOCKED, EXIT_OK, EXIT_PREFLIGHT, EXIT_STOPPED, EXIT_USAGE, Fail, clock,
+    event_line, relative,
+};
+
+/// Migrates a cluster from Calico to Cilium; a dry run without --yes.
+#[derive(Parser, Debug)]
+struct Args {
+    #[command(flatten)]
+    conn: kube_common::Conn,
+    /// Act. Without it nothing is changed.
+    #[arg(long)]
+    yes: bool,
+    /// This run's identity in the lock Lease (default: host name and process id).
+    #[arg(long)]
+    holder: Option<String>,
+    /// The lock's time-to-live in seconds; renewed every third of it. A run that dies holds
+    /// the lock this long.
+    #[arg(long, default_value_t = 60)]
+    lock_ttl: u64,
+    /// Write the plan, the dry-run results or the run's report, and the exit code, as JSON.
+    #[arg(long)]
+    json_report: Option<PathBuf>,
+    /// Do not publish Kubernetes Events on the Nodes.
+    #[arg(long)]
+    no_events: bool,
+}
+
+/// Prints one plain line per event (swap in another `EventSink`, e.g. a progress bar).
+struct Lines;
+
+impl EventSink for Lines {
+    fn emit(&self, e: &Event) {
+        println!("{}", event_line(e));
+    }
+}
+
+struct Outcome {
+    code: i32,
+    report: serde_json::Value,
+}
+
+fn write_report(path: &PathBuf, v: &serde_json::Value) -> Result<(), Fail> {
+    let text = serde_json::to_string_pretty(v)
+        .map_err(|e| Fail::new(EXIT_API, format!("serialise the report: {e}")))?;
+    std::fs::write(path, text).map_err(|e| {
+        Fail::new(
+            EXIT_USAGE,
+            format!("cannot write --json-report {}: {e}", path.display()),
+        )
+    })
+}
+
+async fn run(args: &Args) -> Result<Outcome, Fail> {
+    if args.lock_ttl < 3 {
+        return Err(Fail::new(
+            EXIT_USAGE,
+            format!(
+                "--lock-ttl {} is too short: use 3 seconds or more",
+                args.lock_ttl
+            ),
+        ));
+    }
+    let cfg = args.conn.migration_config()?;
+    let config = args.conn.kube_config().await?;
+    let server = config.cluster_url.to_string();
+    let holder = args
+        .holder
+        .clone()
+        .unwrap_or_else(kube_common::default_holder);
+    let cluster = planning::connect(&config, args.conn.kube_options(Some(holder.clone())))
+        .await
+        .map_err(|e| Fail::new(EXIT_API, e.to_string()))?;
+    let kplan = planning::plan(&cluster, &server, &cfg)
+        .await
+        .map_err(|e| Fail::new(EXIT_API, e.to_string()))?;
+    if args.conn.json {
+        let text = serde_json::to_string_pretty(&kplan)
+            .map_err(|e| Fail::new(EXIT_API, format!("serialise the plan: {e}")))?;
+        println!("{text}");
+    } else {
+        print!("{kplan}");
+    }
+    let plan_json = serde_json::to_value(&kplan).unwrap_or_default();
+    if !kplan.ready() {
+        eprintln!("preflight failed: nothing changed. Fix these first:");
+        for b in kplan.blockers() {
+            eprintln!("  - {b}");
+        }
+        return Ok(Outcome {
+            code: EXIT_PREFLIGHT,
+            report: serde_json::json!({"plan": plan_json, "blockers": kplan.blockers()}),
+        });
+    }
+    if !args.yes {
+        return dry_run(&config, &cluster, &kplan, plan_json).await;
+    }
+
+    let orch = Orchestrator::new(
+        Ports::from_one(cluster.clone()),
+        cfg.clone(),
+        RunOptions {
+            holder: holder.clone(),
+            lock_ttl: Duration::from_secs(args.lock_ttl),
+            ..RunOptions::default()
+        },
+    );
+    let events = (!args.no_events).then(|| cluster.event_sink());
+    let lines = Lines;
+    let progress: &dyn EventSink = &lines;
+    let sink = |e: &Event| {
+        progress.emit(e);
+        if let Some(k) = &events {
+            k.emit(e);
+        }
+    };
+    println!("== Run (holder {holder})");
+    let result = orch.run(&kplan.plan, &sink).await;
+    if let Some(k) = events {
+        k.close().await;
+    }
+    let (code, report) = match result {
+        Ok(r) => (summarise(&r), serde_json::to_value(&r).unwrap_or_default()),
+        Err(RunError::Locked { holder: h, until }) => {
+            eprintln!(
+                "another run holds the lock (Lease {}/{}): holder {h}, until {} UTC ({}); nothing changed. If that run died, run again after that time.",
+                args.conn.system_namespace,
+                args.conn.lock_name,
+                clock(until.0),
+                relative(until.0)
+            );
+            (
+                EXIT_LOCKED,
+                serde_json::json!({"lockedBy": h, "until": until.0}),
+            )
+        }
+        Err(e @ (RunError::Preflight(_) | RunError::NotInMigrationMode(_))) => {
+            eprintln!("{e}");
+            (EXIT_PREFLIGHT, serde_json::json!({"error": e.to_string()}))
+        }
+        Err(e @ (RunError::LockLost { .. } | RunError::Conflict(_))) => {
+            eprintln!("{e}");
+            (EXIT_STOPPED, serde_json::json!({"error": e.to_string()}))
+        }
+        Err(e @ (RunError::Port(_) | RunError::BadRecord { .. })) => {
+            eprintln!("cluster error: {e}; run again to resume from the records on the Nodes");
+            (EXIT_API, serde_json::json!({"error": e.to_string()}))
+        }
+    };
+    Ok(Outcome {
+        code,
+        report: serde_json::json!({"plan": plan_json, "run": report}),
+    })
+}
+
+/// Prints the report's summary; the exit code.
+fn summarise(r: &RunReport) -> i32 {
+    let done = r.count(Phase::Done);
+    println!(
+        "{done} of {} nodes Done in {:.0?}",
+        r.nodes.len(),
+        r.makespan()
+    );
+    for n in r.nodes.iter().filter(|n| n.phase != Phase::Done) {
+        println!(
+            "  {}: {:?}{}",
+            n.node,
+            n.phase,
+            n.cause
+                .as_deref()
+                .map(|c| format!(": {c}"))
+                .unwrap_or_default()
+        );
+    }
+    for s in &r.skipped {
+        println!("  skipped {}: {}", s.node, s.reason);
+    }
+    for s in &r.joined_not_migrated {
+        println!("  joined, not migrated {}: {}", s.node, s.reason);
+    }
+    if let Some(s) = &r.stopped {
+        println!("stopped: {s}");
+    }
+    if !r.interrupted && r.stopped.is_none() && done == r.nodes.len() {
+        EXIT_OK
+    } else {
+        EXIT_STOPPED
+    }
+}
+
+async fn dry_run(
+    config: &kube::Config,
+    cluster: &cnimig_kube::KubeCluster,
+    kplan: &KubePlan,
+    plan_json: serde_json::Value,
+) -> Result<Outcome, Fail> {
+    println!("== Dry run: the first write of each kind, sent with dryRun=All");
+    let probes = planning::probe_writes(config, cluster.options(), kplan).await;
+    for p in &probes {
+        println!("{p}");
+    }
+    let refused = probes.iter().filter(|p| !p.ok()).count();
+    let code = if refused == 0 {
+        println!(
+            "dry run: nothing changed. With --yes, cnimig makes the writes listed above and migrates the {} nodes in the order shown.",
+            kplan.plan.order.len()
+        );
+        EXIT_OK
+    } else {
+        eprintln!(
+            "dry run: {refused} write(s) refused (above): nothing changed; a run would fail there. Grant what deploy/rbac.yaml grants, or fix the admission problem."
+        );
+        EXIT_API
+    };
+    Ok(Outcome {
+        code,
+        report: serde_json::json!({"plan": plan_json, "dryRun": probes}),
+    })
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let outcome = run(&args).await;
+    let (code, report) = match outcome {
+        Ok(o) => (o.code, o.report),
+        Err(f) => {
+            eprintln!("error: {}", f.message);
+            (f.code, serde_json::json!({"error": f.message}))
+        }
+    };
+    let mut code = code;
+    if let Some(path) = &args.json_report {
+        let mut v = report;
+        v["exitCode"] = serde_json::json!(code);
+        if let Err(f) = write_report(path, &v) {
+            eprintln!("error: {}", f.message);
+            if code == EXIT_OK {
+                code = f.code;
+            }
+        }
+    }
+    std::process::exit(code);
+}
