@@ -1,7 +1,7 @@
 //! Finalize: make Cilium the cluster's CNI once every node in scope is migrated.
 //!
 //! [`Finalizer::finalize`] does, in order, each step persisted before it acts (a
-//! [`FinalRecord`] kept by a [`FinalStore`], on a real cluster an annotation on the Lease
+//! [`FinalRecord`] kept by a [`FinalizePort`], on a real cluster an annotation on the Lease
 //! [`FINAL_LEASE`], written with a resourceVersion guard):
 //! 1. Refuses, changing nothing, while any node in scope is not [`Phase::Done`] (each named with
 //!    its phase).
