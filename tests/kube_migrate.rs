@@ -10,7 +10,7 @@
 //! `CNIMIG_KUBE_MIGRATE_BIN` when set.
 //!
 //! ```sh
-//! CNIMIG_REQUIRE_TESTENV=1 cargo test --release --test kube_migrate -- --test-threads 1
+//! CNIMIG_REQUIRE_TESTENV=1 cargo test --release --test kube_migrate
 //! ```
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -55,6 +55,9 @@ fn skip_or_panic() -> Option<Env> {
     );
     None
 }
+
+/// Serialises the tests of this file: each migrates all Nodes the control plane has.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn env() -> Option<Env> {
     if std::env::var_os("CNIMIG_TESTENV_APISERVER").is_none()
@@ -547,6 +550,8 @@ fn is_step_line(l: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_at_random_moments_resumes_to_the_same_final_state() {
+    // The migration acts on every Node of the control plane: one test at a time.
+    let _serial = SERIAL.lock().await;
     let Some(env) = env().await else { return };
     let seed: u64 = std::env::var("CNIMIG_SEED")
         .ok()
@@ -656,6 +661,8 @@ async fn killed_at_random_moments_resumes_to_the_same_final_state() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_runs_one_acts_and_a_dead_holders_lease_is_taken_over() {
+    // The migration acts on every Node of the control plane: one test at a time.
+    let _serial = SERIAL.lock().await;
     let Some(env) = env().await else { return };
     let cluster = Cluster::new(&env, "lock", 3, 0).await;
     let a = run_to_end(cluster.command(&["--yes", "--holder", "run-a"]));
@@ -730,6 +737,8 @@ async fn two_runs_one_acts_and_a_dead_holders_lease_is_taken_over() {
 /// in a private mount namespace (`unshare -m`, needs root).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_with_in_cluster_configuration() {
+    // The migration acts on every Node of the control plane: one test at a time.
+    let _serial = SERIAL.lock().await;
     let Some(env) = env().await else { return };
     let root = std::process::Command::new("id")
         .arg("-u")
