@@ -84,8 +84,15 @@ impl KubeCluster {
                 .unwrap_or_default()
                 .iter()
                 .find_map(|c| c.parse::<ipnet::Ipv4Net>().ok()),
-            // Older clusters have no ServiceCIDR API; fall back to the option.
-            Err(e) if matches!(crate::error::api_code(&e), Some(403 | 404)) => None,
+            // Older clusters have no ServiceCIDR API; fall back to the option. A 403 falls
+            // back only when the option is set; otherwise it is reported as the missing grant.
+            Err(e) if crate::error::api_code(&e) == Some(404) => None,
+            Err(e)
+                if crate::error::api_code(&e) == Some(403)
+                    && self.inner.opts.service_cidr.is_some() =>
+            {
+                None
+            }
             Err(e) => return Err(port_error("get", "servicecidr kubernetes", e)),
         };
         found

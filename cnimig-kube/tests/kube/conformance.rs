@@ -179,7 +179,11 @@ struct KubeHarness {
     emu: Option<cnimig_emu::EmuHandle>,
 }
 
-fn pod_template(labels: &BTreeMap<String, String>, ns: &str, host_network: bool) -> serde_json::Value {
+fn pod_template(
+    labels: &BTreeMap<String, String>,
+    ns: &str,
+    host_network: bool,
+) -> serde_json::Value {
     json!({"metadata": {"labels": labels},
            "spec": {"nodeSelector": {SCOPE_LABEL: ns},
                     "hostNetwork": host_network,
@@ -212,14 +216,22 @@ impl KubeHarness {
         let emu = cnimig_emu::start(admin.clone(), ecfg).await.unwrap();
         let knodes: Api<KNode> = Api::all(admin.clone());
         for n in scenario.nodes.iter().filter(|n| n.cordoned) {
-            wait_until(&format!("node {} registered", n.name), Duration::from_secs(60), || {
-                let knodes = knodes.clone();
-                let name = n.name.clone();
-                async move { knodes.get(&name).await.is_ok() }
-            })
+            wait_until(
+                &format!("node {} registered", n.name),
+                Duration::from_secs(60),
+                || {
+                    let knodes = knodes.clone();
+                    let name = n.name.clone();
+                    async move { knodes.get(&name).await.is_ok() }
+                },
+            )
             .await;
             knodes
-                .patch(&n.name, &PatchParams::default(), &Patch::Merge(json!({"spec": {"unschedulable": true}})))
+                .patch(
+                    &n.name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"spec": {"unschedulable": true}})),
+                )
                 .await
                 .unwrap();
         }
@@ -234,7 +246,10 @@ impl KubeHarness {
             "spec": {"selector": {"matchLabels": cilium}, "template": pod_template(&cilium, ns, true)}}));
         expected += names.len();
         for w in &scenario.workloads {
-            assert_eq!(w.namespace, ns, "scenario workloads live in the test namespace");
+            assert_eq!(
+                w.namespace, ns,
+                "scenario workloads live in the test namespace"
+            );
             let labels = w.pod_labels();
             let template = pod_template(&labels, ns, w.host_network);
             let replicas = w.replica_count();
@@ -263,18 +278,22 @@ impl KubeHarness {
             objs.push(obj);
             if let Some(p) = &w.pdb {
                 budgets += 1;
-                objs.push(json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+                objs.push(
+                    json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
                     "metadata": {"name": w.name, "namespace": ns},
                     "spec": {"minAvailable": p.min_available, "maxUnavailable": p.max_unavailable,
-                             "selector": {"matchLabels": labels}}}));
+                             "selector": {"matchLabels": labels}}}),
+                );
             }
         }
         for p in &scenario.pdbs {
             budgets += 1;
-            objs.push(json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+            objs.push(
+                json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
                 "metadata": {"name": p.name, "namespace": ns},
                 "spec": {"minAvailable": p.min_available, "maxUnavailable": p.max_unavailable,
-                         "selector": {"matchLabels": p.selector}}}));
+                         "selector": {"matchLabels": p.selector}}}),
+            );
         }
         for mut o in objs {
             // `null` amounts are left out (a PDB takes exactly one).
@@ -284,28 +303,45 @@ impl KubeHarness {
             cnimig_emu::setup::apply(&admin, &o).await.unwrap();
         }
         let pods: Api<KPod> = Api::namespaced(admin.clone(), ns);
-        wait_until(&format!("{expected} pods Running and Ready"), Duration::from_secs(180), || {
-            let pods = pods.clone();
-            async move {
-                let Ok(l) = pods.list(&ListParams::default()).await else { return false };
-                l.items.iter().filter(|p| kpod_ready(p) && p.metadata.deletion_timestamp.is_none()).count() == expected
-            }
-        })
+        wait_until(
+            &format!("{expected} pods Running and Ready"),
+            Duration::from_secs(180),
+            || {
+                let pods = pods.clone();
+                async move {
+                    let Ok(l) = pods.list(&ListParams::default()).await else {
+                        return false;
+                    };
+                    l.items
+                        .iter()
+                        .filter(|p| kpod_ready(p) && p.metadata.deletion_timestamp.is_none())
+                        .count()
+                        == expected
+                }
+            },
+        )
         .await;
         let pdbs: Api<PodDisruptionBudget> = Api::namespaced(admin.clone(), ns);
-        wait_until(&format!("{budgets} budgets observed"), Duration::from_secs(60), || {
-            let pdbs = pdbs.clone();
-            async move {
-                let Ok(l) = pdbs.list(&ListParams::default()).await else { return false };
-                l.items.len() == budgets
-                    && l.items.iter().all(|p| {
-                        p.status.as_ref().is_some_and(|s| {
-                            s.observed_generation.unwrap_or(0) >= p.metadata.generation.unwrap_or(0)
-                                && s.expected_pods > 0
+        wait_until(
+            &format!("{budgets} budgets observed"),
+            Duration::from_secs(60),
+            || {
+                let pdbs = pdbs.clone();
+                async move {
+                    let Ok(l) = pdbs.list(&ListParams::default()).await else {
+                        return false;
+                    };
+                    l.items.len() == budgets
+                        && l.items.iter().all(|p| {
+                            p.status.as_ref().is_some_and(|s| {
+                                s.observed_generation.unwrap_or(0)
+                                    >= p.metadata.generation.unwrap_or(0)
+                                    && s.expected_pods > 0
+                            })
                         })
-                    })
-            }
-        })
+                }
+            },
+        )
         .await;
 
         let mut opts = common::opts(ns);
@@ -314,7 +350,10 @@ impl KubeHarness {
             admin,
             ns: ns.to_string(),
             cluster: env.cluster(opts),
-            nodes: names.iter().map(|n| NodeName::new(n.clone()).unwrap()).collect(),
+            nodes: names
+                .iter()
+                .map(|n| NodeName::new(n.clone()).unwrap())
+                .collect(),
             emu: Some(emu),
         }
     }
@@ -429,15 +468,26 @@ where
 /// on Cilium.
 async fn assert_migrated(h: &dyn Harness, scenario: &Scenario, out: &RunOutcome) {
     let who = h.name();
-    assert!(out.stopped.is_none(), "{who}: run stopped: {:?}", out.stopped);
+    assert!(
+        out.stopped.is_none(),
+        "{who}: run stopped: {:?}",
+        out.stopped
+    );
     assert_eq!(out.phases.len(), scenario.nodes.len(), "{who}: {out:?}");
     for (n, p) in &out.phases {
         assert_eq!(*p, Phase::Done, "{who}: node {n} ended {p:?}");
     }
-    assert!(out.budget_violations.is_empty(), "{who}: budgets broken: {:?}", out.budget_violations);
+    assert!(
+        out.budget_violations.is_empty(),
+        "{who}: budgets broken: {:?}",
+        out.budget_violations
+    );
     let cluster = h.ports().cluster;
     for spec in &scenario.nodes {
-        let view = cluster.node_view(&NodeName::new(spec.name.clone()).unwrap()).await.unwrap();
+        let view = cluster
+            .node_view(&NodeName::new(spec.name.clone()).unwrap())
+            .await
+            .unwrap();
         assert_eq!(
             view.node.unschedulable, spec.cordoned,
             "{who}: node {} cordoned after the run: {} (before: {})",
@@ -458,7 +508,10 @@ async fn assert_migrated(h: &dyn Harness, scenario: &Scenario, out: &RunOutcome)
     eventually(h, Duration::from_secs(120), || async {
         let pods = pods(h).await;
         for (w, n) in &want {
-            let ready = pods.iter().filter(|p| app(p) == w && p.ready && !p.terminating).count();
+            let ready = pods
+                .iter()
+                .filter(|p| app(p) == w && p.ready && !p.terminating)
+                .count();
             if ready != *n {
                 return Some(format!("workload {w}: {ready} of {n} pods Ready"));
             }
@@ -507,7 +560,12 @@ async fn pre_cordoned(h: &dyn Harness, scenario: &Scenario, cfg: &MigrationConfi
     let cluster = h.ports().cluster;
     let cordoned = NodeName::new(scenario.nodes[1].name.clone()).unwrap();
     assert!(
-        cluster.node_view(&cordoned).await.unwrap().node.unschedulable,
+        cluster
+            .node_view(&cordoned)
+            .await
+            .unwrap()
+            .node
+            .unschedulable,
         "{}: the scenario's node starts cordoned",
         h.name()
     );
@@ -533,7 +591,11 @@ async fn zero_budget(h: &dyn Harness, ns: &str) {
     let who = h.name();
     let cluster = h.ports().cluster;
     let budget = format!("{ns}/web");
-    let web: Vec<Pod> = pods(h).await.into_iter().filter(|p| app(p) == "web").collect();
+    let web: Vec<Pod> = pods(h)
+        .await
+        .into_iter()
+        .filter(|p| app(p) == "web")
+        .collect();
     assert_eq!(web.len(), 2, "{who}: {web:#?}");
     let busy: Vec<NodeName> = web.iter().filter_map(|p| p.node.clone()).collect();
     for n in &busy {
@@ -542,12 +604,22 @@ async fn zero_budget(h: &dyn Harness, ns: &str) {
     let bv = cluster.budget_view(&busy).await.unwrap();
     assert_eq!(bv.allowed.get(&budget), Some(&1), "{who}: {bv:?}");
 
-    assert_eq!(cluster.evict(&web[0].pod).await.unwrap(), EvictOutcome::Evicted, "{who}");
+    assert_eq!(
+        cluster.evict(&web[0].pod).await.unwrap(),
+        EvictOutcome::Evicted,
+        "{who}"
+    );
     let bv = cluster.budget_view(&busy).await.unwrap();
-    assert_eq!(bv.allowed.get(&budget), Some(&0), "{who}: zero disruptions after one: {bv:?}");
+    assert_eq!(
+        bv.allowed.get(&budget),
+        Some(&0),
+        "{who}: zero disruptions after one: {bv:?}"
+    );
     assert_eq!(
         cluster.evict(&web[1].pod).await.unwrap(),
-        EvictOutcome::BlockedByBudget { pdb: budget.clone() },
+        EvictOutcome::BlockedByBudget {
+            pdb: budget.clone()
+        },
         "{who}: the second eviction is refused naming the budget"
     );
     let mut refusals = 1;
@@ -562,7 +634,10 @@ async fn zero_budget(h: &dyn Harness, ns: &str) {
             }
             other => panic!("{who}: unexpected {other:?}"),
         }
-        assert!(waited < Duration::from_secs(120), "{who}: still refused after {waited:?}");
+        assert!(
+            waited < Duration::from_secs(120),
+            "{who}: still refused after {waited:?}"
+        );
         h.wait(step).await;
         waited += step;
     }
@@ -573,7 +648,10 @@ async fn zero_budget(h: &dyn Harness, ns: &str) {
         .filter(|p| app(p) == "web" && p.ready && !p.terminating)
         .filter(|p| p.node.as_ref().is_some_and(|n| !busy.contains(n)))
         .collect();
-    assert!(!moved.is_empty(), "{who}: no Ready replica moved off {busy:?}: {now:#?}");
+    assert!(
+        !moved.is_empty(),
+        "{who}: no Ready replica moved off {busy:?}: {now:#?}"
+    );
     assert!(refusals >= 1, "{who}");
 }
 
@@ -593,12 +671,23 @@ pdbs:
 async fn two_budgets(h: &dyn Harness, ns: &str) {
     let who = h.name();
     let cluster = h.ports().cluster;
-    let dual: Vec<Pod> = pods(h).await.into_iter().filter(|p| app(p) == "dual").collect();
+    let dual: Vec<Pod> = pods(h)
+        .await
+        .into_iter()
+        .filter(|p| app(p) == "dual")
+        .collect();
     assert_eq!(dual.len(), 2, "{who}: {dual:#?}");
     let node = dual[0].node.clone().unwrap();
-    let bv = cluster.budget_view(std::slice::from_ref(&node)).await.unwrap();
+    let bv = cluster
+        .budget_view(std::slice::from_ref(&node))
+        .await
+        .unwrap();
     let names: Vec<&str> = bv.per_node[&node].iter().map(|(b, _)| b.as_str()).collect();
-    assert_eq!(names, [format!("{ns}/dual-a"), format!("{ns}/dual-b")], "{who}: {bv:?}");
+    assert_eq!(
+        names,
+        [format!("{ns}/dual-a"), format!("{ns}/dual-b")],
+        "{who}: {bv:?}"
+    );
     assert_eq!(
         cluster.evict(&dual[0].pod).await.unwrap(),
         EvictOutcome::MultipleBudgets {
@@ -608,7 +697,10 @@ async fn two_budgets(h: &dyn Harness, ns: &str) {
     );
     let after = cluster.node_view(&node).await.unwrap();
     let still = after.pods.iter().find(|p| p.pod.uid == dual[0].pod.uid);
-    assert!(still.is_some_and(|p| !p.terminating), "{who}: the pod was not evicted: {still:?}");
+    assert!(
+        still.is_some_and(|p| !p.terminating),
+        "{who}: the pod was not evicted: {still:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -38,29 +38,190 @@ struct Probe {
 }
 
 const PROBES: &[Probe] = &[
-    Probe { group: "", resource: "nodes", verb: "get", adapter_verb: "get", what: "node ", call: "cni_dir" },
-    Probe { group: "", resource: "nodes", verb: "list", adapter_verb: "list", what: "nodes", call: "node_names" },
-    Probe { group: "", resource: "nodes", verb: "patch", adapter_verb: "patch", what: "node ", call: "set_unschedulable" },
-    Probe { group: "", resource: "pods", verb: "get", adapter_verb: "get", what: "pod ", call: "restore_calico_cni" },
-    Probe { group: "", resource: "pods", verb: "list", adapter_verb: "list", what: "pods", call: "node_view" },
-    Probe { group: "", resource: "pods", verb: "create", adapter_verb: "create", what: "pod ", call: "restore_calico_cni" },
-    Probe { group: "", resource: "pods", verb: "delete", adapter_verb: "delete", what: "pod ", call: "delete_pod" },
-    Probe { group: "", resource: "pods/eviction", verb: "create", adapter_verb: "create", what: "pods/eviction", call: "evict" },
-    Probe { group: "", resource: "configmaps", verb: "get", adapter_verb: "get", what: "configmap cilium-config", call: "live_config" },
-    Probe { group: "policy", resource: "poddisruptionbudgets", verb: "list", adapter_verb: "list", what: "poddisruptionbudgets", call: "budget_view" },
-    Probe { group: "apps", resource: "daemonsets", verb: "get", adapter_verb: "get", what: "daemonset", call: "inventory" },
-    Probe { group: "networking.k8s.io", resource: "servicecidrs", verb: "get", adapter_verb: "get", what: "servicecidr", call: "inventory" },
-    Probe { group: "cilium.io", resource: "ciliumnodeconfigs", verb: "create", adapter_verb: "apply", what: "ciliumnodeconfig", call: "apply_node_config (new)" },
-    Probe { group: "cilium.io", resource: "ciliumnodeconfigs", verb: "patch", adapter_verb: "apply", what: "ciliumnodeconfig", call: "apply_node_config (existing)" },
-    Probe { group: "cilium.io", resource: "ciliumendpoints", verb: "get", adapter_verb: "get", what: "ciliumendpoint", call: "verify_node" },
-    Probe { group: "crd.projectcalico.org", resource: "ippools", verb: "list", adapter_verb: "list", what: "ippools", call: "facts" },
-    Probe { group: "crd.projectcalico.org", resource: "felixconfigurations", verb: "get", adapter_verb: "get", what: "felixconfigurations", call: "facts" },
-    Probe { group: "operator.tigera.io", resource: "installations", verb: "get", adapter_verb: "get", what: "installations", call: "facts" },
-    Probe { group: "coordination.k8s.io", resource: "leases", verb: "get", adapter_verb: "get", what: "lease ", call: "acquire_lock" },
-    Probe { group: "coordination.k8s.io", resource: "leases", verb: "create", adapter_verb: "create", what: "lease ", call: "acquire_lock (no Lease yet)" },
-    Probe { group: "coordination.k8s.io", resource: "leases", verb: "update", adapter_verb: "update", what: "lease ", call: "release_lock" },
-    Probe { group: "events.k8s.io", resource: "events", verb: "create", adapter_verb: "create", what: "event ", call: "record_node_event" },
-    Probe { group: "events.k8s.io", resource: "events", verb: "patch", adapter_verb: "patch", what: "event", call: "event_sink (the same Event twice)" },
+    Probe {
+        group: "",
+        resource: "nodes",
+        verb: "get",
+        adapter_verb: "get",
+        what: "node ",
+        call: "cni_dir",
+    },
+    Probe {
+        group: "",
+        resource: "nodes",
+        verb: "list",
+        adapter_verb: "list",
+        what: "nodes",
+        call: "node_names",
+    },
+    Probe {
+        group: "",
+        resource: "nodes",
+        verb: "patch",
+        adapter_verb: "patch",
+        what: "node ",
+        call: "set_unschedulable",
+    },
+    Probe {
+        group: "",
+        resource: "pods",
+        verb: "get",
+        adapter_verb: "get",
+        what: "pod ",
+        call: "restore_calico_cni",
+    },
+    Probe {
+        group: "",
+        resource: "pods",
+        verb: "list",
+        adapter_verb: "list",
+        what: "pods",
+        call: "node_view",
+    },
+    Probe {
+        group: "",
+        resource: "pods",
+        verb: "create",
+        adapter_verb: "create",
+        what: "pod ",
+        call: "restore_calico_cni",
+    },
+    Probe {
+        group: "",
+        resource: "pods",
+        verb: "delete",
+        adapter_verb: "delete",
+        what: "pod ",
+        call: "delete_pod",
+    },
+    Probe {
+        group: "",
+        resource: "pods/eviction",
+        verb: "create",
+        adapter_verb: "create",
+        what: "pods/eviction",
+        call: "evict",
+    },
+    Probe {
+        group: "",
+        resource: "configmaps",
+        verb: "get",
+        adapter_verb: "get",
+        what: "cilium-config",
+        call: "live_config",
+    },
+    Probe {
+        group: "policy",
+        resource: "poddisruptionbudgets",
+        verb: "list",
+        adapter_verb: "list",
+        what: "poddisruptionbudgets",
+        call: "budget_view",
+    },
+    Probe {
+        group: "apps",
+        resource: "daemonsets",
+        verb: "get",
+        adapter_verb: "get",
+        what: "daemonset",
+        call: "inventory",
+    },
+    Probe {
+        group: "networking.k8s.io",
+        resource: "servicecidrs",
+        verb: "get",
+        adapter_verb: "get",
+        what: "servicecidr",
+        call: "inventory",
+    },
+    Probe {
+        group: "cilium.io",
+        resource: "ciliumnodeconfigs",
+        verb: "create",
+        adapter_verb: "apply",
+        what: "ciliumnodeconfig",
+        call: "apply_node_config (new)",
+    },
+    Probe {
+        group: "cilium.io",
+        resource: "ciliumnodeconfigs",
+        verb: "patch",
+        adapter_verb: "apply",
+        what: "ciliumnodeconfig",
+        call: "apply_node_config (existing)",
+    },
+    Probe {
+        group: "cilium.io",
+        resource: "ciliumendpoints",
+        verb: "get",
+        adapter_verb: "get",
+        what: "ciliumendpoint",
+        call: "verify_node",
+    },
+    Probe {
+        group: "crd.projectcalico.org",
+        resource: "ippools",
+        verb: "list",
+        adapter_verb: "list",
+        what: "ippools",
+        call: "facts",
+    },
+    Probe {
+        group: "crd.projectcalico.org",
+        resource: "felixconfigurations",
+        verb: "get",
+        adapter_verb: "get",
+        what: "felixconfigurations",
+        call: "facts",
+    },
+    Probe {
+        group: "operator.tigera.io",
+        resource: "installations",
+        verb: "get",
+        adapter_verb: "get",
+        what: "installations",
+        call: "facts",
+    },
+    Probe {
+        group: "coordination.k8s.io",
+        resource: "leases",
+        verb: "get",
+        adapter_verb: "get",
+        what: "lease ",
+        call: "acquire_lock",
+    },
+    Probe {
+        group: "coordination.k8s.io",
+        resource: "leases",
+        verb: "create",
+        adapter_verb: "create",
+        what: "lease ",
+        call: "acquire_lock (no Lease yet)",
+    },
+    Probe {
+        group: "coordination.k8s.io",
+        resource: "leases",
+        verb: "update",
+        adapter_verb: "update",
+        what: "lease ",
+        call: "release_lock",
+    },
+    Probe {
+        group: "events.k8s.io",
+        resource: "events",
+        verb: "create",
+        adapter_verb: "create",
+        what: "event ",
+        call: "record_node_event",
+    },
+    Probe {
+        group: "events.k8s.io",
+        resource: "events",
+        verb: "patch",
+        adapter_verb: "patch",
+        what: "event",
+        call: "event_sink (the same Event twice)",
+    },
 ];
 
 /// The ClusterRole `cnimig` of deploy/rbac.yaml: its rules, as JSON.
@@ -76,7 +237,11 @@ fn role_rules() -> Vec<Value> {
 /// Every (group, resource, verb) the rules grant.
 fn grants(rules: &[Value]) -> BTreeSet<(String, String, String)> {
     let strs = |v: &Value| -> Vec<String> {
-        v.as_array().into_iter().flatten().filter_map(|s| s.as_str().map(str::to_string)).collect()
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str().map(str::to_string))
+            .collect()
     };
     let mut out = BTreeSet::new();
     for r in rules {
@@ -95,8 +260,12 @@ fn grants(rules: &[Value]) -> BTreeSet<(String, String, String)> {
 fn without(rules: &[Value], p: &Probe) -> Vec<Value> {
     let mut out = Vec::new();
     for r in rules {
-        let covers = r["apiGroups"].as_array().is_some_and(|a| a.iter().any(|g| g == p.group))
-            && r["resources"].as_array().is_some_and(|a| a.iter().any(|x| x == p.resource));
+        let covers = r["apiGroups"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|g| g == p.group))
+            && r["resources"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x == p.resource));
         if !covers {
             out.push(r.clone());
             continue;
@@ -121,7 +290,9 @@ fn without(rules: &[Value], p: &Probe) -> Vec<Value> {
 
 /// Asks the API server whether `user` may `verb` the resource (a SubjectAccessReview as admin).
 async fn allowed(admin: &Client, user: &str, group: &str, resource: &str, verb: &str) -> bool {
-    let (res, sub) = resource.split_once('/').map_or((resource, None), |(r, s)| (r, Some(s)));
+    let (res, sub) = resource
+        .split_once('/')
+        .map_or((resource, None), |(r, s)| (r, Some(s)));
     let sar: SubjectAccessReview = serde_json::from_value(json!({
         "spec": {"user": user, "groups": ["system:serviceaccounts", "system:authenticated"],
                  "resourceAttributes": {"group": group, "resource": res, "subresource": sub,
@@ -138,7 +309,13 @@ async fn allowed(admin: &Client, user: &str, group: &str, resource: &str, verb: 
 
 /// Binds a new ServiceAccount in `ns` to `rules`; returns its client config once the
 /// authorizer has seen the binding.
-async fn bind(admin: &Client, admin_config: &Config, ns: &str, rules: &[Value], check: (&str, &str, &str)) -> (Config, String) {
+async fn bind(
+    admin: &Client,
+    admin_config: &Config,
+    ns: &str,
+    rules: &[Value],
+    check: (&str, &str, &str),
+) -> (Config, String) {
     let name = unique("rbac");
     for o in [
         json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": ns}}),
@@ -152,12 +329,18 @@ async fn bind(admin: &Client, admin_config: &Config, ns: &str, rules: &[Value], 
         cnimig_emu::setup::apply(admin, &o).await.unwrap();
     }
     let user = format!("system:serviceaccount:{ns}:{name}");
-    wait_until(&format!("binding {name} in effect"), Duration::from_secs(30), || {
-        let user = user.clone();
-        async move { allowed(admin, &user, check.0, check.1, check.2).await }
-    })
+    wait_until(
+        &format!("binding {name} in effect"),
+        Duration::from_secs(30),
+        || {
+            let user = user.clone();
+            async move { allowed(admin, &user, check.0, check.1, check.2).await }
+        },
+    )
     .await;
-    let cfg = cnimig_emu::setup::service_account_config(admin, admin_config, ns, &name).await.unwrap();
+    let cfg = cnimig_emu::setup::service_account_config(admin, admin_config, ns, &name)
+        .await
+        .unwrap();
     (cfg, name)
 }
 
@@ -193,7 +376,13 @@ fn probe_opts(ns: &str, lock: &str) -> cnimig_kube::KubeOptions {
 
 /// Runs the probe as the ServiceAccount of `sa`; the full role (`full_sa`) sets up what the
 /// probe needs first. `Err` is the adapter's error; `Ok` means the call did what it should.
-async fn run_probe(p: &Probe, fx: &Fixture, admin: &Client, full_sa: &Config, sa: &Config) -> Result<(), PortError> {
+async fn run_probe(
+    p: &Probe,
+    fx: &Fixture,
+    admin: &Client,
+    full_sa: &Config,
+    sa: &Config,
+) -> Result<(), PortError> {
     let opts = probe_opts(&fx.ns, &unique("lock"));
     let full = KubeCluster::new(full_sa.clone(), opts.clone()).unwrap();
     let cluster = KubeCluster::new(sa.clone(), opts).unwrap();
@@ -207,21 +396,39 @@ async fn run_probe(p: &Probe, fx: &Fixture, admin: &Client, full_sa: &Config, sa
         ("pods", "delete") => {
             let name = unique("victim");
             let uid = create_pod(admin, &fx.ns, &name, node.as_str(), json!({})).await;
-            cluster.delete_pod(&PodRef { namespace: fx.ns.clone(), name, uid }).await
+            cluster
+                .delete_pod(&PodRef {
+                    namespace: fx.ns.clone(),
+                    name,
+                    uid,
+                })
+                .await
         }
         ("pods/eviction", "create") => {
             let name = unique("evictee");
             let uid = create_pod(admin, &fx.ns, &name, node.as_str(), json!({})).await;
-            cluster.evict(&PodRef { namespace: fx.ns.clone(), name, uid }).await.map(drop)
+            cluster
+                .evict(&PodRef {
+                    namespace: fx.ns.clone(),
+                    name,
+                    uid,
+                })
+                .await
+                .map(drop)
         }
         ("configmaps", "get") => cluster.live_config().await.map(drop),
-        ("poddisruptionbudgets", "list") => cluster.budget_view(std::slice::from_ref(node)).await.map(drop),
+        ("poddisruptionbudgets", "list") => cluster
+            .budget_view(std::slice::from_ref(node))
+            .await
+            .map(drop),
         ("daemonsets" | "servicecidrs", "get") => cluster.inventory().await.map(drop),
         ("ciliumnodeconfigs", verb) => {
             let mut c = CiliumNodeConfig::for_migration(&fx.cfg, ValueInputs::default());
             c.name = unique("cnc");
             if verb == "patch" {
-                full.apply_node_config(&c).await.expect("apply as the full role");
+                full.apply_node_config(&c)
+                    .await
+                    .expect("apply as the full role");
             }
             cluster.apply_node_config(&c).await
         }
@@ -230,10 +437,15 @@ async fn run_probe(p: &Probe, fx: &Fixture, admin: &Client, full_sa: &Config, sa
         ("leases", verb) => {
             let holder = unique("holder");
             if verb == "update" {
-                full.acquire_lock(&holder, Time(0), Duration::from_secs(60)).await.expect("lock as the full role");
+                full.acquire_lock(&holder, Time(0), Duration::from_secs(60))
+                    .await
+                    .expect("lock as the full role");
                 cluster.release_lock(&holder).await
             } else {
-                cluster.acquire_lock(&holder, Time(0), Duration::from_secs(60)).await.map(drop)
+                cluster
+                    .acquire_lock(&holder, Time(0), Duration::from_secs(60))
+                    .await
+                    .map(drop)
             }
         }
         ("events", "create") => {
@@ -251,20 +463,31 @@ async fn run_probe(p: &Probe, fx: &Fixture, admin: &Client, full_sa: &Config, sa
             // Event: a series means the PATCH landed.
             let victim = NodeName::new(unique("evnode")).unwrap();
             let sink = cluster.event_sink();
-            let e = Event::NodeStarted { node: victim.clone(), at: Time(0) };
+            let e = Event::NodeStarted {
+                node: victim.clone(),
+                at: Time(0),
+            };
             sink.emit(&e);
             sink.emit(&e);
             sink.close().await;
-            let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(admin.clone(), "default");
+            let events: Api<k8s_openapi::api::events::v1::Event> =
+                Api::namespaced(admin.clone(), "default");
             let list = events
                 .list(&ListParams::default().fields(&format!("regarding.name={victim}")))
                 .await
                 .unwrap();
-            assert_eq!(list.items.len(), 1, "the first publish (create) landed: {list:?}");
+            assert_eq!(
+                list.items.len(),
+                1,
+                "the first publish (create) landed: {list:?}"
+            );
             if list.items[0].series.is_some() {
                 Ok(())
             } else {
-                Err(PortError::Forbidden { verb: "patch".into(), what: format!("event on node {victim} (no series)") })
+                Err(PortError::Forbidden {
+                    verb: "patch".into(),
+                    what: format!("event on node {victim} (no series)"),
+                })
             }
         }
         other => panic!("no probe code for {other:?}"),
@@ -275,21 +498,35 @@ async fn run_probe(p: &Probe, fx: &Fixture, admin: &Client, full_sa: &Config, sa
 async fn every_grant_of_deploy_rbac_is_needed() {
     let env = crate::env_or_skip!();
     let admin = env.admin.clone();
-    let admin_config = Config::from_kubeconfig(&KubeConfigOptions::default()).await.unwrap();
+    let admin_config = Config::from_kubeconfig(&KubeConfigOptions::default())
+        .await
+        .unwrap();
     let rules = role_rules();
     let granted = grants(&rules);
-    let probed: BTreeSet<(String, String, String)> =
-        PROBES.iter().map(|p| (p.group.into(), p.resource.into(), p.verb.into())).collect();
+    let probed: BTreeSet<(String, String, String)> = PROBES
+        .iter()
+        .map(|p| (p.group.into(), p.resource.into(), p.verb.into()))
+        .collect();
     let unprobed: Vec<_> = granted.difference(&probed).collect();
-    assert!(unprobed.is_empty(), "deploy/rbac.yaml grants {unprobed:?} but no probe shows a call needing it: remove the grant or add a probe");
+    assert!(
+        unprobed.is_empty(),
+        "deploy/rbac.yaml grants {unprobed:?} but no probe shows a call needing it: remove the grant or add a probe"
+    );
     let ungranted: Vec<_> = probed.difference(&granted).collect();
-    assert!(ungranted.is_empty(), "probes for {ungranted:?}, which deploy/rbac.yaml does not grant: the adapter calls need them");
+    assert!(
+        ungranted.is_empty(),
+        "probes for {ungranted:?}, which deploy/rbac.yaml does not grant: the adapter calls need them"
+    );
 
     common::with_temp_ns(admin.clone(), "rbac", |ns| async move {
         crate::calico::calico_objects(&admin).await;
         let mut cfg = MigrationConfig::new("10.245.0.0/16".parse().unwrap());
         cfg.poll_interval = Duration::from_millis(300);
-        let live = cnimig_core::cilium::rendered_config(&cfg, ValueInputs::default(), cnimig_core::cilium::CiliumPhase::Migration);
+        let live = cnimig_core::cilium::rendered_config(
+            &cfg,
+            ValueInputs::default(),
+            cnimig_core::cilium::CiliumPhase::Migration,
+        );
         common::cilium_config(&admin, &ns, serde_json::to_value(&live).unwrap()).await;
         let node_name = unique("rbac");
         create_node(&admin, &node_name, labels(&[("cnimig.io/rbac", &ns)])).await;
@@ -301,7 +538,8 @@ async fn every_grant_of_deploy_rbac_is_needed() {
             node: NodeName::new(node_name.clone()).unwrap(),
             cfg,
         };
-        let (full_cfg, full_name) = bind(&admin, &admin_config, &ns, &rules, ("", "nodes", "list")).await;
+        let (full_cfg, full_name) =
+            bind(&admin, &admin_config, &ns, &rules, ("", "nodes", "list")).await;
 
         let mut report = Vec::new();
         for p in PROBES {
@@ -311,20 +549,41 @@ async fn every_grant_of_deploy_rbac_is_needed() {
             assert!(
                 !matches!(r, Err(PortError::Forbidden { .. })),
                 "{}/{} {}: {} is forbidden even with the full role: {r:?}",
-                p.group, p.resource, p.verb, p.call
+                p.group,
+                p.resource,
+                p.verb,
+                p.call
             );
             // The role without this verb: forbidden, naming it.
             let reduced = without(&rules, p);
             let still = grants(&reduced);
             let check = still.iter().next().expect("some grant left");
-            let (cfg, name) = bind(&admin, &admin_config, &ns, &reduced, (&check.0, &check.1, &check.2)).await;
+            let (cfg, name) = bind(
+                &admin,
+                &admin_config,
+                &ns,
+                &reduced,
+                (&check.0, &check.1, &check.2),
+            )
+            .await;
             let user = format!("system:serviceaccount:{ns}:{name}");
-            assert!(!allowed(&admin, &user, p.group, p.resource, p.verb).await, "the reduced role still allows {}/{} {}", p.group, p.resource, p.verb);
+            assert!(
+                !allowed(&admin, &user, p.group, p.resource, p.verb).await,
+                "the reduced role still allows {}/{} {}",
+                p.group,
+                p.resource,
+                p.verb
+            );
             let r = run_probe(p, &fx, &admin, &full_cfg, &cfg).await;
             unbind(&admin, &name).await;
             match &r {
-                Err(PortError::Forbidden { verb, what }) if verb == p.adapter_verb && what.contains(p.what) => {
-                    report.push(format!("{}/{} {}: {} -> Forbidden({verb} {what})", p.group, p.resource, p.verb, p.call));
+                Err(PortError::Forbidden { verb, what })
+                    if verb == p.adapter_verb && what.contains(p.what) =>
+                {
+                    report.push(format!(
+                        "{}/{} {}: {} -> Forbidden({verb} {what})",
+                        p.group, p.resource, p.verb, p.call
+                    ));
                 }
                 other => panic!(
                     "without {}/{} {}, {} should be Forbidden({} {}…), got {other:?}",
@@ -335,7 +594,12 @@ async fn every_grant_of_deploy_rbac_is_needed() {
         unbind(&admin, &full_name).await;
         common::delete_node(&admin, &node_name).await;
         use std::io::Write;
-        let _ = writeln!(std::io::stderr(), "rbac: {} grants, each needed:\n  {}", report.len(), report.join("\n  "));
+        let _ = writeln!(
+            std::io::stderr(),
+            "rbac: {} grants, each needed:\n  {}",
+            report.len(),
+            report.join("\n  ")
+        );
     })
     .await;
 }
