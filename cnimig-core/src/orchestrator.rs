@@ -887,6 +887,7 @@ impl Orchestrator {
         complete
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn start_nodes(
         &self,
         pending: &mut Vec<PlannedNode>,
