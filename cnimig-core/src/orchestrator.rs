@@ -904,6 +904,7 @@ impl Orchestrator {
         complete
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn start_nodes(
         &self,
         pending: &mut Vec<PlannedNode>,
