@@ -34,6 +34,7 @@ use clap::Parser;
 use cnimig_core::events::{Event, EventSink};
 use cnimig_core::machine::Phase;
 use cnimig_core::orchestrator::{Orchestrator, Ports, RunError, RunOptions, RunReport};
+use cnimig::progress::{Mode, Progress};
 use cnimig_kube::planning::{self, KubePlan};
 use kube_common::{
     EXIT_API, EXIT_LOCKED, EXIT_OK, EXIT_PREFLIGHT, EXIT_STOPPED, EXIT_USAGE, Fail, clock,
@@ -61,6 +62,13 @@ struct Args {
     /// Do not publish Kubernetes Events on the Nodes.
     #[arg(long)]
     no_events: bool,
+    /// Plain lines on stdout, one per event, even on a terminal (the default when stdout is
+    /// not a terminal or RUST_LOG is set); on a terminal the run otherwise shows a live bar.
+    #[arg(long)]
+    no_progress: bool,
+    /// No per-event output during the run (the plan and the summary are still printed).
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 /// Prints one plain line per event (swap in another `EventSink`, e.g. a progress bar).
@@ -70,6 +78,13 @@ impl EventSink for Lines {
     fn emit(&self, e: &Event) {
         println!("{}", event_line(e));
     }
+}
+
+/// Prints nothing (`--quiet`).
+struct Quiet;
+
+impl EventSink for Quiet {
+    fn emit(&self, _: &Event) {}
 }
 
 struct Outcome {
@@ -143,8 +158,16 @@ async fn run(args: &Args) -> Result<Outcome, Fail> {
         },
     );
     let events = (!args.no_events).then(|| cluster.event_sink());
+    // On a terminal a live bar (cnimig::progress); otherwise the plain lines this example
+    // has always printed on stdout (scripts and the kill test read them), or nothing.
+    let mode = Mode::detect(args.no_progress, args.quiet);
+    let bar = (mode == Mode::Bar).then(|| Progress::new(Mode::Bar));
     let lines = Lines;
-    let progress: &dyn EventSink = &lines;
+    let progress: &dyn EventSink = match (&bar, mode) {
+        (Some(b), _) => b,
+        (None, Mode::Quiet) => &Quiet,
+        (None, _) => &lines,
+    };
     let sink = |e: &Event| {
         progress.emit(e);
         if let Some(k) = &events {
@@ -153,6 +176,9 @@ async fn run(args: &Args) -> Result<Outcome, Fail> {
     };
     println!("== Run (holder {holder})");
     let result = orch.run(&kplan.plan, &sink).await;
+    if let Some(b) = &bar {
+        b.finish();
+    }
     if let Some(k) = events {
         k.close().await;
     }
@@ -258,6 +284,7 @@ async fn dry_run(
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    cnimig::progress::init_logs();
     let outcome = run(&args).await;
     let (code, report) = match outcome {
         Ok(o) => (o.code, o.report),

@@ -54,6 +54,7 @@ async fn run(args: &Args) -> Result<i32, Fail> {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    cnimig::progress::init_logs();
     let code = match run(&args).await {
         Ok(c) => c,
         Err(f) => {
