@@ -31,10 +31,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use cnimig::progress::{Mode, Progress};
 use cnimig_core::events::{Event, EventSink};
 use cnimig_core::machine::Phase;
 use cnimig_core::orchestrator::{Orchestrator, Ports, RunError, RunOptions, RunReport};
-use cnimig::progress::{Mode, Progress};
 use cnimig_kube::planning::{self, KubePlan};
 use kube_common::{
     EXIT_API, EXIT_LOCKED, EXIT_OK, EXIT_PREFLIGHT, EXIT_STOPPED, EXIT_USAGE, Fail, clock,

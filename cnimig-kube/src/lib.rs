@@ -93,8 +93,8 @@ pub mod finalize;
 pub mod goldpinger;
 pub mod log;
 pub mod metrics;
-pub mod probe;
 pub mod planning;
+pub mod probe;
 mod state;
 mod verify;
 
