@@ -99,9 +99,14 @@ async fn main() -> Result<()> {
         let _ = nodes.delete(n, &DeleteParams::default()).await;
     }
     let pods: Api<Pod> = Api::namespaced(admin.clone(), &run);
-    let now = DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() };
+    let now = DeleteParams {
+        grace_period_seconds: Some(0),
+        ..DeleteParams::default()
+    };
     let _ = pods.delete_collection(&now, &ListParams::default()).await;
-    let _ = Api::<Namespace>::all(admin.clone()).delete(&run, &DeleteParams::default()).await;
+    let _ = Api::<Namespace>::all(admin.clone())
+        .delete(&run, &DeleteParams::default())
+        .await;
     result
 }
 
@@ -116,7 +121,10 @@ async fn measure(
     cnimig_emu::setup::apply_yaml(admin, cnimig_emu::setup::RBAC).await?;
     calico_objects(admin).await?;
     Api::<Namespace>::all(admin.clone())
-        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": ns}}))?)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}}))?,
+        )
         .await
         .with_context(|| format!("create namespace {ns}"))?;
 
@@ -144,26 +152,46 @@ async fn measure(
     let emu = cnimig_emu::start(admin.clone(), ecfg).await?;
     let expected = workloads(admin, ns, args.nodes).await?;
     let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
-    wait_for("pods Running and Ready", Duration::from_secs(300), || async {
-        let l = pods.list(&ListParams::default()).await.ok()?;
-        let ready = l.items.iter().filter(|p| ready(p) && p.metadata.deletion_timestamp.is_none()).count();
-        (ready == expected).then_some(())
-    })
+    wait_for(
+        "pods Running and Ready",
+        Duration::from_secs(300),
+        || async {
+            let l = pods.list(&ListParams::default()).await.ok()?;
+            let ready = l
+                .items
+                .iter()
+                .filter(|p| ready(p) && p.metadata.deletion_timestamp.is_none())
+                .count();
+            (ready == expected).then_some(())
+        },
+    )
     .await?;
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(admin.clone(), ns);
-    wait_for("budgets with disruptions allowed", Duration::from_secs(60), || async {
-        let l = pdbs.list(&ListParams::default()).await.ok()?;
-        (l.items.len() == 4
-            && l.items.iter().all(|p| p.status.as_ref().is_some_and(|s| s.disruptions_allowed >= 1)))
-        .then_some(())
-    })
+    wait_for(
+        "budgets with disruptions allowed",
+        Duration::from_secs(60),
+        || async {
+            let l = pdbs.list(&ListParams::default()).await.ok()?;
+            (l.items.len() == 4
+                && l.items.iter().all(|p| {
+                    p.status
+                        .as_ref()
+                        .is_some_and(|s| s.disruptions_allowed >= 1)
+                }))
+            .then_some(())
+        },
+    )
     .await?;
 
     // cnimig as its ServiceAccount, with a User-Agent of its own.
     let agent = format!("cnimig-api-cost/{ns}");
     let mut sa =
-        cnimig_emu::setup::service_account_config(admin, admin_config, "kube-system", "cnimig").await?;
-    sa.headers.push((http::header::USER_AGENT, http::HeaderValue::from_str(&agent)?));
+        cnimig_emu::setup::service_account_config(admin, admin_config, "kube-system", "cnimig")
+            .await?;
+    sa.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_str(&agent)?,
+    ));
     let opts = KubeOptions {
         cilium_namespace: ns.to_string(),
         system_namespace: ns.to_string(),
@@ -175,7 +203,10 @@ async fn measure(
     let orch = Orchestrator::new(
         Ports::from_one(cluster.clone()),
         cfg.clone(),
-        RunOptions { holder: format!("api-cost-{ns}"), ..RunOptions::default() },
+        RunOptions {
+            holder: format!("api-cost-{ns}"),
+            ..RunOptions::default()
+        },
     );
 
     // The measured window: plan and run. Nothing else uses admin in it but the emulator.
@@ -183,18 +214,26 @@ async fn measure(
     let metrics_before = metrics::scrape(admin).await?;
     let started = std::time::Instant::now();
     let (_, plan) = orch.plan().await?;
-    let fails: Vec<String> = plan.preflight.failures().map(|c| format!("{}: {}", c.id, c.message)).collect();
+    let fails: Vec<String> = plan
+        .preflight
+        .failures()
+        .map(|c| format!("{}: {}", c.id, c.message))
+        .collect();
     if !fails.is_empty() {
         bail!("preflight failed: {fails:#?}");
     }
-    let report = tokio::time::timeout(Duration::from_secs(900), orch.run(&plan, &cnimig_core::events::Discard))
-        .await
-        .context("the migration did not finish within 15 minutes")??;
+    let report = tokio::time::timeout(
+        Duration::from_secs(900),
+        orch.run(&plan, &cnimig_core::events::Discard),
+    )
+    .await
+    .context("the migration did not finish within 15 minutes")??;
     let elapsed = started.elapsed();
     let metrics_after = metrics::scrape(admin).await?;
     emu.stop();
     let bytes = std::fs::read(audit_log)?;
-    let window = String::from_utf8_lossy(&bytes[usize::try_from(audit_start)?.min(bytes.len())..]).into_owned();
+    let window = String::from_utf8_lossy(&bytes[usize::try_from(audit_start)?.min(bytes.len())..])
+        .into_owned();
 
     let done = report.count(Phase::Done);
     println!(
@@ -217,25 +256,41 @@ async fn measure(
     println!("{:<40} {total:>7} {:>9.1}", "all", per(total as f64));
 
     let users = metrics::audit_users(&window);
-    let admin_user = std::env::var("CNIMIG_TESTENV_ADMIN_USER").unwrap_or_else(|_| "kubernetes-admin".into());
+    let admin_user =
+        std::env::var("CNIMIG_TESTENV_ADMIN_USER").unwrap_or_else(|_| "kubernetes-admin".into());
     let emulator = users.get(&admin_user).copied().unwrap_or(0);
     let audited: u64 = users.values().sum();
-    let all: f64 = metrics::delta(&metrics_before, &metrics_after).values().sum();
+    let all: f64 = metrics::delta(&metrics_before, &metrics_after)
+        .values()
+        .sum();
     println!("\nevery client in the same window:");
-    println!("  cnimig (its User-Agent)                 {total:>7} {:>9.1} per node", per(total as f64));
-    println!("  emulator (user {admin_user})   {emulator:>7} {:>9.1} per node", per(emulator as f64));
+    println!(
+        "  cnimig (its User-Agent)                 {total:>7} {:>9.1} per node",
+        per(total as f64)
+    );
+    println!(
+        "  {:<38} {emulator:>7} {:>9.1} per node",
+        format!("emulator (user {admin_user})"),
+        per(emulator as f64)
+    );
     println!(
         "  controllers, scheduler, others          {:>7} {:>9.1} per node",
         audited.saturating_sub(total + emulator),
         per(audited.saturating_sub(total + emulator) as f64)
     );
     println!("  audit log, all users                    {audited:>7}");
-    println!("  apiserver_request_total delta           {all:>7.0}   (all clients; counts each watch when it ends)");
+    println!(
+        "  apiserver_request_total delta           {all:>7.0}   (all clients; counts each watch when it ends)"
+    );
     let unfiltered = metrics::unfiltered_pod_reads(&window, &agent);
     println!(
         "\ncnimig's cluster-wide pod LIST/WATCH without a field selector: {} ({})",
         unfiltered.len(),
-        if unfiltered.is_empty() { "none".to_string() } else { unfiltered.join(", ") }
+        if unfiltered.is_empty() {
+            "none".to_string()
+        } else {
+            unfiltered.join(", ")
+        }
     );
     Ok(())
 }
@@ -293,22 +348,30 @@ async fn workloads(admin: &Client, ns: &str, nodes: usize) -> Result<usize> {
     };
     let mut objs = Vec::new();
     let mut expected = 0;
-    for (name, replicas) in [("web", nodes.max(2)), ("api", (nodes / 2).max(2)), ("cache", (nodes / 2).max(2))] {
+    for (name, replicas) in [
+        ("web", nodes.max(2)),
+        ("api", (nodes / 2).max(2)),
+        ("cache", (nodes / 2).max(2)),
+    ] {
         objs.push(json!({"apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": {"name": name, "namespace": ns},
             "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}}, "template": template(name)}}));
-        objs.push(json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+        objs.push(
+            json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
             "metadata": {"name": name, "namespace": ns},
-            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {"app": name}}}}));
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {"app": name}}}}),
+        );
         expected += replicas;
     }
     objs.push(json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
         "metadata": {"name": "db", "namespace": ns},
         "spec": {"replicas": 3, "serviceName": "db", "podManagementPolicy": "Parallel",
                  "selector": {"matchLabels": {"app": "db"}}, "template": template("db")}}));
-    objs.push(json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+    objs.push(
+        json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
         "metadata": {"name": "db", "namespace": ns},
-        "spec": {"minAvailable": 2, "selector": {"matchLabels": {"app": "db"}}}}));
+        "spec": {"minAvailable": 2, "selector": {"matchLabels": {"app": "db"}}}}),
+    );
     expected += 3;
     for (name, label) in [("cilium", "cilium"), ("calico-node", "calico-node")] {
         objs.push(json!({"apiVersion": "apps/v1", "kind": "DaemonSet",

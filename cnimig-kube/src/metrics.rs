@@ -215,7 +215,10 @@ apiserver_request_total{code=\"201\",resource=\"pods\",subresource=\"eviction\",
 {"stage":"ResponseComplete","verb":"list","userAgent":"a","user":{"username":"u"},"requestURI":"/api/v1/pods","objectRef":{"resource":"pods"}}
 {"stage":"ResponseComplete","verb":"list","userAgent":"a","user":{"username":"u"},"requestURI":"/api/v1/namespaces/x/pods","objectRef":{"resource":"pods","namespace":"x"}}
 {"stage":"ResponseComplete","verb":"list","userAgent":"b","user":{"username":"v"},"requestURI":"/api/v1/pods","objectRef":{"resource":"pods"}}"#;
-        assert_eq!(unfiltered_pod_reads(log, "a"), vec!["/api/v1/pods".to_string()]);
+        assert_eq!(
+            unfiltered_pod_reads(log, "a"),
+            vec!["/api/v1/pods".to_string()]
+        );
         let users = audit_users(log);
         assert_eq!((users["u"], users["v"]), (3, 1));
     }
