@@ -212,7 +212,7 @@ async fn measure(
     // The measured window: plan and run. Nothing else uses admin in it but the emulator.
     let audit_start = std::fs::metadata(audit_log)?.len();
     let metrics_before = metrics::scrape(admin).await?;
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let (_, plan) = orch.plan().await?;
     let fails: Vec<String> = plan
         .preflight
