@@ -125,6 +125,38 @@ pub fn audit_counts_by_agent(log: &str, user_agent: &str) -> BTreeMap<String, u6
     count_audit(log, |v| v["userAgent"] == user_agent)
 }
 
+/// Completed requests per user (`user.username`) in a JSON-lines audit log.
+#[must_use]
+pub fn audit_users(log: &str) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for v in audit_events(log) {
+        let user = v["user"]["username"].as_str().unwrap_or("").to_string();
+        *out.entry(user).or_insert(0) += 1;
+    }
+    out
+}
+
+/// The request URIs of the cluster-wide pod LISTs and WATCHes (`/api/v1/pods` without a
+/// namespace) sent with `User-Agent: user_agent` that carry no field selector, i.e. that read
+/// every pod of the cluster.
+#[must_use]
+pub fn unfiltered_pod_reads(log: &str, user_agent: &str) -> Vec<String> {
+    audit_events(log)
+        .filter(|v| v["userAgent"] == user_agent)
+        .filter(|v| matches!(v["verb"].as_str(), Some("list" | "watch")))
+        .filter(|v| v["objectRef"]["resource"] == "pods" && v["objectRef"]["namespace"].is_null())
+        .filter_map(|v| v["requestURI"].as_str().map(str::to_string))
+        .filter(|uri| !uri.contains("fieldSelector="))
+        .collect()
+}
+
+/// The `ResponseComplete` events of a JSON-lines audit log.
+fn audit_events(log: &str) -> impl Iterator<Item = serde_json::Value> + '_ {
+    log.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|v| v["stage"] == "ResponseComplete")
+}
+
 fn count_audit(log: &str, pick: impl Fn(&serde_json::Value) -> bool) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
     for line in log.lines() {
@@ -175,5 +207,19 @@ apiserver_request_total{code=\"201\",resource=\"pods\",subresource=\"eviction\",
         assert_eq!(c["patch nodes"], 1);
         assert_eq!(c["create pods/eviction"], 1);
         assert_eq!(c.len(), 2);
+    }
+
+    #[test]
+    fn finds_unfiltered_pod_reads_and_users() {
+        let log = r#"{"stage":"ResponseComplete","verb":"list","userAgent":"a","user":{"username":"u"},"requestURI":"/api/v1/pods?fieldSelector=spec.nodeName%3Dn1","objectRef":{"resource":"pods"}}
+{"stage":"ResponseComplete","verb":"list","userAgent":"a","user":{"username":"u"},"requestURI":"/api/v1/pods","objectRef":{"resource":"pods"}}
+{"stage":"ResponseComplete","verb":"list","userAgent":"a","user":{"username":"u"},"requestURI":"/api/v1/namespaces/x/pods","objectRef":{"resource":"pods","namespace":"x"}}
+{"stage":"ResponseComplete","verb":"list","userAgent":"b","user":{"username":"v"},"requestURI":"/api/v1/pods","objectRef":{"resource":"pods"}}"#;
+        assert_eq!(
+            unfiltered_pod_reads(log, "a"),
+            vec!["/api/v1/pods".to_string()]
+        );
+        let users = audit_users(log);
+        assert_eq!((users["u"], users["v"]), (3, 1));
     }
 }

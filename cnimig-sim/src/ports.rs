@@ -121,8 +121,12 @@ impl Cluster for SimCluster {
             let mut list = Vec::new();
             for (i, c) in counts {
                 let Some(b) = s.pdbs.get(i) else { continue };
-                view.allowed.insert(b.pdb.key(), b.allowed());
-                list.push((b.pdb.key(), c));
+                // One budget's allowance is the same for every node of this view (the state is
+                // locked): format and insert its name once.
+                if !view.allowed.contains_key(&b.key) {
+                    view.allowed.insert(b.key.clone(), b.allowed());
+                }
+                list.push((b.key.clone(), c));
             }
             view.per_node.insert(name.clone(), list);
         }

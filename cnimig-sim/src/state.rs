@@ -150,6 +150,8 @@ impl SimNode {
 
 pub(crate) struct SimPdb {
     pub(crate) pdb: Pdb,
+    /// `namespace/name`, formatted once (the budget view names it on every tick).
+    pub(crate) key: String,
     pub(crate) members: BTreeSet<PodId>,
     pub(crate) healthy: u32,
 }
@@ -747,6 +749,7 @@ impl State {
                 .push(i),
         }
         self.pdbs.push(SimPdb {
+            key: pdb.key(),
             pdb,
             members: BTreeSet::new(),
             healthy: 0,
@@ -1563,7 +1566,7 @@ impl State {
         p.pdbs
             .iter()
             .filter_map(|&i| self.pdbs.get(i))
-            .map(|x| x.pdb.key())
+            .map(|x| x.key.clone())
             .find(|k| b.contains(k))
     }
 
@@ -1590,7 +1593,7 @@ impl State {
                 [] => EvictOutcome::Evicted,
                 [one] => match self.pdbs.get(*one) {
                     Some(b) if b.allowed() == 0 => {
-                        EvictOutcome::BlockedByBudget { pdb: b.pdb.key() }
+                        EvictOutcome::BlockedByBudget { pdb: b.key.clone() }
                     }
                     _ => EvictOutcome::Evicted,
                 },
@@ -1598,7 +1601,7 @@ impl State {
                     pdbs: many
                         .iter()
                         .filter_map(|&i| self.pdbs.get(i))
-                        .map(|b| b.pdb.key())
+                        .map(|b| b.key.clone())
                         .collect(),
                 },
             }
@@ -1644,7 +1647,7 @@ impl State {
             if b.healthy < desired && h0 >= desired {
                 let msg = format!(
                     "{how} of {key} left budget {} with {} healthy pod(s), below the {desired} it requires",
-                    b.pdb.key(),
+                    b.key.clone(),
                     b.healthy
                 );
                 self.violate(ViolationKind::Pdb, msg);
@@ -1833,7 +1836,7 @@ impl State {
             if pend > 0 && pend + d > allowed {
                 let msg = format!(
                     "node {name} started while budget {} is oversubscribed: {pend} pod(s) still to drain on other cordoned nodes plus {d} here, {allowed} disruption(s) allowed",
-                    b.pdb.key()
+                    b.key.clone()
                 );
                 self.violate(ViolationKind::Oversubscribed, msg);
             }

@@ -16,6 +16,7 @@
     reason = "test helpers fail the test by panicking"
 )]
 
+mod api_cost;
 mod calico;
 mod cilium;
 mod common;

@@ -1,0 +1,391 @@
+//! Migrates an emulated cluster on the test control plane (`scripts/testenv/up.sh`) and reports
+//! cnimig's API requests per migrated node, by verb and resource.
+//!
+//! `apiserver_request_total` has no client label (its labels are verb, resource, subresource,
+//! scope, component, code, group, version, dry_run), so it mixes cnimig, the emulator (which
+//! plays every kubelet and the Cilium agents) and the controllers. cnimig's share is read from
+//! the control plane's audit log (level Metadata, always on in the test control plane) by the
+//! adapter's own `User-Agent`; the emulator's share by the admin user it runs as (nothing else
+//! uses admin while the run is measured); the metric's total is printed beside them.
+//!
+//! Without `--yes` it prints what it would create and changes nothing. With `--yes` it creates
+//! a namespace, `--nodes` emulated nodes with Deployments, a StatefulSet, budgets and the Cilium
+//! and Calico DaemonSets, migrates them as cnimig's ServiceAccount (`deploy/rbac.yaml`), prints
+//! the figures and deletes what it created.
+//!
+//! ```sh
+//! export CNIMIG_TESTENV_RUN=/tmp/cnimig-testenv; scripts/testenv/up.sh; . $CNIMIG_TESTENV_RUN/env
+//! cargo run --release --example kube_api_cost -- --nodes 10 --yes
+//! ```
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use cnimig_core::cilium::{CiliumPhase, ValueInputs, rendered_config};
+use cnimig_core::config::{MigrationConfig, NodeScope};
+use cnimig_core::machine::Phase;
+use cnimig_core::model::LabelSelector;
+use cnimig_core::orchestrator::{Orchestrator, Ports, RunOptions};
+use cnimig_kube::{KubeCluster, KubeOptions, metrics};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::config::KubeConfigOptions;
+use kube::{Client, Config};
+use serde_json::{Value, json};
+
+/// Measures cnimig's API requests per migrated node on the test control plane.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Emulated nodes to migrate.
+    #[arg(long, default_value_t = 10)]
+    nodes: usize,
+    /// Nodes migrated at once.
+    #[arg(long, default_value_t = 4)]
+    max_in_flight: u32,
+    /// The API server's audit log (JSON lines, level Metadata or more); default
+    /// `$CNIMIG_TESTENV_AUDIT_LOG`, set by `scripts/testenv/up.sh`'s env file.
+    #[arg(long)]
+    audit_log: Option<std::path::PathBuf>,
+    /// Act. Without it nothing is changed.
+    #[arg(long)]
+    yes: bool,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.nodes == 0 || args.max_in_flight == 0 {
+        bail!("--nodes and --max-in-flight must be at least 1");
+    }
+    let audit_log = args
+        .audit_log
+        .clone()
+        .or_else(|| std::env::var_os("CNIMIG_TESTENV_AUDIT_LOG").map(Into::into))
+        .context(
+            "no audit log: pass --audit-log FILE or source the test control plane's env \
+             (scripts/testenv/up.sh; . $CNIMIG_TESTENV_RUN/env)",
+        )?;
+    if !audit_log.is_file() {
+        bail!(
+            "audit log {} does not exist: start the API server with --audit-log-path (scripts/testenv/up.sh does)",
+            audit_log.display()
+        );
+    }
+    let admin_config = Config::from_kubeconfig(&KubeConfigOptions::default())
+        .await
+        .context("read KUBECONFIG (the test control plane's admin.kubeconfig)")?;
+    let admin = Client::try_from(admin_config.clone())?;
+    let run = format!("apicost-{:x}", std::process::id());
+    if !args.yes {
+        println!(
+            "would create namespace {run}, {n} emulated nodes {run}-n-NN, 3 Deployments, a StatefulSet, \
+             their budgets and the cilium/calico-node DaemonSets on {}, migrate the nodes as \
+             kube-system/cnimig, count the requests in {}, and delete it all",
+            admin_config.cluster_url,
+            audit_log.display(),
+            n = args.nodes
+        );
+        println!("dry run: nothing changed; add --yes to run");
+        return Ok(());
+    }
+    let emu_nodes: Vec<String> = (0..args.nodes).map(|i| format!("{run}-n-{i:02}")).collect();
+    let result = measure(&args, &audit_log, &admin, &admin_config, &run).await;
+    // Clean up whatever happened.
+    let nodes: Api<Node> = Api::all(admin.clone());
+    for n in &emu_nodes {
+        let _ = nodes.delete(n, &DeleteParams::default()).await;
+    }
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), &run);
+    let now = DeleteParams {
+        grace_period_seconds: Some(0),
+        ..DeleteParams::default()
+    };
+    let _ = pods.delete_collection(&now, &ListParams::default()).await;
+    let _ = Api::<Namespace>::all(admin.clone())
+        .delete(&run, &DeleteParams::default())
+        .await;
+    result
+}
+
+async fn measure(
+    args: &Args,
+    audit_log: &std::path::Path,
+    admin: &Client,
+    admin_config: &Config,
+    ns: &str,
+) -> Result<()> {
+    cnimig_emu::setup::install_crds(admin).await?;
+    cnimig_emu::setup::apply_yaml(admin, cnimig_emu::setup::RBAC).await?;
+    calico_objects(admin).await?;
+    Api::<Namespace>::all(admin.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}}))?,
+        )
+        .await
+        .with_context(|| format!("create namespace {ns}"))?;
+
+    let mut cfg = MigrationConfig::new("10.245.0.0/16".parse()?);
+    cfg.scope = NodeScope::Selector(LabelSelector {
+        match_labels: BTreeMap::from([("cnimig.io/e2e".to_string(), ns.to_string())]),
+        match_expressions: Vec::new(),
+    });
+    cfg.max_in_flight = args.max_in_flight;
+    cfg.poll_interval = Duration::from_millis(300);
+    cfg.drain_timeout = Duration::from_secs(180);
+    cfg.step_timeout = Duration::from_secs(90);
+    let live = rendered_config(&cfg, ValueInputs::default(), CiliumPhase::Migration);
+    cnimig_emu::setup::apply(
+        admin,
+        &json!({"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": "cilium-config", "namespace": ns},
+                "data": serde_json::to_value(&live)?}),
+    )
+    .await?;
+
+    let mut ecfg = cnimig_emu::EmuConfig::new(&format!("{ns}-n"), args.nodes);
+    ecfg.cilium_namespace = ns.to_string();
+    ecfg.node_labels = BTreeMap::from([("cnimig.io/e2e".to_string(), ns.to_string())]);
+    let emu = cnimig_emu::start(admin.clone(), ecfg).await?;
+    let expected = workloads(admin, ns, args.nodes).await?;
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
+    wait_for(
+        "pods Running and Ready",
+        Duration::from_secs(300),
+        || async {
+            let l = pods.list(&ListParams::default()).await.ok()?;
+            let ready = l
+                .items
+                .iter()
+                .filter(|p| ready(p) && p.metadata.deletion_timestamp.is_none())
+                .count();
+            (ready == expected).then_some(())
+        },
+    )
+    .await?;
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(admin.clone(), ns);
+    wait_for(
+        "budgets with disruptions allowed",
+        Duration::from_secs(60),
+        || async {
+            let l = pdbs.list(&ListParams::default()).await.ok()?;
+            (l.items.len() == 4
+                && l.items.iter().all(|p| {
+                    p.status
+                        .as_ref()
+                        .is_some_and(|s| s.disruptions_allowed >= 1)
+                }))
+            .then_some(())
+        },
+    )
+    .await?;
+
+    // cnimig as its ServiceAccount, with a User-Agent of its own.
+    let agent = format!("cnimig-api-cost/{ns}");
+    let mut sa =
+        cnimig_emu::setup::service_account_config(admin, admin_config, "kube-system", "cnimig")
+            .await?;
+    sa.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_str(&agent)?,
+    ));
+    let opts = KubeOptions {
+        cilium_namespace: ns.to_string(),
+        system_namespace: ns.to_string(),
+        lock_name: format!("cnimig-lock-{ns}"),
+        node_selector: Some(format!("cnimig.io/e2e={ns}")),
+        ..KubeOptions::default()
+    };
+    let cluster = KubeCluster::new(sa, opts)?;
+    let orch = Orchestrator::new(
+        Ports::from_one(cluster.clone()),
+        cfg.clone(),
+        RunOptions {
+            holder: format!("api-cost-{ns}"),
+            ..RunOptions::default()
+        },
+    );
+
+    // The measured window: plan and run. Nothing else uses admin in it but the emulator.
+    let audit_start = std::fs::metadata(audit_log)?.len();
+    let metrics_before = metrics::scrape(admin).await?;
+    let started = tokio::time::Instant::now();
+    let (_, plan) = orch.plan().await?;
+    let fails: Vec<String> = plan
+        .preflight
+        .failures()
+        .map(|c| format!("{}: {}", c.id, c.message))
+        .collect();
+    if !fails.is_empty() {
+        bail!("preflight failed: {fails:#?}");
+    }
+    let report = tokio::time::timeout(
+        Duration::from_secs(900),
+        orch.run(&plan, &cnimig_core::events::Discard),
+    )
+    .await
+    .context("the migration did not finish within 15 minutes")??;
+    let elapsed = started.elapsed();
+    let metrics_after = metrics::scrape(admin).await?;
+    emu.stop();
+    let bytes = std::fs::read(audit_log)?;
+    let window = String::from_utf8_lossy(&bytes[usize::try_from(audit_start)?.min(bytes.len())..])
+        .into_owned();
+
+    let done = report.count(Phase::Done);
+    println!(
+        "{done} of {} emulated nodes migrated in {elapsed:.1?} (max {} in flight, {} pods)",
+        args.nodes, args.max_in_flight, expected
+    );
+    if done == 0 {
+        bail!("no node migrated: {report:#?}");
+    }
+    let per = |v: f64| v / done as f64;
+    let ours = metrics::audit_counts_by_agent(&window, &agent);
+    let total: u64 = ours.values().sum();
+    println!("\ncnimig's requests (audit log, User-Agent {agent}), plan and run:");
+    println!("{:<40} {:>7} {:>9}", "verb resource", "total", "per node");
+    let mut rows: Vec<_> = ours.iter().collect();
+    rows.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    for (k, v) in rows {
+        println!("{k:<40} {v:>7} {:>9.1}", per(*v as f64));
+    }
+    println!("{:<40} {total:>7} {:>9.1}", "all", per(total as f64));
+
+    let users = metrics::audit_users(&window);
+    let admin_user =
+        std::env::var("CNIMIG_TESTENV_ADMIN_USER").unwrap_or_else(|_| "kubernetes-admin".into());
+    let emulator = users.get(&admin_user).copied().unwrap_or(0);
+    let audited: u64 = users.values().sum();
+    let all: f64 = metrics::delta(&metrics_before, &metrics_after)
+        .values()
+        .sum();
+    println!("\nevery client in the same window:");
+    println!(
+        "  cnimig (its User-Agent)                 {total:>7} {:>9.1} per node",
+        per(total as f64)
+    );
+    println!(
+        "  {:<38} {emulator:>7} {:>9.1} per node",
+        format!("emulator (user {admin_user})"),
+        per(emulator as f64)
+    );
+    println!(
+        "  controllers, scheduler, others          {:>7} {:>9.1} per node",
+        audited.saturating_sub(total + emulator),
+        per(audited.saturating_sub(total + emulator) as f64)
+    );
+    println!("  audit log, all users                    {audited:>7}");
+    println!(
+        "  apiserver_request_total delta           {all:>7.0}   (all clients; counts each watch when it ends)"
+    );
+    let unfiltered = metrics::unfiltered_pod_reads(&window, &agent);
+    println!(
+        "\ncnimig's cluster-wide pod LIST/WATCH without a field selector: {} ({})",
+        unfiltered.len(),
+        if unfiltered.is_empty() {
+            "none".to_string()
+        } else {
+            unfiltered.join(", ")
+        }
+    );
+    Ok(())
+}
+
+async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<()>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while check().await.is_none() {
+        if tokio::time::Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Ok(())
+}
+
+fn ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Calico's cluster-scoped objects as the kube tests install them (operator, VXLAN pool).
+async fn calico_objects(admin: &Client) -> Result<()> {
+    for obj in [
+        json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "IPPool",
+               "metadata": {"name": "default-ipv4-ippool"},
+               "spec": {"cidr": "10.42.0.0/16", "vxlanMode": "Always", "ipipMode": "Never",
+                        "natOutgoing": true, "blockSize": 26}}),
+        json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "FelixConfiguration",
+               "metadata": {"name": "default"},
+               "spec": {"vxlanPort": 4789, "vxlanVNI": 4096, "vxlanEnabled": true}}),
+        json!({"apiVersion": "operator.tigera.io/v1", "kind": "Installation",
+               "metadata": {"name": "default"},
+               "spec": {"calicoNetwork": {"linuxDataplane": "Iptables", "bgp": "Disabled",
+                   "nodeAddressAutodetectionV4": {"kubernetes": "NodeInternalIP"},
+                   "ipPools": [{"cidr": "10.42.0.0/16", "encapsulation": "VXLAN"}]}}}),
+    ] {
+        cnimig_emu::setup::apply(admin, &obj).await?;
+    }
+    Ok(())
+}
+
+/// The workloads: about two pods a node in Deployments and a StatefulSet, each under a budget,
+/// and the Cilium and Calico agents on every node. Returns the number of pods.
+async fn workloads(admin: &Client, ns: &str, nodes: usize) -> Result<usize> {
+    let template = |app: &str| -> Value {
+        json!({"metadata": {"labels": {"app": app}},
+               "spec": {"nodeSelector": {"cnimig.io/e2e": ns}, "terminationGracePeriodSeconds": 5,
+                        "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10"}]}})
+    };
+    let mut objs = Vec::new();
+    let mut expected = 0;
+    for (name, replicas) in [
+        ("web", nodes.max(2)),
+        ("api", (nodes / 2).max(2)),
+        ("cache", (nodes / 2).max(2)),
+    ] {
+        objs.push(json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}}, "template": template(name)}}));
+        objs.push(
+            json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {"app": name}}}}),
+        );
+        expected += replicas;
+    }
+    objs.push(json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": "db", "namespace": ns},
+        "spec": {"replicas": 3, "serviceName": "db", "podManagementPolicy": "Parallel",
+                 "selector": {"matchLabels": {"app": "db"}}, "template": template("db")}}));
+    objs.push(
+        json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+        "metadata": {"name": "db", "namespace": ns},
+        "spec": {"minAvailable": 2, "selector": {"matchLabels": {"app": "db"}}}}),
+    );
+    expected += 3;
+    for (name, label) in [("cilium", "cilium"), ("calico-node", "calico-node")] {
+        objs.push(json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"selector": {"matchLabels": {"k8s-app": label}},
+                     "template": {"metadata": {"labels": {"k8s-app": label}},
+                        "spec": {"hostNetwork": true, "nodeSelector": {"cnimig.io/e2e": ns},
+                                 "terminationGracePeriodSeconds": 1,
+                                 "tolerations": [{"operator": "Exists"}],
+                                 "containers": [{"name": label, "image": "registry.k8s.io/pause:3.10"}]}}}}));
+        expected += nodes;
+    }
+    for o in objs {
+        cnimig_emu::setup::apply(admin, &o).await?;
+    }
+    Ok(expected)
+}
