@@ -16,6 +16,11 @@
 //!   [`crate::cni::cni_after_agent_ready`] to the node's CNI dir;
 //! - restore helper pods (label `cnimig.io/helper=restore-cni`): reset the CNI dir to Calico and
 //!   finish Succeeded;
+//! - clean-up helper pods (label `cnimig.io/helper=flush-calico`): drop Calico's conflist and
+//!   backup from the CNI dir, mark the node flushed with [`FLUSHED_ANNOTATION`] (the helper pod's
+//!   name and UID), finish Succeeded;
+//! - Cilium agents re-read `cilium-config` every time one starts (as a restarted agent does), so
+//!   a `helm upgrade` between two restarts takes effect on the second;
 //! - finishes deleting terminating pods after a short grace (a DELETE with grace 0, keyed by UID).
 
 use std::collections::{BTreeMap, HashMap};
@@ -48,6 +53,9 @@ pub const AGENT_CONFIG_ANNOTATION: &str = "cnimig.io/resolved-node-config";
 pub const CNI_DIR_ANNOTATION: &str = "cnimig.io/emulated-cni-dir";
 /// Pod label of restore helpers (cnimig-kube's `RESTORE_HELPER_LABEL`).
 pub const HELPER_LABEL: &str = "cnimig.io/helper";
+/// Node annotation: the clean-up helper that flushed the node's Calico leftovers
+/// (`<pod name>/<pod UID>`).
+pub const FLUSHED_ANNOTATION: &str = "cnimig.io/emulated-calico-flushed";
 /// Field manager of the emulator's writes.
 pub const MANAGER: &str = "cnimig-emu";
 
@@ -390,6 +398,15 @@ impl Emu {
         Ok(())
     }
 
+    /// Re-reads `cilium-config`'s keys (not the pool: addresses already handed out stay).
+    async fn refresh_global(&self, st: &mut State) -> Result<()> {
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.cfg.cilium_namespace);
+        if let Some(cm) = api.get_opt("cilium-config").await? {
+            st.global = cm.data.unwrap_or_default();
+        }
+        Ok(())
+    }
+
     /// `CiliumNode/<node>` with `spec.ipam.podCIDRs`, as the operator allocates them.
     async fn create_cilium_nodes(&self, st: &State) -> Result<()> {
         let ar = ApiResource::from_gvk_with_plural(
@@ -540,7 +557,28 @@ impl Emu {
                         "conditions": [{"type": "Ready", "status": "False", "reason": "PodCompleted"}]}))
                         .await?;
                     st.progress.insert(uid.to_string(), Progress::Running);
+                } else if labels.get(HELPER_LABEL).map(String::as_str) == Some("flush-calico") {
+                    // The flush program: Calico's CNI files gone, chains/routes/links (not
+                    // emulated) marked by the annotation.
+                    let mut dir = Self::cni_dir(node_obj);
+                    dir.calico_conflist = false;
+                    dir.calico_backup = false;
+                    self.set_cni_dir(node, dir).await?;
+                    let api: Api<Node> = Api::all(self.client.clone());
+                    api.patch(
+                        node,
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"metadata": {"annotations": {
+                        FLUSHED_ANNOTATION: format!("{}/{uid}", pod.name_any())}}})),
+                    )
+                    .await?;
+                    self.set_status(pod, json!({"phase": "Succeeded", "hostIP": host_ip, "podIP": host_ip,
+                        "conditions": [{"type": "Ready", "status": "False", "reason": "PodCompleted"}]}))
+                        .await?;
+                    st.progress.insert(uid.to_string(), Progress::Running);
                 } else if is_agent {
+                    // A starting agent reads the current cilium-config.
+                    self.refresh_global(st).await?;
                     let node_labels = node_obj.map(|n| n.labels().clone()).unwrap_or_default();
                     let resolved = cni::resolve(&self.node_configs().await?, &node_labels);
                     let api: Api<Pod> =
