@@ -303,3 +303,106 @@ async fn migrate_finalize_and_clean_up_five_emulated_nodes() {
     })
     .await;
 }
+
+/// The ClusterRole's rules in `deploy/rbac-finalize.yaml`.
+fn finalize_rules() -> Vec<serde_json::Value> {
+    let text = include_str!("../../../deploy/rbac-finalize.yaml");
+    for doc in serde_yaml_ng::Deserializer::from_str(text) {
+        let v: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+        if v["kind"] == "ClusterRole" {
+            return v["rules"].as_array().unwrap().clone();
+        }
+    }
+    panic!("no ClusterRole in deploy/rbac-finalize.yaml");
+}
+
+/// Every rule of `deploy/rbac-finalize.yaml` is needed: a ServiceAccount bound to `deploy/rbac.yaml`
+/// and to the finalize role without that one rule gets Forbidden from the port method that uses
+/// it, and (except the CRD rule, whose method would delete the shared Calico CRDs) succeeds once
+/// the rule is back. The calls touch only objects that do not exist in the test control plane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_finalize_rule_is_needed() {
+    use cnimig_core::allow::AllowRulePort;
+    use cnimig_core::cleanup::{CalicoObject, CleanupPort};
+    use cnimig_core::finalize::FinalizePort;
+    use cnimig_core::ports::PortError;
+
+    let env = match common::env().await {
+        Some(e) => e,
+        None => return,
+    };
+    let admin = env.admin.clone();
+    common::with_temp_ns(admin.clone(), "rbacfin", |ns| async move {
+        let sa = format!("probe-{ns}");
+        let role = format!("cnimig-finalize-probe-{ns}");
+        cnimig_emu::setup::apply(&admin, &json!({"apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": {"name": sa, "namespace": ns}})).await.unwrap();
+        for (name, target) in [(format!("{role}-base"), "cnimig".to_string()), (role.clone(), role.clone())] {
+            cnimig_emu::setup::apply(&admin, &json!({"apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "ClusterRoleBinding", "metadata": {"name": name},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": target},
+                "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": ns}]})).await.unwrap();
+        }
+        let admin_config = kube::Config::from_kubeconfig(&kube::config::KubeConfigOptions::default()).await.unwrap();
+        let sa_config = cnimig_emu::setup::service_account_config(&admin, &admin_config, &ns, &sa).await.unwrap();
+        let cluster = cnimig_kube::KubeCluster::new(sa_config, common::opts(&ns)).unwrap();
+        let rules = finalize_rules();
+        let set_rules = |rules: Vec<serde_json::Value>| {
+            let admin = admin.clone();
+            let role = role.clone();
+            async move {
+                cnimig_emu::setup::apply(&admin, &json!({"apiVersion": "rbac.authorization.k8s.io/v1",
+                    "kind": "ClusterRole", "metadata": {"name": role}, "rules": rules})).await.unwrap();
+            }
+        };
+        let mut probed = 0;
+        for (i, rule) in rules.iter().enumerate() {
+            let resource = rule["resources"][0].as_str().unwrap().to_string();
+            let call = |c: cnimig_kube::KubeCluster, resource: String| async move {
+                match resource.as_str() {
+                    "ciliumnodeconfigs" => c.delete_node_config("cnimig-probe-absent").await,
+                    "tiers" => c.remove_allow_rule().await,
+                    "installations" => c.delete_calico_object(CalicoObject::ApiServer).await,
+                    "deployments" => c.delete_calico_object(CalicoObject::OperatorDeployment).await,
+                    "namespaces" => c.delete_calico_object(CalicoObject::Namespaces).await,
+                    "configmaps" => c.delete_calico_object(CalicoObject::CalicoConfig).await,
+                    "customresourcedefinitions" => c.delete_calico_crds().await,
+                    other => panic!("no probe for the rule on {other}: add one"),
+                }
+            };
+            let without: Vec<serde_json::Value> = rules.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, r)| r.clone()).collect();
+            set_rules(without).await;
+            let mut last = None;
+            for _ in 0..50 {
+                let r = call(cluster.clone(), resource.clone()).await;
+                if matches!(r, Err(PortError::Forbidden { .. })) {
+                    last = None;
+                    break;
+                }
+                last = Some(r);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            assert!(last.is_none(), "without the rule on {resource} the call is not Forbidden: {last:?}");
+            if resource != "customresourcedefinitions" {
+                set_rules(rules.clone()).await;
+                let mut ok = false;
+                for _ in 0..50 {
+                    if call(cluster.clone(), resource.clone()).await.is_ok() {
+                        ok = true;
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                assert!(ok, "with the rule on {resource} the call still fails");
+            }
+            probed += 1;
+        }
+        assert_eq!(probed, rules.len());
+        let crb: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(admin.clone());
+        let cr: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(admin.clone());
+        let _ = crb.delete(&format!("{role}-base"), &Default::default()).await;
+        let _ = crb.delete(&role, &Default::default()).await;
+        let _ = cr.delete(&role, &Default::default()).await;
+    })
+    .await;
+}
