@@ -14,6 +14,9 @@
 //!   ([`crate::cni::resolve`]), write the winner to the pod annotation
 //!   [`AGENT_CONFIG_ANNOTATION`], become Ready after a delay and then apply
 //!   [`crate::cni::cni_after_agent_ready`] to the node's CNI dir;
+//! - `calico-node` pods (`k8s-app=calico-node`): on start, autodetect the node's address from
+//!   their `IP_AUTODETECTION_METHOD` and write `projectcalico.org/IPv4Address`
+//!   ([`crate::calico_node`]);
 //! - restore helper pods (label `cnimig.io/helper=restore-cni`): reset the CNI dir to Calico and
 //!   finish Succeeded;
 //! - finishes deleting terminating pods after a short grace (a DELETE with grace 0, keyed by UID).
@@ -141,6 +144,8 @@ struct State {
     progress: HashMap<String, Progress>,
     resolved: HashMap<String, Resolved>,
     cilium_nodes_done: bool,
+    /// Nodes with a Cilium agent running (so a `cilium_host` interface), this tick.
+    cilium_hosts: std::collections::HashSet<String>,
     last_heartbeat: Option<Instant>,
 }
 
@@ -193,6 +198,7 @@ pub async fn start(client: Client, cfg: EmuConfig) -> Result<EmuHandle> {
             progress: HashMap::new(),
             resolved: HashMap::new(),
             cilium_nodes_done: false,
+            cilium_hosts: std::collections::HashSet::new(),
             last_heartbeat: None,
         };
         for (i, n) in runner.cfg.nodes.iter().enumerate() {
@@ -335,6 +341,16 @@ impl Emu {
             .into_iter()
             .filter(|n| st.index.contains_key(&n.name_any()))
             .map(|n| (n.name_any(), n))
+            .collect();
+        st.cilium_hosts = pods
+            .state()
+            .iter()
+            .filter(|p| {
+                p.labels().get("k8s-app").map(String::as_str) == Some("cilium")
+                    && p.metadata.deletion_timestamp.is_none()
+                    && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+            })
+            .filter_map(|p| p.spec.as_ref().and_then(|s| s.node_name.clone()))
             .collect();
         let now = Instant::now();
         for pod in pods.state() {
@@ -572,6 +588,9 @@ impl Emu {
                         };
                         a.next_ip().to_string()
                     };
+                    if labels.get("k8s-app").map(String::as_str) == Some("calico-node") {
+                        self.calico_node_started(st, &spec, node, i).await?;
+                    }
                     let ts = k8s_openapi::jiff::Timestamp::now().to_string();
                     self.set_status(pod, json!({"phase": "Running", "hostIP": host_ip, "podIP": ip,
                         "podIPs": [{"ip": ip}], "startTime": ts,
@@ -601,6 +620,47 @@ impl Emu {
             }
             Some(_) => {}
         }
+        Ok(())
+    }
+
+    /// A `calico-node` pod starts: it autodetects its address from its container's
+    /// `IP_AUTODETECTION_METHOD` ([`crate::calico_node::autodetected_address`]) and writes it to
+    /// the Node's `projectcalico.org/IPv4Address`.
+    async fn calico_node_started(
+        &self,
+        st: &State,
+        spec: &k8s_openapi::api::core::v1::PodSpec,
+        node: &str,
+        i: usize,
+    ) -> Result<()> {
+        let method = spec
+            .containers
+            .iter()
+            .find(|c| c.name == "calico-node")
+            .and_then(|c| c.env.as_ref())
+            .and_then(|e| e.iter().find(|v| v.name == "IP_AUTODETECTION_METHOD"))
+            .and_then(|v| v.value.clone());
+        let internal: Ipv4Addr = node_ip(i).parse()?;
+        let cilium_host = st
+            .cilium_hosts
+            .contains(node)
+            .then(|| st.cilium.get(node))
+            .flatten()
+            .map(|a| Ipv4Addr::from(u32::from(a.block().network()).saturating_add(1)));
+        let addr = crate::calico_node::autodetected_address(
+            method.as_deref(),
+            (internal, 16),
+            cilium_host,
+        );
+        let api: Api<Node> = Api::all(self.client.clone());
+        api.patch(
+            node,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {
+                crate::calico_node::IPV4_ADDRESS_ANNOTATION: addr}}})),
+        )
+        .await
+        .with_context(|| format!("calico-node address of node {node}"))?;
         Ok(())
     }
 

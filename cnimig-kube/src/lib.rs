@@ -72,6 +72,7 @@ mod error;
 pub mod events;
 pub mod goldpinger;
 pub mod metrics;
+pub mod prepare;
 pub mod probe;
 mod state;
 mod verify;

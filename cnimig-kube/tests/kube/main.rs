@@ -24,5 +24,6 @@ mod eviction;
 mod goldpinger;
 mod metrics;
 mod nodes;
+mod prepare;
 mod probe;
 mod state;
