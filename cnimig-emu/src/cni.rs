@@ -92,6 +92,11 @@ impl Allocator {
     pub fn new(block: Ipv4Net) -> Self {
         Allocator { block, next: 2 }
     }
+    /// The block it allocates from.
+    #[must_use]
+    pub fn block(&self) -> Ipv4Net {
+        self.block
+    }
     /// The next address.
     pub fn next_ip(&mut self) -> Ipv4Addr {
         let size = 1u32 << (32 - u32::from(self.block.prefix_len())).min(31);

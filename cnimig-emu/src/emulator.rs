@@ -14,8 +14,16 @@
 //!   ([`crate::cni::resolve`]), write the winner to the pod annotation
 //!   [`AGENT_CONFIG_ANNOTATION`], become Ready after a delay and then apply
 //!   [`crate::cni::cni_after_agent_ready`] to the node's CNI dir;
+//! - `calico-node` pods (`k8s-app=calico-node`): on start, autodetect the node's address from
+//!   their `IP_AUTODETECTION_METHOD` and write `projectcalico.org/IPv4Address`
+//!   ([`crate::calico_node`]);
 //! - restore helper pods (label `cnimig.io/helper=restore-cni`): reset the CNI dir to Calico and
 //!   finish Succeeded;
+//! - clean-up helper pods (label `cnimig.io/helper=flush-calico`): drop Calico's conflist and
+//!   backup from the CNI dir, mark the node flushed with [`FLUSHED_ANNOTATION`] (the helper pod's
+//!   name and UID), finish Succeeded;
+//! - Cilium agents re-read `cilium-config` every time one starts (as a restarted agent does), so
+//!   a `helm upgrade` between two restarts takes effect on the second;
 //! - finishes deleting terminating pods after a short grace (a DELETE with grace 0, keyed by UID).
 
 use std::collections::{BTreeMap, HashMap};
@@ -48,6 +56,9 @@ pub const AGENT_CONFIG_ANNOTATION: &str = "cnimig.io/resolved-node-config";
 pub const CNI_DIR_ANNOTATION: &str = "cnimig.io/emulated-cni-dir";
 /// Pod label of restore helpers (cnimig-kube's `RESTORE_HELPER_LABEL`).
 pub const HELPER_LABEL: &str = "cnimig.io/helper";
+/// Node annotation: the clean-up helper that flushed the node's Calico leftovers
+/// (`<pod name>/<pod UID>`).
+pub const FLUSHED_ANNOTATION: &str = "cnimig.io/emulated-calico-flushed";
 /// Field manager of the emulator's writes.
 pub const MANAGER: &str = "cnimig-emu";
 
@@ -141,6 +152,8 @@ struct State {
     progress: HashMap<String, Progress>,
     resolved: HashMap<String, Resolved>,
     cilium_nodes_done: bool,
+    /// Nodes with a Cilium agent running (so a `cilium_host` interface), this tick.
+    cilium_hosts: std::collections::HashSet<String>,
     last_heartbeat: Option<Instant>,
 }
 
@@ -193,6 +206,7 @@ pub async fn start(client: Client, cfg: EmuConfig) -> Result<EmuHandle> {
             progress: HashMap::new(),
             resolved: HashMap::new(),
             cilium_nodes_done: false,
+            cilium_hosts: std::collections::HashSet::new(),
             last_heartbeat: None,
         };
         for (i, n) in runner.cfg.nodes.iter().enumerate() {
@@ -336,6 +350,16 @@ impl Emu {
             .filter(|n| st.index.contains_key(&n.name_any()))
             .map(|n| (n.name_any(), n))
             .collect();
+        st.cilium_hosts = pods
+            .state()
+            .iter()
+            .filter(|p| {
+                p.labels().get("k8s-app").map(String::as_str) == Some("cilium")
+                    && p.metadata.deletion_timestamp.is_none()
+                    && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+            })
+            .filter_map(|p| p.spec.as_ref().and_then(|s| s.node_name.clone()))
+            .collect();
         let now = Instant::now();
         for pod in pods.state() {
             let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
@@ -386,6 +410,15 @@ impl Emu {
                     st.cilium.insert(n.clone(), Allocator::new(b));
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Re-reads `cilium-config`'s keys (not the pool: addresses already handed out stay).
+    async fn refresh_global(&self, st: &mut State) -> Result<()> {
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.cfg.cilium_namespace);
+        if let Some(cm) = api.get_opt("cilium-config").await? {
+            st.global = cm.data.unwrap_or_default();
         }
         Ok(())
     }
@@ -540,7 +573,28 @@ impl Emu {
                         "conditions": [{"type": "Ready", "status": "False", "reason": "PodCompleted"}]}))
                         .await?;
                     st.progress.insert(uid.to_string(), Progress::Running);
+                } else if labels.get(HELPER_LABEL).map(String::as_str) == Some("flush-calico") {
+                    // The flush program: Calico's CNI files gone, chains/routes/links (not
+                    // emulated) marked by the annotation.
+                    let mut dir = Self::cni_dir(node_obj);
+                    dir.calico_conflist = false;
+                    dir.calico_backup = false;
+                    self.set_cni_dir(node, dir).await?;
+                    let api: Api<Node> = Api::all(self.client.clone());
+                    api.patch(
+                        node,
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"metadata": {"annotations": {
+                        FLUSHED_ANNOTATION: format!("{}/{uid}", pod.name_any())}}})),
+                    )
+                    .await?;
+                    self.set_status(pod, json!({"phase": "Succeeded", "hostIP": host_ip, "podIP": host_ip,
+                        "conditions": [{"type": "Ready", "status": "False", "reason": "PodCompleted"}]}))
+                        .await?;
+                    st.progress.insert(uid.to_string(), Progress::Running);
                 } else if is_agent {
+                    // A starting agent reads the current cilium-config.
+                    self.refresh_global(st).await?;
                     let node_labels = node_obj.map(|n| n.labels().clone()).unwrap_or_default();
                     let resolved = cni::resolve(&self.node_configs().await?, &node_labels);
                     let api: Api<Pod> =
@@ -572,6 +626,9 @@ impl Emu {
                         };
                         a.next_ip().to_string()
                     };
+                    if labels.get("k8s-app").map(String::as_str) == Some("calico-node") {
+                        self.calico_node_started(st, &spec, node, i).await?;
+                    }
                     let ts = k8s_openapi::jiff::Timestamp::now().to_string();
                     self.set_status(pod, json!({"phase": "Running", "hostIP": host_ip, "podIP": ip,
                         "podIPs": [{"ip": ip}], "startTime": ts,
@@ -601,6 +658,47 @@ impl Emu {
             }
             Some(_) => {}
         }
+        Ok(())
+    }
+
+    /// A `calico-node` pod starts: it autodetects its address from its container's
+    /// `IP_AUTODETECTION_METHOD` ([`crate::calico_node::autodetected_address`]) and writes it to
+    /// the Node's `projectcalico.org/IPv4Address`.
+    async fn calico_node_started(
+        &self,
+        st: &State,
+        spec: &k8s_openapi::api::core::v1::PodSpec,
+        node: &str,
+        i: usize,
+    ) -> Result<()> {
+        let method = spec
+            .containers
+            .iter()
+            .find(|c| c.name == "calico-node")
+            .and_then(|c| c.env.as_ref())
+            .and_then(|e| e.iter().find(|v| v.name == "IP_AUTODETECTION_METHOD"))
+            .and_then(|v| v.value.clone());
+        let internal: Ipv4Addr = node_ip(i).parse()?;
+        let cilium_host = st
+            .cilium_hosts
+            .contains(node)
+            .then(|| st.cilium.get(node))
+            .flatten()
+            .map(|a| Ipv4Addr::from(u32::from(a.block().network()).saturating_add(1)));
+        let addr = crate::calico_node::autodetected_address(
+            method.as_deref(),
+            (internal, 16),
+            cilium_host,
+        );
+        let api: Api<Node> = Api::all(self.client.clone());
+        api.patch(
+            node,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {
+                crate::calico_node::IPV4_ADDRESS_ANNOTATION: addr}}})),
+        )
+        .await
+        .with_context(|| format!("calico-node address of node {node}"))?;
         Ok(())
     }
 

@@ -8,6 +8,7 @@
 //!
 //! - [`emulator::start`] with an [`emulator::EmuConfig`]: the emulator (the module docs say what
 //!   it emulates);
+//! - [`calico_node`]: the address a starting `calico-node` autodetects (the `cilium_host` trap);
 //! - [`cni`]: its CNI decisions, pure and unit-tested;
 //! - [`goldpinger`]: a Goldpinger-compatible `/check_all` endpoint computed from the shared
 //!   reachability model (`cnimig_sim::pairs`), with an injectable firewall;
@@ -37,6 +38,7 @@
 //!
 //! This crate is a test tool: it uses `anyhow` for errors.
 
+pub mod calico_node;
 pub mod cni;
 pub mod emulator;
 pub mod goldpinger;

@@ -45,6 +45,9 @@ pub struct ProbeEmuConfig {
     pub dns_selector: String,
     /// Poll interval.
     pub tick: Duration,
+    /// Only probe pods on these nodes (the emulator's own), or on every node when `None`: two
+    /// responders on one control plane must not answer each other's probes.
+    pub nodes: Option<Vec<String>>,
 }
 
 impl ProbeEmuConfig {
@@ -60,6 +63,7 @@ impl ProbeEmuConfig {
             firewall,
             dns_selector: "k8s-app=kube-dns".into(),
             tick: Duration::from_millis(200),
+            nodes: None,
         }
     }
 }
@@ -123,6 +127,12 @@ async fn tick(client: &Client, cfg: &ProbeEmuConfig) -> Result<()> {
         .iter()
         .filter(|p| {
             p.metadata.deletion_timestamp.is_none()
+                && cfg.nodes.as_ref().is_none_or(|ns| {
+                    p.spec
+                        .as_ref()
+                        .and_then(|s| s.node_name.as_ref())
+                        .is_some_and(|n| ns.contains(n))
+                })
                 && p.status
                     .as_ref()
                     .is_some_and(|s| s.phase.as_deref() == Some("Running") && s.pod_ip.is_some())

@@ -1,12 +1,41 @@
-//! Clean-up on Kubernetes: the node helper pod that runs the flush program
-//! ([`cnimig_core::cleanup::render_script`]).
+//! Clean-up on Kubernetes: [`CleanupPort`] and [`AllowRulePort`] on [`KubeCluster`], and the
+//! node helper pod that runs the flush program ([`cnimig_core::cleanup::render_script`]).
 //!
-//! Only the pod's shape is here so far: the [`CleanupPort`](cnimig_core::cleanup::CleanupPort)
-//! implementation on `KubeCluster` is not built yet.
+//! | port method | API calls |
+//! |---|---|
+//! | `delete_calico_object` | DELETE of the object(s) (404 is success) |
+//! | `start_helper` | GET DaemonSet `cilium` (its image); CREATE pod (409 is success) |
+//! | `helper_status` | GET pod |
+//! | `delete_helper` | DELETE pod, grace period 0 (404 is success) |
+//! | `delete_calico_crds` | LIST CRDs; DELETE those of `crd.projectcalico.org` and `operator.tigera.io` |
+//! | `apply_allow_rule` | server-side apply of the `projectcalico.org/v3` Tier and GlobalNetworkPolicy |
+//! | `remove_allow_rule` | DELETE of both (404, or the group not served, is success) |
+//! | `allow_rule_present` | GET of the GlobalNetworkPolicy |
 
-use cnimig_core::cleanup::HELPER_HOST_PATHS;
+use async_trait::async_trait;
+use cnimig_core::allow::{AllowRulePort, POLICY_NAME, TIER_NAME, policy_object, tier_object};
+use cnimig_core::cleanup::{CalicoObject, CleanupPort, HELPER_HOST_PATHS, HelperStatus};
 use cnimig_core::model::NodeName;
+use cnimig_core::ports::PortError;
+use ipnet::Ipv4Net;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
+    PatchParams, PostParams,
+};
 use serde_json::{Value, json};
+
+use crate::error::port_error;
+use crate::{FIELD_MANAGER, KubeCluster};
+
+/// The namespaces an operator install owns, deleted last among its objects.
+pub const OPERATOR_NAMESPACES: [&str; 3] = ["calico-system", "calico-apiserver", "tigera-operator"];
+/// The API groups whose CRDs clean-up deletes.
+pub const CALICO_CRD_GROUPS: [&str; 2] = ["crd.projectcalico.org", "operator.tigera.io"];
+/// The namespace of a manifest install's objects.
+pub const MANIFEST_NAMESPACE: &str = "kube-system";
 
 /// The label on clean-up helper pods.
 pub const FLUSH_HELPER_LABEL: &str = "cnimig.io/helper";
@@ -73,6 +102,292 @@ pub fn flush_helper_pod(node: &NodeName, namespace: &str, image: &str, script: &
             "volumes": volumes,
         }
     })
+}
+
+/// 404 (already gone) is success.
+fn gone_ok<T>(r: Result<T, kube::Error>, verb: &str, what: String) -> Result<(), PortError> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(port_error(verb, what, e)),
+    }
+}
+
+fn dynamic(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
+}
+
+impl KubeCluster {
+    fn helper_pods(&self) -> Api<core::Pod> {
+        Api::namespaced(self.client().clone(), &self.options().system_namespace)
+    }
+
+    /// The image of the Cilium DaemonSet's first container (it has `sh`, `iptables`, `ip`), or
+    /// [`KubeOptions::helper_image`](crate::KubeOptions::helper_image) when there is none.
+    ///
+    /// # RBAC
+    /// `get daemonsets` in the Cilium namespace.
+    async fn flush_image(&self) -> Result<String, PortError> {
+        let api: Api<DaemonSet> =
+            Api::namespaced(self.client().clone(), &self.options().cilium_namespace);
+        let ds = api
+            .get_opt("cilium")
+            .await
+            .map_err(|e| port_error("get", "daemonset cilium", e))?;
+        Ok(ds
+            .and_then(|d| d.spec)
+            .and_then(|s| s.template.spec)
+            .and_then(|s| s.containers.into_iter().next())
+            .and_then(|c| c.image)
+            .unwrap_or_else(|| self.options().helper_image.clone()))
+    }
+}
+
+#[async_trait]
+impl CleanupPort for KubeCluster {
+    /// # RBAC
+    /// `delete` on `installations`, `apiservers` (`operator.tigera.io`), `deployments`,
+    /// `daemonsets` (`apps`), `namespaces`, `configmaps`.
+    async fn delete_calico_object(&self, object: CalicoObject) -> Result<(), PortError> {
+        let c = self.client().clone();
+        let dp = DeleteParams::default();
+        match object {
+            CalicoObject::Installation | CalicoObject::ApiServer => {
+                let (kind, plural) = if object == CalicoObject::Installation {
+                    ("Installation", "installations")
+                } else {
+                    ("APIServer", "apiservers")
+                };
+                let api: Api<DynamicObject> =
+                    Api::all_with(c, &dynamic("operator.tigera.io", "v1", kind, plural));
+                gone_ok(
+                    api.delete("default", &dp).await,
+                    "delete",
+                    format!("{plural} default"),
+                )
+            }
+            CalicoObject::OperatorDeployment => {
+                let api: Api<Deployment> = Api::namespaced(c, "tigera-operator");
+                gone_ok(
+                    api.delete("tigera-operator", &dp).await,
+                    "delete",
+                    "deployment tigera-operator/tigera-operator".into(),
+                )
+            }
+            CalicoObject::Namespaces => {
+                let api: Api<core::Namespace> = Api::all(c);
+                for ns in OPERATOR_NAMESPACES {
+                    gone_ok(
+                        api.delete(ns, &dp).await,
+                        "delete",
+                        format!("namespace {ns}"),
+                    )?;
+                }
+                Ok(())
+            }
+            CalicoObject::NodeDaemonSet => {
+                let api: Api<DaemonSet> = Api::namespaced(c, MANIFEST_NAMESPACE);
+                gone_ok(
+                    api.delete("calico-node", &dp).await,
+                    "delete",
+                    format!("daemonset {MANIFEST_NAMESPACE}/calico-node"),
+                )
+            }
+            CalicoObject::KubeControllers => {
+                let api: Api<Deployment> = Api::namespaced(c, MANIFEST_NAMESPACE);
+                gone_ok(
+                    api.delete("calico-kube-controllers", &dp).await,
+                    "delete",
+                    format!("deployment {MANIFEST_NAMESPACE}/calico-kube-controllers"),
+                )
+            }
+            CalicoObject::CalicoConfig => {
+                let api: Api<core::ConfigMap> = Api::namespaced(c, MANIFEST_NAMESPACE);
+                gone_ok(
+                    api.delete("calico-config", &dp).await,
+                    "delete",
+                    format!("configmap {MANIFEST_NAMESPACE}/calico-config"),
+                )
+            }
+        }
+    }
+
+    /// Creates [`flush_helper_pod`] in the system namespace with the Cilium DaemonSet's image.
+    ///
+    /// # RBAC
+    /// `get daemonsets` in the Cilium namespace; `create pods` in the system namespace.
+    async fn start_helper(&self, node: &NodeName, script: &str) -> Result<(), PortError> {
+        let image = self.flush_image().await?;
+        let pod: core::Pod = serde_json::from_value(flush_helper_pod(
+            node,
+            &self.options().system_namespace,
+            &image,
+            script,
+        ))
+        .map_err(|e| PortError::Invalid {
+            what: format!("the flush helper pod for node {node}"),
+            detail: e.to_string(),
+        })?;
+        match self
+            .helper_pods()
+            .create(&PostParams::default(), &pod)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+            Err(e) => Err(port_error(
+                "create",
+                format!("pod {}", flush_helper_name(node)),
+                e,
+            )),
+        }
+    }
+
+    /// # RBAC
+    /// `get pods` in the system namespace.
+    async fn helper_status(&self, node: &NodeName) -> Result<HelperStatus, PortError> {
+        let name = flush_helper_name(node);
+        let pod = self
+            .helper_pods()
+            .get_opt(&name)
+            .await
+            .map_err(|e| port_error("get", format!("pod {name}"), e))?;
+        let Some(pod) = pod else {
+            return Ok(HelperStatus::Absent);
+        };
+        if pod.metadata.deletion_timestamp.is_some() {
+            return Ok(HelperStatus::Running);
+        }
+        let status = pod.status.unwrap_or_default();
+        Ok(match status.phase.as_deref() {
+            Some("Succeeded") => HelperStatus::Succeeded,
+            Some("Failed") => {
+                let term = status
+                    .container_statuses
+                    .unwrap_or_default()
+                    .into_iter()
+                    .find_map(|c| c.state.and_then(|s| s.terminated));
+                HelperStatus::Failed(match term {
+                    Some(t) => format!(
+                        "exit code {}{}",
+                        t.exit_code,
+                        t.message.map(|m| format!(": {m}")).unwrap_or_default()
+                    ),
+                    None => status.message.unwrap_or_else(|| "pod Failed".into()),
+                })
+            }
+            _ => HelperStatus::Running,
+        })
+    }
+
+    /// # RBAC
+    /// `delete pods` in the system namespace.
+    async fn delete_helper(&self, node: &NodeName) -> Result<(), PortError> {
+        let name = flush_helper_name(node);
+        let dp = DeleteParams {
+            grace_period_seconds: Some(0),
+            ..DeleteParams::default()
+        };
+        gone_ok(
+            self.helper_pods().delete(&name, &dp).await,
+            "delete",
+            format!("pod {name}"),
+        )
+    }
+
+    /// # RBAC
+    /// `list`, `delete` on `customresourcedefinitions` (`apiextensions.k8s.io`).
+    async fn delete_calico_crds(&self) -> Result<(), PortError> {
+        let api: Api<CustomResourceDefinition> = Api::all(self.client().clone());
+        let crds = api
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| port_error("list", "customresourcedefinitions", e))?;
+        for crd in crds.items {
+            if !CALICO_CRD_GROUPS.contains(&crd.spec.group.as_str()) {
+                continue;
+            }
+            let name = crd.metadata.name.clone().unwrap_or_default();
+            gone_ok(
+                api.delete(&name, &DeleteParams::default()).await,
+                "delete",
+                format!("customresourcedefinition {name}"),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn tier_api(k: &KubeCluster) -> Api<DynamicObject> {
+    Api::all_with(
+        k.client().clone(),
+        &dynamic("projectcalico.org", "v3", "Tier", "tiers"),
+    )
+}
+
+fn policy_api(k: &KubeCluster) -> Api<DynamicObject> {
+    Api::all_with(
+        k.client().clone(),
+        &dynamic(
+            "projectcalico.org",
+            "v3",
+            "GlobalNetworkPolicy",
+            "globalnetworkpolicies",
+        ),
+    )
+}
+
+#[async_trait]
+impl AllowRulePort for KubeCluster {
+    /// Server-side applies the Tier, then the policy, as field manager `cnimig`.
+    ///
+    /// # RBAC
+    /// `patch` (and `create`) on `tiers`, `globalnetworkpolicies` (`projectcalico.org`).
+    async fn apply_allow_rule(&self, cilium_cidr: Ipv4Net) -> Result<(), PortError> {
+        let pp = PatchParams::apply(FIELD_MANAGER).force();
+        tier_api(self)
+            .patch(TIER_NAME, &pp, &Patch::Apply(&tier_object()))
+            .await
+            .map_err(|e| port_error("patch", format!("tier {TIER_NAME}"), e))?;
+        policy_api(self)
+            .patch(POLICY_NAME, &pp, &Patch::Apply(&policy_object(cilium_cidr)))
+            .await
+            .map_err(|e| port_error("patch", format!("globalnetworkpolicy {POLICY_NAME}"), e))?;
+        Ok(())
+    }
+
+    /// Deletes the policy, then the Tier. Absent (404, which is also the answer when the
+    /// Calico API server is not installed) is success.
+    ///
+    /// # RBAC
+    /// `delete` on `tiers`, `globalnetworkpolicies` (`projectcalico.org`).
+    async fn remove_allow_rule(&self) -> Result<(), PortError> {
+        let dp = DeleteParams::default();
+        gone_ok(
+            policy_api(self).delete(POLICY_NAME, &dp).await,
+            "delete",
+            format!("globalnetworkpolicy {POLICY_NAME}"),
+        )?;
+        gone_ok(
+            tier_api(self).delete(TIER_NAME, &dp).await,
+            "delete",
+            format!("tier {TIER_NAME}"),
+        )
+    }
+
+    /// # RBAC
+    /// `get` on `globalnetworkpolicies` (`projectcalico.org`).
+    async fn allow_rule_present(&self) -> Result<bool, PortError> {
+        match policy_api(self).get_opt(POLICY_NAME).await {
+            Ok(o) => Ok(o.is_some()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+            Err(e) => Err(port_error(
+                "get",
+                format!("globalnetworkpolicy {POLICY_NAME}"),
+                e,
+            )),
+        }
+    }
 }
 
 #[cfg(test)]

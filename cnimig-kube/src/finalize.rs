@@ -3,7 +3,7 @@
 //! `resourceVersion` precondition (compare-and-swap), and the `CiliumNodeConfig` deleted at the
 //! version API discovery finds.
 //!
-//! Not yet exercised against the test control plane (no integration test yet).
+//! Exercised by `cnimig-kube/tests/finalize` on the test control plane.
 
 use std::collections::BTreeMap;
 

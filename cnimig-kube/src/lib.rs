@@ -14,6 +14,8 @@
 //! - [`events::KubeEventSink`]: the orchestrator's progress as Kubernetes Events on the Nodes;
 //! - [`goldpinger`]: Goldpinger's manifests and [`goldpinger::GoldpingerVerifier`], the cluster
 //!   check that reads every node-to-node result (README, "Verification");
+//! - [`prepare`]: the Calico autodetection fix applied with an exact undo record, the
+//!   `calico-node` rollout wait, and the `projectcalico.org/IPv4Address` vs InternalIP check;
 //! - [`metrics`]: `apiserver_request_total` scraping, for request-cost reports;
 //! - `deploy/rbac.yaml`: the ServiceAccount and ClusterRole with exactly the verbs used here; each
 //!   method's `# RBAC` section names its own.
@@ -94,6 +96,7 @@ pub mod goldpinger;
 pub mod log;
 pub mod metrics;
 pub mod planning;
+pub mod prepare;
 pub mod probe;
 mod state;
 mod verify;

@@ -26,6 +26,7 @@ mod eviction;
 mod goldpinger;
 mod metrics;
 mod nodes;
+mod prepare;
 mod probe;
 mod rbac;
 mod state;

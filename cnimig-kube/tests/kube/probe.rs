@@ -51,6 +51,7 @@ async fn run(env: &common::Env, ns: &str, firewall: SharedFirewall) -> RunReport
     let emu = cnimig_emu::start(admin.clone(), ecfg).await.unwrap();
     let mut pcfg = cnimig_emu::probe::ProbeEmuConfig::new(firewall);
     pcfg.cilium_namespace = ns.to_string();
+    pcfg.nodes = Some(node_names.clone());
     let responder = cnimig_emu::probe::respond(admin.clone(), pcfg);
     let mut objs = Vec::new();
     for (name, label, replicas) in [("web", "web", 2), ("coredns", "kube-dns", 1)] {

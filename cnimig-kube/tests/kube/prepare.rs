@@ -1,0 +1,196 @@
+//! Prepare against the real control plane: emulated nodes whose `calico-node` autodetects with
+//! `first-found` while a Cilium agent runs there, so it picks `cilium_host` (the emulator's
+//! model, `cnimig_emu::calico_node`). The address check names every node and changes nothing;
+//! the autodetection fix is applied (as cnimig's ServiceAccount with deploy/rbac-verify.yaml),
+//! rolls out, and the check passes; undone when the run is abandoned, the DaemonSet is as before.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use cnimig_core::cilium::{CiliumPhase, ValueInputs, rendered_config};
+use cnimig_core::config::MigrationConfig;
+use cnimig_core::model::{Autodetection, CalicoFacts, CalicoInstall};
+use cnimig_core::prepare::{AutodetectChange, autodetection_change};
+use cnimig_kube::prepare::AUTODETECTION_UNDO_ANNOTATION;
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
+use serde_json::json;
+
+use crate::common::{self, wait_until};
+
+fn ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        && p.metadata.deletion_timestamp.is_none()
+}
+
+async fn wait_ready(pods: &Api<Pod>, label: &str, n: usize) {
+    wait_until(
+        &format!("{n} {label} pods Ready"),
+        Duration::from_secs(120),
+        || {
+            let pods = pods.clone();
+            let lp = ListParams::default().labels(&format!("k8s-app={label}"));
+            async move {
+                let Ok(l) = pods.list(&lp).await else {
+                    return false;
+                };
+                l.items.iter().filter(|p| ready(p)).count() == n
+            }
+        },
+    )
+    .await;
+}
+
+fn daemon_set(ns: &str, label: &str, env: serde_json::Value) -> serde_json::Value {
+    json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+        "metadata": {"name": label, "namespace": ns},
+        "spec": {"selector": {"matchLabels": {"k8s-app": label}},
+                 "template": {"metadata": {"labels": {"k8s-app": label}},
+                    "spec": {"hostNetwork": true, "nodeSelector": {"cnimig.io/e2e": ns},
+                             "terminationGracePeriodSeconds": 1,
+                             "tolerations": [{"operator": "Exists"}],
+                             "containers": [{"name": label, "image": "registry.k8s.io/pause:3.10",
+                                             "env": env}]}}}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autodetection_fix_is_needed_applied_checked_and_undone() {
+    let env = crate::env_or_skip!();
+    common::with_temp_ns(env.admin.clone(), "prepare", |ns| async move {
+        let admin = env.admin.clone();
+        cnimig_emu::setup::apply_yaml(&admin, include_str!("../../../deploy/rbac-verify.yaml"))
+            .await
+            .unwrap();
+        let cfg = MigrationConfig::new("10.245.0.0/16".parse().unwrap());
+        let live = rendered_config(&cfg, ValueInputs::default(), CiliumPhase::Migration);
+        common::cilium_config(&admin, &ns, serde_json::to_value(&live).unwrap()).await;
+        let mut ecfg = cnimig_emu::EmuConfig::new(&format!("{ns}-n"), 3);
+        ecfg.cilium_namespace = ns.clone();
+        ecfg.node_labels = BTreeMap::from([("cnimig.io/e2e".to_string(), ns.clone())]);
+        let node_names = ecfg.nodes.clone();
+        let emu = cnimig_emu::start(admin.clone(), ecfg).await.unwrap();
+        let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
+
+        // Cilium installed first (its agents create cilium_host), then calico-node (re)starts
+        // with first-found.
+        cnimig_emu::setup::apply(&admin, &daemon_set(&ns, "cilium", json!([])))
+            .await
+            .unwrap();
+        wait_ready(&pods, "cilium", 3).await;
+        let calico_env = json!([{"name": "CALICO_NETWORKING_BACKEND", "value": "vxlan"},
+                                {"name": "IP_AUTODETECTION_METHOD", "value": "first-found"},
+                                {"name": "FELIX_LOGSEVERITYSCREEN", "value": "info"}]);
+        cnimig_emu::setup::apply(&admin, &daemon_set(&ns, "calico-node", calico_env))
+            .await
+            .unwrap();
+        wait_ready(&pods, "calico-node", 3).await;
+
+        let cluster = env.cluster(common::opts(&ns));
+        let selector = format!("cnimig.io/e2e={ns}");
+        let dss: Api<DaemonSet> = Api::namespaced(admin.clone(), &ns);
+        let before = dss.get("calico-node").await.unwrap();
+
+        // The check before the first node: every node named, nothing written.
+        let problems = cluster.calico_address_check(Some(&selector)).await.unwrap();
+        assert_eq!(problems.len(), 3, "{problems:#?}");
+        for n in &node_names {
+            let line = problems
+                .iter()
+                .find(|p| p.starts_with(&format!("node {n}: Calico uses 10.245.")))
+                .unwrap_or_else(|| panic!("{n} not named: {problems:#?}"));
+            assert!(line.contains("not its InternalIP (172.31."), "{line}");
+        }
+        let unchanged = dss.get("calico-node").await.unwrap();
+        assert_eq!(
+            unchanged.metadata.resource_version,
+            before.metadata.resource_version
+        );
+
+        // The plan line, then the change with consent.
+        let facts = CalicoFacts {
+            install: CalicoInstall::Manifest,
+            autodetection: Autodetection::FirstFound,
+            ..CalicoFacts::default()
+        };
+        let mut fix = autodetection_change(&facts, None).unwrap().expect("needed");
+        fix.target = AutodetectChange::ManifestEnv {
+            namespace: ns.clone(),
+            daemon_set: "calico-node".into(),
+            container: "calico-node".into(),
+        };
+        let line = fix.describe();
+        assert!(
+            line.contains("IP_AUTODETECTION_METHOD=kubernetes-internal-ip (was first-found)"),
+            "{line}"
+        );
+        cluster
+            .apply_autodetection_fix(&fix, Duration::from_secs(180))
+            .await
+            .unwrap();
+        let applied = dss.get("calico-node").await.unwrap();
+        let record = applied
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(AUTODETECTION_UNDO_ANNOTATION))
+            .cloned()
+            .expect("undo record");
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&record).unwrap(),
+            json!({"before": {"name": "IP_AUTODETECTION_METHOD", "value": "first-found"}})
+        );
+        let problems = cluster.calico_address_check(Some(&selector)).await.unwrap();
+        assert!(problems.is_empty(), "{problems:#?}");
+        // Applying again writes nothing.
+        cluster
+            .apply_autodetection_fix(&fix, Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(
+            dss.get("calico-node")
+                .await
+                .unwrap()
+                .metadata
+                .resource_version,
+            applied.metadata.resource_version
+        );
+
+        // The run is abandoned: undo restores the DaemonSet exactly.
+        assert!(
+            cluster
+                .undo_autodetection_fix(&fix.target, Duration::from_secs(180))
+                .await
+                .unwrap()
+        );
+        let after = dss.get("calico-node").await.unwrap();
+        assert_eq!(
+            serde_json::to_value(&after.spec.as_ref().unwrap().template).unwrap(),
+            serde_json::to_value(&before.spec.as_ref().unwrap().template).unwrap()
+        );
+        let strip = |d: &DaemonSet| {
+            let mut a = d.metadata.annotations.clone().unwrap_or_default();
+            a.remove("deprecated.daemonset.template.generation");
+            a
+        };
+        assert_eq!(strip(&after), strip(&before));
+        // calico-node restarted with first-found again: the addresses are wrong again.
+        let problems = cluster.calico_address_check(Some(&selector)).await.unwrap();
+        assert_eq!(problems.len(), 3, "{problems:#?}");
+        assert!(
+            !cluster
+                .undo_autodetection_fix(&fix.target, Duration::from_secs(30))
+                .await
+                .unwrap()
+        );
+
+        emu.stop();
+        for n in &node_names {
+            common::delete_node(&admin, n).await;
+        }
+    })
+    .await;
+}
