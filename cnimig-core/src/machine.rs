@@ -432,6 +432,27 @@ fn step(rec: &mut NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, now: Time
             ))
         }
         Phase::AgentReady => {
+            // The agent was Ready with the node config when the phase was entered; the node
+            // may have gone NotReady since (a node that is not Ready keeps no Ready agent).
+            // Uncordoning now would schedule pods onto a node without a working CNI.
+            let ok = obs.agent.is_some_and(|a| {
+                a.ready && a.node_config.as_deref() == Some(cfg.node_config.as_str())
+            }) && obs.cni.cilium_conflist;
+            if !ok {
+                if timed_out(rec, cfg.step_timeout, now) {
+                    return failed(
+                        rec,
+                        format!(
+                            "step Uncordon: the Cilium agent stopped being Ready with the node config and did not recover within {:?}",
+                            cfg.step_timeout
+                        ),
+                        now,
+                    );
+                }
+                return Step::Act(Action::Wait(
+                    "waiting for the Cilium agent to be Ready again before uncordoning".into(),
+                ));
+            }
             if rec.pre_cordoned == Some(true) || !obs.unschedulable() {
                 Step::Advance(Phase::Uncordoned)
             } else {
