@@ -49,4 +49,7 @@ if [ "${CNIMIG_NO_TESTENV:-0}" != 1 ]; then
 fi
 
 step "tests (release: the property tests simulate thousands of clusters)"
+# `cargo test` builds the examples too: tests/kube_migrate.rs runs that kube_migrate binary
+# instead of building it again from inside the test (a second build with other features).
+export CNIMIG_KUBE_MIGRATE_BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/examples/kube_migrate"
 cargo test --workspace --release --locked
