@@ -291,7 +291,8 @@ mod tests {
 
     #[test]
     fn long_names_are_cut() {
-        let node = NodeName::new("x".repeat(80)).unwrap();
+        // A valid node name (each dot-separated part at most 63) longer than a pod name may be.
+        let node = NodeName::new(format!("{}.{}", "x".repeat(60), "y".repeat(30))).unwrap();
         assert_eq!(probe_pod_name(&node).len(), 63);
     }
 }
