@@ -112,13 +112,15 @@ impl Cluster for SimCluster {
         let mut view = BudgetView::default();
         for name in nodes {
             let Some(n) = s.node_idx(name) else { continue };
-            let mut counts: BTreeMap<usize, u32> = BTreeMap::new();
-            for (_, p) in s.drainable_on(n).filter(|(_, p)| !p.terminating) {
-                for &i in &p.pdbs {
-                    *counts.entry(i).or_default() += 1;
-                }
-            }
-            let mut list = Vec::new();
+            // Kept up to date as pods come and go (walking every candidate's pods on every look
+            // was the largest cost of a large simulation).
+            let counts = s.nodes.get(n).map(|x| x.demand.clone()).unwrap_or_default();
+            debug_assert_eq!(
+                counts,
+                s.demand_by_walk(n),
+                "node {name}: budget demand cache"
+            );
+            let mut list = Vec::with_capacity(counts.len());
             for (i, c) in counts {
                 let Some(b) = s.pdbs.get(i) else { continue };
                 // One budget's allowance is the same for every node of this view (the state is

@@ -125,12 +125,61 @@ impl SimPod {
     }
 }
 
+/// Every pod, indexed by its id (ids are handed out in sequence from 1, so a vector indexed by id
+/// replaces a map: a lookup is an index, and iteration is still in id order).
+#[derive(Default)]
+pub(crate) struct PodTable {
+    slots: Vec<Option<SimPod>>,
+    len: usize,
+}
+
+impl PodTable {
+    fn slot(id: PodId) -> Option<usize> {
+        usize::try_from(id).ok()
+    }
+    pub(crate) fn get(&self, id: &PodId) -> Option<&SimPod> {
+        self.slots.get(Self::slot(*id)?)?.as_ref()
+    }
+    pub(crate) fn get_mut(&mut self, id: &PodId) -> Option<&mut SimPod> {
+        self.slots.get_mut(Self::slot(*id)?)?.as_mut()
+    }
+    fn insert(&mut self, id: PodId, pod: SimPod) {
+        let Some(i) = Self::slot(id) else { return };
+        if self.slots.len() <= i {
+            self.slots.resize_with(i + 1, || None);
+        }
+        if let Some(s) = self.slots.get_mut(i) {
+            if s.is_none() {
+                self.len += 1;
+            }
+            *s = Some(pod);
+        }
+    }
+    fn remove(&mut self, id: &PodId) -> Option<SimPod> {
+        let p = self.slots.get_mut(Self::slot(*id)?)?.take();
+        if p.is_some() {
+            self.len -= 1;
+        }
+        p
+    }
+    pub(crate) fn values(&self) -> impl Iterator<Item = &SimPod> {
+        self.slots.iter().filter_map(Option::as_ref)
+    }
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+}
+
 pub(crate) struct SimNode {
     pub(crate) node: Node,
     zone: usize,
     pub(crate) cni: CniDirState,
     pub(crate) chaining: Option<String>,
     pub(crate) pods: BTreeSet<PodId>,
+    /// Budgets covering the node's drainable pods that are not terminating, with how many of
+    /// them each covers, by budget index (ascending, no zero counts): kept up to date as pods
+    /// bind, terminate and go, so the budget view does not walk the pods on every look.
+    pub(crate) demand: Vec<(usize, u32)>,
     calico_block: u64,
     calico_used: u64,
     cilium_cidr: Option<Ipv4Net>,
@@ -203,6 +252,28 @@ fn contrib(p: &SimPod) -> Contrib {
         None
     };
     Contrib { healthy, class }
+}
+
+/// Counts one pod covered by `pdbs` in (or out of) a node's [`SimNode::demand`].
+fn count_demand(demand: &mut Vec<(usize, u32)>, pdbs: &[usize], add: bool) {
+    for &i in pdbs {
+        match demand.binary_search_by_key(&i, |(j, _)| *j) {
+            Ok(at) => {
+                if let Some((_, c)) = demand.get_mut(at) {
+                    if add {
+                        *c += 1;
+                    } else {
+                        *c = c.saturating_sub(1);
+                    }
+                    if *c == 0 {
+                        demand.remove(at);
+                    }
+                }
+            }
+            Err(at) if add => demand.insert(at, (i, 1)),
+            Err(_) => {}
+        }
+    }
 }
 
 fn bump(v: &mut u32, add: bool) {
@@ -287,7 +358,7 @@ pub(crate) struct State {
     zone_count: usize,
     sched_idx: Vec<BTreeSet<(u64, usize, usize)>>,
     ready_idx: Vec<BTreeSet<(u64, usize, usize)>>,
-    pub(crate) pods: BTreeMap<PodId, SimPod>,
+    pub(crate) pods: PodTable,
     next_pod: PodId,
     workloads: Vec<Workload>,
     pub(crate) pdbs: Vec<SimPdb>,
@@ -424,7 +495,7 @@ impl State {
             zone_count,
             sched_idx: vec![BTreeSet::new(); zone_count],
             ready_idx: vec![BTreeSet::new(); zone_count],
-            pods: BTreeMap::new(),
+            pods: PodTable::default(),
             next_pod: 1,
             workloads: Vec::new(),
             pdbs: Vec::new(),
@@ -594,6 +665,7 @@ impl State {
             cni: CniDirState::CALICO,
             chaining: None,
             pods: BTreeSet::new(),
+            demand: Vec::new(),
             calico_block,
             calico_used: 0,
             cilium_cidr: None,
@@ -1087,6 +1159,7 @@ impl State {
         };
         let Some(p) = self.pods.get(&id) else { return };
         let (req, is_agent) = (p.requests, p.agent);
+        let demands = p.is_drainable() && !p.terminating && p.node.is_none();
         let network = if p.host_network {
             PodNetwork::Host
         } else if node.cni.cilium_conflist {
@@ -1111,6 +1184,9 @@ impl State {
         if let Some(node) = self.nodes.get_mut(n) {
             node.pods.insert(id);
             node.node.requested = node.node.requested.plus(req);
+            if demands && let Some(p) = self.pods.get(&id) {
+                count_demand(&mut node.demand, &p.pdbs, true);
+            }
         }
         self.reindex(n);
         self.pending.remove(&id);
@@ -1241,6 +1317,11 @@ impl State {
             return;
         }
         let (w, bound, slot) = (p.workload, p.node.is_some(), p.slot);
+        if p.is_drainable()
+            && let Some(node) = p.node.and_then(|n| self.nodes.get_mut(n))
+        {
+            count_demand(&mut node.demand, &p.pdbs, false);
+        }
         self.mutate_pod(id, |p| p.terminating = true);
         if let Some(wl) = self.workloads.get_mut(w) {
             wl.deactivate(id, slot);
@@ -1282,6 +1363,9 @@ impl State {
             if let Some(node) = self.nodes.get_mut(n) {
                 node.pods.remove(&id);
                 node.node.requested = sub(node.node.requested, p.requests);
+                if p.is_drainable() && !p.terminating {
+                    count_demand(&mut node.demand, &p.pdbs, false);
+                }
             }
             self.reindex(n);
         }
@@ -1291,9 +1375,8 @@ impl State {
             return;
         };
         wl.deactivate(id, p.slot);
-        let slot_free = |wl: &Workload, _: &BTreeMap<PodId, SimPod>| {
-            wl.active_slots.get(&p.slot).is_none_or(|c| *c == 0)
-        };
+        let slot_free =
+            |wl: &Workload, _: &PodTable| wl.active_slots.get(&p.slot).is_none_or(|c| *c == 0);
         match (wl.kind, p.slot) {
             (WorkloadKind::StatefulSet, Slot::Ordinal(o))
                 if o < wl.replicas && slot_free(wl, &self.pods) =>
@@ -1316,8 +1399,28 @@ impl State {
             return;
         }
         let ids: Vec<PodId> = self.pending.iter().copied().collect();
+        // Placing a pod only takes room, so a pod the scheduler could not place in this pass is
+        // not placed later in the pass either, nor any other pod of the same workload asking the
+        // same (tolerating, requests): those are skipped without searching the nodes again.
+        let mut unplaceable: Vec<(usize, bool, Resources)> = Vec::new();
         for id in ids {
+            let Some(p) = self.pods.get(&id) else {
+                continue;
+            };
+            let key = (p.slot == Slot::Any && p.node.is_none() && !p.terminating).then_some((
+                p.workload,
+                p.tolerates,
+                p.requests,
+            ));
+            if key.is_some_and(|k| unplaceable.contains(&k)) {
+                continue;
+            }
             self.try_place(id, false);
+            if let Some(k) = key
+                && self.pending.contains(&id)
+            {
+                unplaceable.push(k);
+            }
         }
     }
 
@@ -1732,6 +1835,15 @@ impl State {
             .filter(|(_, p)| p.is_drainable())
     }
 
+    /// [`SimNode::demand`] computed from the node's pods (what the cache must equal).
+    pub(crate) fn demand_by_walk(&self, n: usize) -> Vec<(usize, u32)> {
+        let mut demand = Vec::new();
+        for (_, p) in self.drainable_on(n).filter(|(_, p)| !p.terminating) {
+            count_demand(&mut demand, &p.pdbs, true);
+        }
+        demand
+    }
+
     fn record(&self, n: usize) -> Option<NodeRecord> {
         let a = self.nodes.get(n)?.annotation.as_ref()?;
         NodeRecord::from_annotation(a).ok()
@@ -1790,12 +1902,11 @@ impl State {
         if self.record_phase(n).is_some_and(|p| p != Phase::Pending) {
             return;
         }
-        let mut demand: BTreeMap<usize, u32> = BTreeMap::new();
-        for (_, p) in self.drainable_on(n).filter(|(_, p)| !p.terminating) {
-            for &i in &p.pdbs {
-                *demand.entry(i).or_default() += 1;
-            }
-        }
+        let demand: BTreeMap<usize, u32> = self
+            .nodes
+            .get(n)
+            .map(|x| x.demand.iter().copied().collect())
+            .unwrap_or_default();
         if demand.is_empty() {
             return;
         }
