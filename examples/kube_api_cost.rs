@@ -13,9 +13,32 @@
 //! and Calico DaemonSets, migrates them as cnimig's ServiceAccount (`deploy/rbac.yaml`), prints
 //! the figures and deletes what it created.
 //!
+//! With `--kubectl PATH` it also runs the source procedure's per-node `kubectl` commands against
+//! a second emulated cluster of the same shape (its own namespace, nodes and emulator) on the
+//! same control plane, one node at a time as the procedure does, counts their requests in the
+//! audit log by kubectl's `User-Agent` (`kubectl/…`) and prints both per-node figures and the
+//! ratio. The commands, per node (the procedure's `kube-system` is the cluster's namespace):
+//!
+//! 1. `kubectl drain --ignore-daemonsets --delete-emptydir-data NODE` (cordons, evicts, polls)
+//! 2. `kubectl label node NODE --overwrite io.cilium.migration/cilium-default=true`
+//! 3. `kubectl -n NS delete pod --field-selector spec.nodeName=NODE -l k8s-app=cilium --wait=false`
+//! 4. `kubectl -n NS rollout status ds/cilium -w`
+//! 5. `kubectl get -o wide node NODE`
+//! 6. `kubectl uncordon NODE`
+//! 7. `kubectl get pods --all-namespaces -o wide --field-selector spec.nodeName=NODE`, then
+//!    `kubectl delete pod --grace-period=0 --wait=false POD -n NS` for each pod whose line names
+//!    neither calico nor cilium.
+//!
+//! Not counted: `cilium status --wait` and the Goldpinger check (other tools than kubectl),
+//! so the baseline is, if anything, low. kubectl's discovery cache (`--cache-dir`) is warmed
+//! before the measured window, as on a person's laptop after the first command.
+//!
 //! ```sh
 //! export CNIMIG_TESTENV_RUN=/tmp/cnimig-testenv; scripts/testenv/up.sh; . $CNIMIG_TESTENV_RUN/env
 //! cargo run --release --example kube_api_cost -- --nodes 10 --yes
+//! CNIMIG_TESTENV_KUBECTL=1 scripts/testenv/build.sh   # kubectl at the pinned version
+//! cargo run --release --example kube_api_cost -- --nodes 10 --yes \
+//!     --kubectl ~/.cache/cnimig/testenv/v1.34.4/bin/kubectl
 //! ```
 
 use std::collections::BTreeMap;
@@ -49,6 +72,14 @@ struct Args {
     /// `$CNIMIG_TESTENV_AUDIT_LOG`, set by `scripts/testenv/up.sh`'s env file.
     #[arg(long)]
     audit_log: Option<std::path::PathBuf>,
+    /// Also run the source procedure's per-node kubectl commands against a second emulated
+    /// cluster of the same shape and compare (`CNIMIG_TESTENV_KUBECTL=1 scripts/testenv/build.sh`
+    /// builds kubectl at the pinned version).
+    #[arg(long)]
+    kubectl: Option<std::path::PathBuf>,
+    /// The migration's poll interval in milliseconds (cnimig's default is 2000).
+    #[arg(long, default_value_t = 2000)]
+    poll_ms: u64,
     /// Act. Without it nothing is changed.
     #[arg(long)]
     yes: bool,
@@ -59,6 +90,20 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     if args.nodes == 0 || args.max_in_flight == 0 {
         bail!("--nodes and --max-in-flight must be at least 1");
+    }
+    if args.nodes < 2 {
+        bail!("--nodes must be at least 2: a drained node's pods need another node to go to");
+    }
+    if args.poll_ms == 0 || args.poll_ms > 60_000 {
+        bail!("--poll-ms must be between 1 and 60000");
+    }
+    if let Some(k) = &args.kubectl {
+        if !k.is_file() {
+            bail!(
+                "--kubectl {}: no such file; build it with CNIMIG_TESTENV_KUBECTL=1 scripts/testenv/build.sh",
+                k.display()
+            );
+        }
     }
     let audit_log = args
         .audit_log
@@ -88,38 +133,47 @@ async fn main() -> Result<()> {
             audit_log.display(),
             n = args.nodes
         );
+        if let Some(k) = &args.kubectl {
+            println!(
+                "then the same in namespace {run}-k with nodes {run}-k-n-NN, migrated by the source \
+                 procedure's kubectl commands ({}), one node at a time, and delete it all",
+                k.display()
+            );
+        }
         println!("dry run: nothing changed; add --yes to run");
         return Ok(());
     }
-    let emu_nodes: Vec<String> = (0..args.nodes).map(|i| format!("{run}-n-{i:02}")).collect();
     let result = measure(&args, &audit_log, &admin, &admin_config, &run).await;
     // Clean up whatever happened.
-    let nodes: Api<Node> = Api::all(admin.clone());
-    for n in &emu_nodes {
-        let _ = nodes.delete(n, &DeleteParams::default()).await;
+    for ns in [run.clone(), format!("{run}-k")] {
+        let nodes: Api<Node> = Api::all(admin.clone());
+        for i in 0..args.nodes {
+            let _ = nodes
+                .delete(&format!("{ns}-n-{i:02}"), &DeleteParams::default())
+                .await;
+        }
+        let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
+        let now = DeleteParams {
+            grace_period_seconds: Some(0),
+            ..DeleteParams::default()
+        };
+        let _ = pods.delete_collection(&now, &ListParams::default()).await;
+        let _ = Api::<Namespace>::all(admin.clone())
+            .delete(&ns, &DeleteParams::default())
+            .await;
     }
-    let pods: Api<Pod> = Api::namespaced(admin.clone(), &run);
-    let now = DeleteParams {
-        grace_period_seconds: Some(0),
-        ..DeleteParams::default()
-    };
-    let _ = pods.delete_collection(&now, &ListParams::default()).await;
-    let _ = Api::<Namespace>::all(admin.clone())
-        .delete(&run, &DeleteParams::default())
-        .await;
     result
 }
 
-async fn measure(
-    args: &Args,
-    audit_log: &std::path::Path,
+/// One emulated cluster in namespace `ns`: nodes `<ns>-n-NN` labelled `cnimig.io/e2e=<ns>`,
+/// `cilium-config` (migration mode), the emulator, the workloads, all pods Ready and every
+/// budget allowing a disruption. Returns the emulator and the number of pods.
+async fn emulated_cluster(
     admin: &Client,
-    admin_config: &Config,
     ns: &str,
-) -> Result<()> {
-    cnimig_emu::setup::install_crds(admin).await?;
-    cnimig_emu::setup::apply_yaml(admin, cnimig_emu::setup::RBAC).await?;
-    calico_objects(admin).await?;
+    nodes: usize,
+    cfg: &MigrationConfig,
+) -> Result<(cnimig_emu::EmuHandle, usize)> {
     Api::<Namespace>::all(admin.clone())
         .create(
             &PostParams::default(),
@@ -127,17 +181,7 @@ async fn measure(
         )
         .await
         .with_context(|| format!("create namespace {ns}"))?;
-
-    let mut cfg = MigrationConfig::new("10.245.0.0/16".parse()?);
-    cfg.scope = NodeScope::Selector(LabelSelector {
-        match_labels: BTreeMap::from([("cnimig.io/e2e".to_string(), ns.to_string())]),
-        match_expressions: Vec::new(),
-    });
-    cfg.max_in_flight = args.max_in_flight;
-    cfg.poll_interval = Duration::from_millis(300);
-    cfg.drain_timeout = Duration::from_secs(180);
-    cfg.step_timeout = Duration::from_secs(90);
-    let live = rendered_config(&cfg, ValueInputs::default(), CiliumPhase::Migration);
+    let live = rendered_config(cfg, ValueInputs::default(), CiliumPhase::Migration);
     cnimig_emu::setup::apply(
         admin,
         &json!({"apiVersion": "v1", "kind": "ConfigMap",
@@ -145,12 +189,11 @@ async fn measure(
                 "data": serde_json::to_value(&live)?}),
     )
     .await?;
-
-    let mut ecfg = cnimig_emu::EmuConfig::new(&format!("{ns}-n"), args.nodes);
+    let mut ecfg = cnimig_emu::EmuConfig::new(&format!("{ns}-n"), nodes);
     ecfg.cilium_namespace = ns.to_string();
     ecfg.node_labels = BTreeMap::from([("cnimig.io/e2e".to_string(), ns.to_string())]);
     let emu = cnimig_emu::start(admin.clone(), ecfg).await?;
-    let expected = workloads(admin, ns, args.nodes).await?;
+    let expected = workloads(admin, ns, nodes).await?;
     let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
     wait_for(
         "pods Running and Ready",
@@ -182,6 +225,29 @@ async fn measure(
         },
     )
     .await?;
+    Ok((emu, expected))
+}
+
+async fn measure(
+    args: &Args,
+    audit_log: &std::path::Path,
+    admin: &Client,
+    admin_config: &Config,
+    ns: &str,
+) -> Result<()> {
+    cnimig_emu::setup::install_crds(admin).await?;
+    cnimig_emu::setup::apply_yaml(admin, cnimig_emu::setup::RBAC).await?;
+    calico_objects(admin).await?;
+    let mut cfg = MigrationConfig::new("10.245.0.0/16".parse()?);
+    cfg.scope = NodeScope::Selector(LabelSelector {
+        match_labels: BTreeMap::from([("cnimig.io/e2e".to_string(), ns.to_string())]),
+        match_expressions: Vec::new(),
+    });
+    cfg.max_in_flight = args.max_in_flight;
+    cfg.poll_interval = Duration::from_millis(args.poll_ms);
+    cfg.drain_timeout = Duration::from_secs(180);
+    cfg.step_timeout = Duration::from_secs(90);
+    let (emu, expected) = emulated_cluster(admin, ns, args.nodes, &cfg).await?;
 
     // cnimig as its ServiceAccount, with a User-Agent of its own.
     let agent = format!("cnimig-api-cost/{ns}");
@@ -292,7 +358,167 @@ async fn measure(
             unfiltered.join(", ")
         }
     );
+    let Some(kubectl) = &args.kubectl else {
+        return Ok(());
+    };
+    let ours_per_node = per(total as f64);
+    let kns = format!("{ns}-k");
+    let baseline = kubectl_baseline(args, kubectl, audit_log, admin, &kns, &cfg).await?;
+    println!(
+        "\n| nodes | cnimig per node | kubectl per node | cnimig / kubectl |\n|---:|---:|---:|---:|\n| {} | {ours_per_node:.1} | {baseline:.1} | {:.2} |",
+        args.nodes,
+        ours_per_node / baseline
+    );
     Ok(())
+}
+
+/// The source procedure's per-node kubectl commands against a second emulated cluster in
+/// namespace `ns`; prints its requests by verb and resource and returns the requests per node.
+async fn kubectl_baseline(
+    args: &Args,
+    kubectl: &std::path::Path,
+    audit_log: &std::path::Path,
+    admin: &Client,
+    ns: &str,
+    cfg: &MigrationConfig,
+) -> Result<f64> {
+    let (emu, expected) = emulated_cluster(admin, ns, args.nodes, cfg).await?;
+    // The node config the procedure deploys before its per-node steps (not measured).
+    let mut node_config =
+        cnimig_core::cilium::CiliumNodeConfig::for_migration(cfg, ValueInputs::default())
+            .to_object(cnimig_core::cilium::NodeConfigApi::V2);
+    node_config["metadata"]["namespace"] = json!(ns);
+    cnimig_emu::setup::apply(admin, &node_config).await?;
+    let kubeconfig = std::env::var_os("KUBECONFIG")
+        .context("KUBECONFIG unset: source the test control plane's env file")?;
+    let cache = std::env::temp_dir().join(format!("{ns}-kubectl-cache"));
+    let k = Kubectl {
+        bin: kubectl.to_path_buf(),
+        kubeconfig: kubeconfig.into(),
+        cache: cache.clone(),
+        invocations: std::cell::Cell::new(0),
+    };
+    // Warm the discovery cache, as after a person's first command.
+    k.run(&["api-resources", "-o", "name"])?;
+
+    let audit_start = std::fs::metadata(audit_log)?.len();
+    let started = tokio::time::Instant::now();
+    let label = format!("{}=true", cfg.migration_label);
+    for i in 0..args.nodes {
+        let node = format!("{ns}-n-{i:02}");
+        k.run(&[
+            "drain",
+            "--ignore-daemonsets",
+            "--delete-emptydir-data",
+            &node,
+        ])?;
+        k.run(&["label", "node", &node, "--overwrite", &label])?;
+        k.run(&[
+            "-n",
+            ns,
+            "delete",
+            "pod",
+            "--field-selector",
+            &format!("spec.nodeName={node}"),
+            "-l",
+            "k8s-app=cilium",
+            "--wait=false",
+        ])?;
+        k.run(&["-n", ns, "rollout", "status", "ds/cilium", "-w"])?;
+        k.run(&["get", "-o", "wide", "node", &node])?;
+        k.run(&["uncordon", &node])?;
+        let listing = k.run(&[
+            "get",
+            "pods",
+            "--all-namespaces",
+            "-o",
+            "wide",
+            "--field-selector",
+            &format!("spec.nodeName={node}"),
+        ])?;
+        for line in listing.lines().skip(1) {
+            if line.contains("calico") || line.contains("cilium") {
+                continue;
+            }
+            let mut cols = line.split_whitespace();
+            if let (Some(pod_ns), Some(pod)) = (cols.next(), cols.next()) {
+                k.run(&[
+                    "delete",
+                    "pod",
+                    "--grace-period=0",
+                    "--wait=false",
+                    pod,
+                    "-n",
+                    pod_ns,
+                ])?;
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    emu.stop();
+    let _ = std::fs::remove_dir_all(&cache);
+    let bytes = std::fs::read(audit_log)?;
+    let window = String::from_utf8_lossy(&bytes[usize::try_from(audit_start)?.min(bytes.len())..])
+        .into_owned();
+    let theirs = metrics::audit_counts_by_agent_prefix(&window, "kubectl/");
+    let total: u64 = theirs.values().sum();
+    let per = |v: u64| v as f64 / args.nodes as f64;
+    println!(
+        "\nthe source procedure's kubectl commands: {} nodes in {elapsed:.1?}, one at a time ({} pods), \
+         {} kubectl invocations",
+        args.nodes,
+        expected,
+        k.invocations.get()
+    );
+    println!("{:<40} {:>7} {:>9}", "verb resource", "total", "per node");
+    let mut rows: Vec<_> = theirs.iter().collect();
+    rows.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    for (key, v) in rows {
+        println!("{key:<40} {v:>7} {:>9.1}", per(*v));
+    }
+    println!("{:<40} {total:>7} {:>9.1}", "all", per(total));
+    if total == 0 {
+        bail!(
+            "no kubectl request in the audit log window: is the audit log {} this control plane's?",
+            audit_log.display()
+        );
+    }
+    Ok(per(total))
+}
+
+/// A kubectl binary run against the test control plane with its own discovery cache.
+struct Kubectl {
+    bin: std::path::PathBuf,
+    kubeconfig: std::path::PathBuf,
+    cache: std::path::PathBuf,
+    invocations: std::cell::Cell<u32>,
+}
+
+impl Kubectl {
+    /// Runs one command to its end; its stdout, or an error with its stderr.
+    fn run(&self, args: &[&str]) -> Result<String> {
+        self.invocations.set(self.invocations.get() + 1);
+        // Blocking, off the runtime's workers, so the emulator keeps running meanwhile.
+        let out = tokio::task::block_in_place(|| {
+            std::process::Command::new(&self.bin)
+                .arg("--kubeconfig")
+                .arg(&self.kubeconfig)
+                .arg("--cache-dir")
+                .arg(&self.cache)
+                .args(args)
+                .output()
+        })
+        .with_context(|| format!("run {}", self.bin.display()))?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {} failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
 }
 
 async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<()>

@@ -125,6 +125,17 @@ pub fn audit_counts_by_agent(log: &str, user_agent: &str) -> BTreeMap<String, u6
     count_audit(log, |v| v["userAgent"] == user_agent)
 }
 
+/// Counts the completed requests whose `User-Agent` starts with `prefix` (e.g. `kubectl/`, which
+/// every kubectl invocation sends followed by its version), like [`audit_counts`].
+#[must_use]
+pub fn audit_counts_by_agent_prefix(log: &str, prefix: &str) -> BTreeMap<String, u64> {
+    count_audit(log, |v| {
+        v["userAgent"]
+            .as_str()
+            .is_some_and(|a| a.starts_with(prefix))
+    })
+}
+
 /// Completed requests per user (`user.username`) in a JSON-lines audit log.
 #[must_use]
 pub fn audit_users(log: &str) -> BTreeMap<String, u64> {
@@ -221,5 +232,16 @@ apiserver_request_total{code=\"201\",resource=\"pods\",subresource=\"eviction\",
         );
         let users = audit_users(log);
         assert_eq!((users["u"], users["v"]), (3, 1));
+    }
+
+    #[test]
+    fn counts_by_user_agent_prefix() {
+        let log = r#"{"stage":"ResponseComplete","verb":"get","userAgent":"kubectl/v1.34.4 (linux/amd64) kubernetes/0000000","objectRef":{"resource":"nodes"}}
+{"stage":"ResponseComplete","verb":"get","userAgent":"kubectl/v1.34.4 (linux/amd64) kubernetes/0000000","objectRef":{"resource":"nodes"}}
+{"stage":"ResponseStarted","verb":"watch","userAgent":"kubectl/v1.34.4","objectRef":{"resource":"pods"}}
+{"stage":"ResponseComplete","verb":"get","userAgent":"kube-controller-manager/v1.34.4","objectRef":{"resource":"nodes"}}"#;
+        let c = audit_counts_by_agent_prefix(log, "kubectl/");
+        assert_eq!(c["get nodes"], 2);
+        assert_eq!(c.len(), 1);
     }
 }

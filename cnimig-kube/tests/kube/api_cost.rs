@@ -19,7 +19,6 @@ use crate::common::{self, wait_until};
 const NODES: usize = 6;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "in the parallel kube suite a drain here was blocked by its PDB for 120 s (node rolled back): not yet understood; run alone with --ignored"]
 async fn no_cluster_wide_pod_list_per_node() {
     let env = crate::env_or_skip!();
     let Some(audit) = std::env::var_os("CNIMIG_TESTENV_AUDIT_LOG") else {
@@ -44,9 +43,13 @@ async fn no_cluster_wide_pod_list_per_node() {
         ecfg.node_labels = BTreeMap::from([("cnimig.io/e2e".to_string(), ns.clone())]);
         let node_names = ecfg.nodes.clone();
         let emu = cnimig_emu::start(admin.clone(), ecfg).await.unwrap();
+        // Only the agents (DaemonSets) tolerate every taint. The Deployment's pods must not:
+        // a pod tolerating `node.kubernetes.io/unschedulable` is scheduled back onto the emptiest
+        // node, which is the cordoned one being drained, so each replacement is evicted again and,
+        // under load, the drain chases it until its timeout (what kept this test ignored).
         let template = |app: &str, host: bool| json!({"metadata": {"labels": {"app": app, "k8s-app": app}},
             "spec": {"nodeSelector": {"cnimig.io/e2e": ns}, "hostNetwork": host, "terminationGracePeriodSeconds": 1,
-                     "tolerations": [{"operator": "Exists"}],
+                     "tolerations": if host { json!([{"operator": "Exists"}]) } else { json!([]) },
                      "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10"}]}});
         let mut objs = vec![
             json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web", "namespace": ns},
