@@ -65,8 +65,14 @@ fn names_corpus_never_panics() {
 /// and a valid one as accepted (the replay above would otherwise count nothing).
 #[test]
 fn the_entry_functions_tell_accepted_from_rejected() {
-    assert_eq!(entry::config(b"podCIDR: 10.245.0.0/16\n"), Outcome::Accepted);
-    assert_eq!(entry::config(b"podCIDR: 10.245.0.0/33\n"), Outcome::Rejected);
+    assert_eq!(
+        entry::config(b"podCIDR: 10.245.0.0/16\n"),
+        Outcome::Accepted
+    );
+    assert_eq!(
+        entry::config(b"podCIDR: 10.245.0.0/33\n"),
+        Outcome::Rejected
+    );
     assert_eq!(entry::config(b"\xff\xfe"), Outcome::NotText);
     assert_eq!(entry::scenario(b"nodes: 3\n"), Outcome::Rejected);
     assert_eq!(entry::names(b"worker-1"), Outcome::Accepted);

@@ -424,7 +424,8 @@ impl Cluster {
     /// their index, the namespace becomes `<ns>`), so that two clusters of the same shape can
     /// be compared: per node its record (phase, pre-cordon, rollback, agent restarted), labels,
     /// taints, cordon, CNI config directory, resolved agent config, its Cilium agent's
-    /// readiness and the address pools of its pods; per workload its replicas by readiness and
+    /// readiness and the address pools of its pods other than Cilium's; per workload its
+    /// replicas by readiness and
     /// pool; per budget its expected, healthy and desired counts.
     async fn normalised_state(&self) -> BTreeMap<String, String> {
         let ns = &self.ns;
@@ -494,7 +495,9 @@ impl Cluster {
             );
             let on_node: Vec<&Pod> = pods
                 .iter()
-                .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(n.as_str()))
+                .filter(|p| {
+                    p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(n.as_str())
+                })
                 .collect();
             // The node's Cilium agent: ready, and the node config it resolved.
             let agents: Vec<(bool, String)> = on_node
@@ -508,10 +511,18 @@ impl Cluster {
             out.insert(key("cilium agent"), format!("{agents:?}"));
             let pools: BTreeSet<&str> = on_node
                 .iter()
-                .filter(|p| !p.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false))
+                .filter(|p| {
+                    !p.spec
+                        .as_ref()
+                        .and_then(|s| s.host_network)
+                        .unwrap_or(false)
+                })
                 .map(|p| pool_of(p))
+                .filter(|pool| *pool != "cilium")
                 .collect();
-            out.insert(key("pod pools"), format!("{pools:?}"));
+            // Which pods the scheduler put on which node differs between the clusters; that
+            // none is off Cilium does not.
+            out.insert(key("pod pools other than Cilium's"), format!("{pools:?}"));
         }
         let mut workloads: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
         for p in &pods {
@@ -521,17 +532,17 @@ impl Cluster {
                 .or_else(|| labels.get("k8s-app"))
                 .cloned()
                 .unwrap_or_else(|| norm(&p.name_any()));
-            let host = p.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false);
+            let host = p
+                .spec
+                .as_ref()
+                .and_then(|s| s.host_network)
+                .unwrap_or(false);
             let class = format!(
                 "{} {}",
                 if ready(p) { "ready" } else { "not-ready" },
                 if host { "host-network" } else { pool_of(p) }
             );
-            *workloads
-                .entry(app)
-                .or_default()
-                .entry(class)
-                .or_default() += 1;
+            *workloads.entry(app).or_default().entry(class).or_default() += 1;
         }
         for (app, counts) in workloads {
             out.insert(format!("workload {app}"), format!("{counts:?}"));
@@ -543,7 +554,10 @@ impl Cluster {
                 format!("budget {}", p.name_any()),
                 format!(
                     "expected={} healthy={} desired={} allowed={}",
-                    st.expected_pods, st.current_healthy, st.desired_healthy, st.disruptions_allowed
+                    st.expected_pods,
+                    st.current_healthy,
+                    st.desired_healthy,
+                    st.disruptions_allowed
                 ),
             );
         }
