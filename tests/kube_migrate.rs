@@ -425,8 +425,7 @@ impl Cluster {
     /// be compared: per node its record (phase, pre-cordon, rollback, agent restarted), labels,
     /// taints, cordon, CNI config directory, resolved agent config, its Cilium agent's
     /// readiness and the address pools of its pods other than Cilium's; per workload its
-    /// replicas by readiness and
-    /// pool; per budget its expected, healthy and desired counts.
+    /// replicas by readiness and pool; per budget its expected, healthy and desired counts.
     async fn normalised_state(&self) -> BTreeMap<String, String> {
         let ns = &self.ns;
         let prefix = format!("{ns}-n");
