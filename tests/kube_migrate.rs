@@ -1,5 +1,6 @@
 //! The `kube_migrate` example as a process, against the real test control plane and the
-//! `cnimig-emu` emulator: SIGKILLed at seeded random moments and restarted until it finishes;
+//! `cnimig-emu` emulator: SIGKILLed at seeded random moments and restarted until it finishes,
+//! its final state compared with a never-killed run's on a second cluster of the same shape;
 //! two runs started together; a dead holder's Lease taken over; a run with in-cluster style
 //! configuration (ServiceAccount token and CA at the in-cluster path, in a private mount
 //! namespace).
@@ -419,6 +420,149 @@ impl Cluster {
         }
     }
 
+    /// The cluster's final state with this cluster's own names taken out (node names become
+    /// their index, the namespace becomes `<ns>`), so that two clusters of the same shape can
+    /// be compared: per node its record (phase, pre-cordon, rollback, agent restarted), labels,
+    /// taints, cordon, CNI config directory, resolved agent config, its Cilium agent's
+    /// readiness and the address pools of its pods other than Cilium's; per workload its
+    /// replicas by readiness and pool; per budget its expected, healthy and desired counts.
+    async fn normalised_state(&self) -> BTreeMap<String, String> {
+        let ns = &self.ns;
+        let prefix = format!("{ns}-n");
+        let norm = |s: &str| s.replace(&prefix, "<node>").replace(ns.as_str(), "<ns>");
+        let pool: ipnet::Ipv4Net = CILIUM_POOL.parse().unwrap();
+        let pool_of = |p: &Pod| -> &'static str {
+            match p
+                .status
+                .as_ref()
+                .and_then(|s| s.pod_ip.as_deref())
+                .and_then(|ip| ip.parse::<std::net::Ipv4Addr>().ok())
+            {
+                Some(ip) if pool.contains(&ip) => "cilium",
+                Some(_) => "calico",
+                None => "no-ip",
+            }
+        };
+        let mut out = BTreeMap::new();
+        let pods: Api<Pod> = Api::namespaced(self.admin.clone(), ns);
+        let pods: Vec<Pod> = pods
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .collect();
+        let nodes: Api<Node> = Api::all(self.admin.clone());
+        for (i, n) in self.nodes.iter().enumerate() {
+            let node = nodes.get(n).await.unwrap();
+            let key = |what: &str| format!("node {i:02} {what}");
+            let record = node
+                .annotations()
+                .get(cnimig_core::machine::STATE_ANNOTATION)
+                .map(|r| match serde_json::from_str::<cnimig_core::machine::NodeRecord>(r) {
+                    Ok(r) => format!(
+                        "phase={:?} pre_cordoned={:?} rollback={:?} agent_restarted={} last_problem={:?}",
+                        r.phase,
+                        r.pre_cordoned,
+                        r.rollback,
+                        r.agent_restarted_from.is_some(),
+                        r.last_problem
+                    ),
+                    Err(e) => format!("unparsable record: {e}"),
+                });
+            out.insert(key("record"), format!("{record:?}"));
+            out.insert(key("labels"), norm(&format!("{:?}", node.labels())));
+            let spec = node.spec.clone().unwrap_or_default();
+            out.insert(
+                key("cordoned"),
+                spec.unschedulable.unwrap_or(false).to_string(),
+            );
+            let taints: BTreeSet<String> = spec
+                .taints
+                .unwrap_or_default()
+                .iter()
+                .map(|t| format!("{}={:?}:{}", t.key, t.value, t.effect))
+                .collect();
+            out.insert(key("taints"), format!("{taints:?}"));
+            out.insert(
+                key("cni dir"),
+                format!(
+                    "{:?}",
+                    node.annotations().get(cnimig_kube::CNI_DIR_ANNOTATION)
+                ),
+            );
+            let on_node: Vec<&Pod> = pods
+                .iter()
+                .filter(|p| {
+                    p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(n.as_str())
+                })
+                .collect();
+            // The node's Cilium agent: ready, and the node config it resolved.
+            let agents: Vec<(bool, String)> = on_node
+                .iter()
+                .filter(|p| p.labels().get("k8s-app").map(String::as_str) == Some("cilium"))
+                .map(|p| {
+                    let resolved = p.annotations().get(cnimig_kube::AGENT_CONFIG_ANNOTATION);
+                    (ready(p), norm(&format!("{resolved:?}")))
+                })
+                .collect();
+            out.insert(key("cilium agent"), format!("{agents:?}"));
+            let pools: BTreeSet<&str> = on_node
+                .iter()
+                .filter(|p| {
+                    !p.spec
+                        .as_ref()
+                        .and_then(|s| s.host_network)
+                        .unwrap_or(false)
+                })
+                .map(|p| pool_of(p))
+                .filter(|pool| *pool != "cilium")
+                .collect();
+            // Which pods the scheduler put on which node differs between the clusters; that
+            // none is off Cilium does not.
+            out.insert(key("pod pools other than Cilium's"), format!("{pools:?}"));
+        }
+        let mut workloads: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+        for p in &pods {
+            let labels = p.labels();
+            let app = labels
+                .get("app")
+                .or_else(|| labels.get("k8s-app"))
+                .cloned()
+                .unwrap_or_else(|| norm(&p.name_any()));
+            let host = p
+                .spec
+                .as_ref()
+                .and_then(|s| s.host_network)
+                .unwrap_or(false);
+            let class = format!(
+                "{} {}",
+                if ready(p) { "ready" } else { "not-ready" },
+                if host { "host-network" } else { pool_of(p) }
+            );
+            *workloads.entry(app).or_default().entry(class).or_default() += 1;
+        }
+        for (app, counts) in workloads {
+            out.insert(format!("workload {app}"), format!("{counts:?}"));
+        }
+        let pdbs: Api<PodDisruptionBudget> = Api::namespaced(self.admin.clone(), ns);
+        for p in pdbs.list(&ListParams::default()).await.unwrap().items {
+            let st = p.status.clone().unwrap_or_default();
+            out.insert(
+                format!("budget {}", p.name_any()),
+                format!(
+                    "expected={} healthy={} desired={} allowed={}",
+                    st.expected_pods,
+                    st.current_healthy,
+                    st.desired_healthy,
+                    st.disruptions_allowed
+                ),
+            );
+        }
+        out
+    }
+
     async fn cleanup(mut self) {
         if let Some(e) = self.emu.take() {
             e.stop();
@@ -558,8 +702,14 @@ async fn killed_at_random_moments_resumes_to_the_same_final_state() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(7);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let cluster = Cluster::new(&env, "kill", 9, 1).await;
+    // The cluster whose run is killed, and a second one of the same shape (its own namespace,
+    // node names and Lease) migrated by one uninterrupted run at the same time.
+    let (cluster, reference) = tokio::join!(
+        Cluster::new(&env, "kill", 9, 1),
+        Cluster::new(&env, "ref", 9, 1)
+    );
     let watch = Watch::start(&env.admin, &cluster.ns);
+    let ref_watch = Watch::start(&env.admin, &reference.ns);
 
     // The dry run first: changes nothing, every probe allowed.
     let (code, out, err) = run_to_end(cluster.command(&[])).await;
@@ -577,6 +727,7 @@ async fn killed_at_random_moments_resumes_to_the_same_final_state() {
         );
     }
 
+    let uninterrupted = tokio::spawn(run_to_end(reference.command(&["--yes"])));
     let wanted_kills = 5;
     let mut kills = Vec::new();
     let mut runs = 0;
@@ -656,7 +807,59 @@ async fn killed_at_random_moments_resumes_to_the_same_final_state() {
     let (code, out, err) = run_to_end(cluster.command(&["--yes"])).await;
     assert_eq!(code, 0, "{out}\n{err}");
     cluster.assert_final_state().await;
+
+    // The never-killed run on the other cluster: it succeeded without harming a budget or
+    // restarting a pod already on Cilium, and both clusters end in the same state.
+    let (code, out, err) = uninterrupted.await.unwrap();
+    assert_eq!(code, 0, "uninterrupted run failed:\n{out}\n{err}");
+    let (ref_violations, ref_margin, ref_deleted) = ref_watch.finish().await;
+    assert!(ref_violations.is_empty(), "{ref_violations:?}");
+    assert!(ref_deleted.is_empty(), "{ref_deleted:?}");
+    reference.assert_final_state().await;
+    // Budget status and pod readiness settle a moment after the runs end: compare until equal
+    // or 60 s have passed, then assert on the last pair.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let (killed_state, ref_state) = loop {
+        let pair = (
+            cluster.normalised_state().await,
+            reference.normalised_state().await,
+        );
+        if pair.0 == pair.1 || tokio::time::Instant::now() >= deadline {
+            break pair;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let differences: Vec<String> = killed_state
+        .keys()
+        .chain(ref_state.keys())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .filter(|k| killed_state.get(*k) != ref_state.get(*k))
+        .map(|k| {
+            format!(
+                "{k}: killed {:?}, uninterrupted {:?}",
+                killed_state.get(k),
+                ref_state.get(k)
+            )
+        })
+        .collect();
+    let _ = writeln!(
+        std::io::stderr(),
+        "kill test (seed {seed}): {} normalised facts compared with the uninterrupted run, {} differ; its lowest budget margin {ref_margin}",
+        killed_state.len(),
+        differences.len()
+    );
+    assert!(
+        killed_state.len() >= 7 * cluster.nodes.len() + 3,
+        "too few facts compared: {killed_state:?}"
+    );
+    assert!(
+        differences.is_empty(),
+        "the killed run's final state differs from the uninterrupted run's (seed {seed}):\n{}\n{log}",
+        differences.join("\n")
+    );
     cluster.cleanup().await;
+    reference.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

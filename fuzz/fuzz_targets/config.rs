@@ -1,0 +1,9 @@
+//! Fuzz target: [`entry::config`] on every input libFuzzer makes.
+#![no_main]
+
+#[path = "../entry.rs"]
+mod entry;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    entry::config(data);
+});
