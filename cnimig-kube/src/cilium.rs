@@ -82,7 +82,7 @@ impl KubeCluster {
         })
     }
 
-    async fn agent_pods(&self, node: &NodeName) -> Result<Vec<core::Pod>, PortError> {
+    pub(crate) async fn agent_pods(&self, node: &NodeName) -> Result<Vec<core::Pod>, PortError> {
         let api: Api<core::Pod> =
             Api::namespaced(self.inner.client.clone(), &self.inner.opts.cilium_namespace);
         let lp = ListParams::default()

@@ -18,7 +18,7 @@ use cnimig_core::cleanup::{CalicoObject, CleanupPort, HELPER_HOST_PATHS, HelperS
 use cnimig_core::model::NodeName;
 use cnimig_core::ports::PortError;
 use ipnet::Ipv4Net;
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{
@@ -117,6 +117,128 @@ fn dynamic(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource 
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
 }
 
+/// One object a finalize or clean-up step deletes: its API, namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeleteTarget {
+    /// API group (empty for the core group).
+    pub group: String,
+    /// API version.
+    pub version: String,
+    /// Kind.
+    pub kind: String,
+    /// Resource (plural).
+    pub plural: String,
+    /// Namespace, for namespaced objects.
+    pub namespace: Option<String>,
+    /// Name.
+    pub name: String,
+}
+
+impl DeleteTarget {
+    fn new(
+        group: &str,
+        version: &str,
+        kind: &str,
+        plural: &str,
+        ns: Option<&str>,
+        name: &str,
+    ) -> Self {
+        DeleteTarget {
+            group: group.into(),
+            version: version.into(),
+            kind: kind.into(),
+            plural: plural.into(),
+            namespace: ns.map(str::to_string),
+            name: name.into(),
+        }
+    }
+
+    /// The dynamic API of the object's resource.
+    pub(crate) fn api(&self, client: &kube::Client) -> Api<DynamicObject> {
+        let ar = dynamic(&self.group, &self.version, &self.kind, &self.plural);
+        match &self.namespace {
+            Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+            None => Api::all_with(client.clone(), &ar),
+        }
+    }
+}
+
+impl std::fmt::Display for DeleteTarget {
+    /// `plural[.group] [namespace/]name`, as `kubectl` names objects.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let group = if self.group.is_empty() {
+            String::new()
+        } else {
+            format!(".{}", self.group)
+        };
+        match &self.namespace {
+            Some(ns) => write!(f, "{}{group} {ns}/{}", self.plural, self.name),
+            None => write!(f, "{}{group} {}", self.plural, self.name),
+        }
+    }
+}
+
+/// The objects [`CleanupPort::delete_calico_object`] deletes for `object`, in order.
+#[must_use]
+pub fn calico_object_targets(object: CalicoObject) -> Vec<DeleteTarget> {
+    let t = DeleteTarget::new;
+    match object {
+        CalicoObject::Installation => vec![t(
+            "operator.tigera.io",
+            "v1",
+            "Installation",
+            "installations",
+            None,
+            "default",
+        )],
+        CalicoObject::ApiServer => vec![t(
+            "operator.tigera.io",
+            "v1",
+            "APIServer",
+            "apiservers",
+            None,
+            "default",
+        )],
+        CalicoObject::OperatorDeployment => vec![t(
+            "apps",
+            "v1",
+            "Deployment",
+            "deployments",
+            Some("tigera-operator"),
+            "tigera-operator",
+        )],
+        CalicoObject::Namespaces => OPERATOR_NAMESPACES
+            .iter()
+            .map(|ns| t("", "v1", "Namespace", "namespaces", None, ns))
+            .collect(),
+        CalicoObject::NodeDaemonSet => vec![t(
+            "apps",
+            "v1",
+            "DaemonSet",
+            "daemonsets",
+            Some(MANIFEST_NAMESPACE),
+            "calico-node",
+        )],
+        CalicoObject::KubeControllers => vec![t(
+            "apps",
+            "v1",
+            "Deployment",
+            "deployments",
+            Some(MANIFEST_NAMESPACE),
+            "calico-kube-controllers",
+        )],
+        CalicoObject::CalicoConfig => vec![t(
+            "",
+            "v1",
+            "ConfigMap",
+            "configmaps",
+            Some(MANIFEST_NAMESPACE),
+            "calico-config",
+        )],
+    }
+}
+
 impl KubeCluster {
     fn helper_pods(&self) -> Api<core::Pod> {
         Api::namespaced(self.client().clone(), &self.options().system_namespace)
@@ -127,7 +249,7 @@ impl KubeCluster {
     ///
     /// # RBAC
     /// `get daemonsets` in the Cilium namespace.
-    async fn flush_image(&self) -> Result<String, PortError> {
+    pub(crate) async fn flush_image(&self) -> Result<String, PortError> {
         let api: Api<DaemonSet> =
             Api::namespaced(self.client().clone(), &self.options().cilium_namespace);
         let ds = api
@@ -145,71 +267,22 @@ impl KubeCluster {
 
 #[async_trait]
 impl CleanupPort for KubeCluster {
+    /// Deletes every object of [`calico_object_targets`] in turn.
+    ///
     /// # RBAC
     /// `delete` on `installations`, `apiservers` (`operator.tigera.io`), `deployments`,
     /// `daemonsets` (`apps`), `namespaces`, `configmaps`.
     async fn delete_calico_object(&self, object: CalicoObject) -> Result<(), PortError> {
-        let c = self.client().clone();
-        let dp = DeleteParams::default();
-        match object {
-            CalicoObject::Installation | CalicoObject::ApiServer => {
-                let (kind, plural) = if object == CalicoObject::Installation {
-                    ("Installation", "installations")
-                } else {
-                    ("APIServer", "apiservers")
-                };
-                let api: Api<DynamicObject> =
-                    Api::all_with(c, &dynamic("operator.tigera.io", "v1", kind, plural));
-                gone_ok(
-                    api.delete("default", &dp).await,
-                    "delete",
-                    format!("{plural} default"),
-                )
-            }
-            CalicoObject::OperatorDeployment => {
-                let api: Api<Deployment> = Api::namespaced(c, "tigera-operator");
-                gone_ok(
-                    api.delete("tigera-operator", &dp).await,
-                    "delete",
-                    "deployment tigera-operator/tigera-operator".into(),
-                )
-            }
-            CalicoObject::Namespaces => {
-                let api: Api<core::Namespace> = Api::all(c);
-                for ns in OPERATOR_NAMESPACES {
-                    gone_ok(
-                        api.delete(ns, &dp).await,
-                        "delete",
-                        format!("namespace {ns}"),
-                    )?;
-                }
-                Ok(())
-            }
-            CalicoObject::NodeDaemonSet => {
-                let api: Api<DaemonSet> = Api::namespaced(c, MANIFEST_NAMESPACE);
-                gone_ok(
-                    api.delete("calico-node", &dp).await,
-                    "delete",
-                    format!("daemonset {MANIFEST_NAMESPACE}/calico-node"),
-                )
-            }
-            CalicoObject::KubeControllers => {
-                let api: Api<Deployment> = Api::namespaced(c, MANIFEST_NAMESPACE);
-                gone_ok(
-                    api.delete("calico-kube-controllers", &dp).await,
-                    "delete",
-                    format!("deployment {MANIFEST_NAMESPACE}/calico-kube-controllers"),
-                )
-            }
-            CalicoObject::CalicoConfig => {
-                let api: Api<core::ConfigMap> = Api::namespaced(c, MANIFEST_NAMESPACE);
-                gone_ok(
-                    api.delete("calico-config", &dp).await,
-                    "delete",
-                    format!("configmap {MANIFEST_NAMESPACE}/calico-config"),
-                )
-            }
+        for t in calico_object_targets(object) {
+            gone_ok(
+                t.api(self.client())
+                    .delete(&t.name, &DeleteParams::default())
+                    .await,
+                "delete",
+                t.to_string(),
+            )?;
         }
+        Ok(())
     }
 
     /// Creates [`flush_helper_pod`] in the system namespace with the Cilium DaemonSet's image.
@@ -316,6 +389,23 @@ impl CleanupPort for KubeCluster {
         }
         Ok(())
     }
+}
+
+/// The objects [`AllowRulePort::remove_allow_rule`] deletes, in order (the policy, then its
+/// Tier).
+#[must_use]
+pub fn allow_rule_targets() -> Vec<DeleteTarget> {
+    vec![
+        DeleteTarget::new(
+            "projectcalico.org",
+            "v3",
+            "GlobalNetworkPolicy",
+            "globalnetworkpolicies",
+            None,
+            POLICY_NAME,
+        ),
+        DeleteTarget::new("projectcalico.org", "v3", "Tier", "tiers", None, TIER_NAME),
+    ]
 }
 
 fn tier_api(k: &KubeCluster) -> Api<DynamicObject> {

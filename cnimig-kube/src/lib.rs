@@ -92,6 +92,7 @@ pub mod convert;
 mod error;
 pub mod events;
 pub mod finalize;
+pub mod finish;
 pub mod goldpinger;
 pub mod log;
 pub mod metrics;

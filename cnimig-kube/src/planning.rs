@@ -539,7 +539,7 @@ impl fmt::Display for Probe {
     }
 }
 
-fn outcome<T>(r: Result<T, kube::Error>) -> ProbeOutcome {
+pub(crate) fn outcome<T>(r: Result<T, kube::Error>) -> ProbeOutcome {
     match r {
         Ok(_) => ProbeOutcome::Allowed,
         Err(kube::Error::Api(s)) => ProbeOutcome::Refused {
@@ -552,7 +552,7 @@ fn outcome<T>(r: Result<T, kube::Error>) -> ProbeOutcome {
     }
 }
 
-fn dry_post() -> PostParams {
+pub(crate) fn dry_post() -> PostParams {
     PostParams {
         dry_run: true,
         field_manager: Some(FIELD_MANAGER.into()),
@@ -637,7 +637,7 @@ pub async fn probe_writes(config: &Config, opts: &KubeOptions, plan: &KubePlan) 
     out
 }
 
-async fn probe_lease(client: &Client, opts: &KubeOptions) -> Probe {
+pub(crate) async fn probe_lease(client: &Client, opts: &KubeOptions) -> Probe {
     let api: Api<Lease> = Api::namespaced(client.clone(), &opts.system_namespace);
     let what = format!("leases {}/{}", opts.system_namespace, opts.lock_name);
     match api.get_opt(&opts.lock_name).await {

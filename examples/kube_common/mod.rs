@@ -227,3 +227,218 @@ pub fn event_line(e: &Event) -> String {
         ),
     }
 }
+
+// ---- What kube_finalize and kube_cleanup share. ----
+
+/// The run flags of `kube_finalize` and `kube_cleanup`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct FinishRun {
+    /// Act. Without it nothing is changed: every write is sent with dryRun=All.
+    #[arg(long)]
+    pub yes: bool,
+    /// This run's identity in the lock Lease (default: host name and process id).
+    #[arg(long)]
+    pub holder: Option<String>,
+    /// The lock's time-to-live in seconds; renewed every third of it.
+    #[arg(long, default_value_t = 60)]
+    pub lock_ttl: u64,
+    /// How often to look at the cluster while waiting, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    pub poll_ms: u64,
+    /// Write the plan, the dry-run results or the run's result, and the exit code, as JSON.
+    #[arg(long)]
+    pub json_report: Option<PathBuf>,
+    /// No progress lines during the run (the plan and the result are still printed).
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+impl FinishRun {
+    /// `--holder` or host and pid.
+    pub fn holder(&self) -> String {
+        self.holder.clone().unwrap_or_else(default_holder)
+    }
+
+    /// `--lock-ttl`, checked.
+    pub fn lock_ttl(&self) -> Result<Duration, Fail> {
+        if self.lock_ttl < 3 {
+            return Err(Fail::new(
+                EXIT_USAGE,
+                format!(
+                    "--lock-ttl {} is too short: use 3 seconds or more",
+                    self.lock_ttl
+                ),
+            ));
+        }
+        Ok(Duration::from_secs(self.lock_ttl))
+    }
+
+    /// Prints `plan` as text, or as JSON with `--json`.
+    pub fn show<T: serde::Serialize + std::fmt::Display>(
+        &self,
+        conn: &Conn,
+        plan: &T,
+    ) -> Result<(), Fail> {
+        if conn.json {
+            let text = serde_json::to_string_pretty(plan)
+                .map_err(|e| Fail::new(EXIT_API, format!("serialise the plan: {e}")))?;
+            println!("{text}");
+        } else {
+            print!("{plan}");
+        }
+        Ok(())
+    }
+}
+
+impl Conn {
+    /// Validates the flags and config, then connects: (config, client config, adapter).
+    pub async fn connect(
+        &self,
+        run: &FinishRun,
+    ) -> Result<(MigrationConfig, kube::Config, cnimig_kube::KubeCluster), Fail> {
+        run.lock_ttl()?;
+        if run.poll_ms == 0 {
+            return Err(Fail::new(EXIT_USAGE, "--poll-ms 0: use 1 or more"));
+        }
+        let cfg = self.migration_config()?;
+        let config = self.kube_config().await?;
+        let cluster =
+            cnimig_kube::planning::connect(&config, self.kube_options(Some(run.holder())))
+                .await
+                .map_err(|e| Fail::new(EXIT_API, e.to_string()))?;
+        Ok((cfg, config, cluster))
+    }
+}
+
+/// An exit code and the JSON report.
+pub struct Outcome {
+    /// Exit code.
+    pub code: i32,
+    /// The report.
+    pub report: serde_json::Value,
+}
+
+impl Outcome {
+    pub fn new(code: i32, report: serde_json::Value) -> Self {
+        Outcome { code, report }
+    }
+}
+
+/// Prints the dry-run probes; `EXIT_OK` when none was refused.
+pub fn dry_run_outcome(
+    probes: &[cnimig_kube::planning::Probe],
+    plan: serde_json::Value,
+    what: &str,
+    done: bool,
+) -> Outcome {
+    if done {
+        println!("{what} already succeeded: nothing to send.");
+        return Outcome::new(EXIT_OK, serde_json::json!({"plan": plan, "dryRun": []}));
+    }
+    println!("== Dry run: every write above, sent with dryRun=All");
+    for p in probes {
+        println!("{p}");
+    }
+    let refused = probes.iter().filter(|p| !p.ok()).count();
+    let code = if refused == 0 {
+        println!(
+            "dry run: nothing changed. With --yes, {what} makes the writes listed above, in that order."
+        );
+        EXIT_OK
+    } else {
+        eprintln!(
+            "dry run: {refused} write(s) refused (above): nothing changed; a run would fail there. Grant what deploy/rbac.yaml and deploy/rbac-finalize.yaml grant, or fix the admission problem."
+        );
+        EXIT_API
+    };
+    Outcome::new(code, serde_json::json!({"plan": plan, "dryRun": probes}))
+}
+
+/// Prints, while finalize or clean-up runs, each change of the persisted record (the step,
+/// agents restarting and restarted, nodes flushing and flushed): progress read back from the
+/// cluster, so what it shows is what a resumed run would start from.
+pub struct RecordWatch {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts a [`RecordWatch`] (nothing with `--quiet`).
+pub fn watch_record(cluster: cnimig_kube::KubeCluster, run: &FinishRun) -> RecordWatch {
+    use cnimig_core::finalize::FinalizePort;
+    let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
+    let quiet = run.quiet;
+    let every = Duration::from_millis(run.poll_ms.max(200));
+    let task = tokio::spawn(async move {
+        let mut last = String::new();
+        let mut stopping = false;
+        loop {
+            if !quiet && let Ok(Some(r)) = cluster.load_final().await {
+                let line = record_line(&r);
+                if line != last {
+                    let now = cnimig_kube::SystemClock::unix_now().0;
+                    println!("{} {line}", clock(now));
+                    last = line;
+                }
+            }
+            if stopping {
+                return;
+            }
+            // On stop, one last look so the final state is printed.
+            tokio::select! {
+                _ = &mut rx => stopping = true,
+                () = tokio::time::sleep(every) => {}
+            }
+        }
+    });
+    RecordWatch { stop: tx, task }
+}
+
+impl RecordWatch {
+    /// Stops watching.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+fn record_line(r: &cnimig_core::finalize::FinalRecord) -> String {
+    let mut s = format!(
+        "finalize: {:?}; agents restarted {}, restarting {:?}",
+        r.step,
+        r.restarted.len(),
+        r.restarting.keys().map(|n| n.as_str()).collect::<Vec<_>>()
+    );
+    if let Some(c) = &r.cleanup {
+        s = format!(
+            "clean-up: {:?}; nodes flushed {}, flushing {:?}",
+            c.step,
+            c.flushed.len(),
+            c.flushing.keys().map(|n| n.as_str()).collect::<Vec<_>>()
+        );
+    }
+    s
+}
+
+/// Prints a failure, writes `--json-report`, and returns the exit code.
+pub fn finish_main(outcome: Result<Outcome, Fail>, report: Option<&PathBuf>) -> i32 {
+    let (mut code, mut v) = match outcome {
+        Ok(o) => (o.code, o.report),
+        Err(f) => {
+            eprintln!("error: {}", f.message);
+            (f.code, serde_json::json!({"error": f.message}))
+        }
+    };
+    if let Some(path) = report {
+        v["exitCode"] = serde_json::json!(code);
+        let written = serde_json::to_string_pretty(&v)
+            .map_err(|e| e.to_string())
+            .and_then(|t| std::fs::write(path, t).map_err(|e| e.to_string()));
+        if let Err(e) = written {
+            eprintln!("error: cannot write --json-report {}: {e}", path.display());
+            if code == EXIT_OK {
+                code = EXIT_USAGE;
+            }
+        }
+    }
+    code
+}
