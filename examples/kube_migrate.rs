@@ -3,9 +3,23 @@
 //!
 //! It always prints the plan first. Without `--yes` it changes nothing: it prints the writes a
 //! run makes (objects, fields, order) and sends the first write of each kind with server-side
-//! `dryRun=All`, so RBAC and admission problems show before anything is done. With `--yes` it
-//! takes the run lock (a Lease), migrates, and prints one line per progress event. A run that
-//! was killed resumes, when started again, from the records on the Nodes.
+//! `dryRun=All` (the prepare change included), so RBAC and admission problems show before
+//! anything is done.
+//!
+//! With `--yes`, before the first node it **prepares**: it needs the plan's "actions for you"
+//! outside the cluster (security groups, firewalls: the new pod CIDR, the tunnel port and
+//! protocol) confirmed (`--confirm-network-actions`, or a prompt on a terminal; refused
+//! otherwise, nothing changed), applies the plan's Calico autodetection change and waits for
+//! calico-node's rollout, then checks every node's `projectcalico.org/IPv4Address` is its
+//! InternalIP (stops naming each node that is not; this run's change is undone). Then it takes
+//! the run lock (a Lease), migrates, and prints one line per progress event. A run that was
+//! killed resumes, when started again, from the records on the Nodes.
+//!
+//! A run is **abandoned** when it ends with no node on Cilium (every node untouched or rolled
+//! back; `cnimig_core::prepare::abandoned`), or refuses to start after preparing: the
+//! autodetection change is then undone exactly. A run that migrated any node, failed a
+//! rollback, or stopped on an API error keeps the change (it is still needed; a later run
+//! undoes it if that one is abandoned).
 //!
 //! Without `--kubeconfig`/`--context` it uses `$KUBECONFIG`, `~/.kube/config`, or, in a pod,
 //! the in-cluster ServiceAccount (see `deploy/job.yaml`).
@@ -13,15 +27,16 @@
 //! Exit codes:
 //! - 0: every node Done (without `--yes`: the plan is ready and every dry-run write was allowed);
 //! - 1: a node failed or was rolled back, or the run stopped (lock lost, another writer);
-//! - 2: usage or config error;
+//! - 2: usage or config error, or the actions outside the cluster not confirmed;
 //! - 3: another run holds the lock (its holder and expiry are printed);
-//! - 4: preflight failed, or Cilium's live config is not in migration mode (each failed rule
-//!   is printed with its fix);
+//! - 4: preflight failed, Cilium's live config is not in migration mode (each failed rule
+//!   is printed with its fix), or a node's Calico address is not its InternalIP;
 //! - 5: cluster or API error (unreachable, a request or dry-run write refused).
 //!
 //! ```sh
 //! cargo run --release --example kube_migrate -- --kubeconfig prod.yaml            # dry run
-//! cargo run --release --example kube_migrate -- --kubeconfig prod.yaml --config m.yaml --yes
+//! cargo run --release --example kube_migrate -- --kubeconfig prod.yaml --config m.yaml --yes \
+//!     --confirm-network-actions
 //! ```
 
 #[path = "kube_common/mod.rs"]
@@ -36,6 +51,7 @@ use cnimig_core::events::{Event, EventSink};
 use cnimig_core::machine::Phase;
 use cnimig_core::orchestrator::{Orchestrator, Ports, RunError, RunOptions, RunReport};
 use cnimig_kube::planning::{self, KubePlan};
+use cnimig_kube::prepare::PrepareRunError;
 use kube_common::{
     EXIT_API, EXIT_LOCKED, EXIT_OK, EXIT_PREFLIGHT, EXIT_STOPPED, EXIT_USAGE, Fail, clock,
     event_line, relative,
@@ -69,6 +85,18 @@ struct Args {
     /// No per-event output during the run (the plan and the summary are still printed).
     #[arg(long, short)]
     quiet: bool,
+    /// Confirms that the plan's "actions for you" outside the cluster (security groups, host
+    /// firewalls, routers: the new pod CIDR, Cilium's tunnel and health ports) are done. Without
+    /// it, --yes asks on a terminal and refuses otherwise.
+    #[arg(long)]
+    confirm_network_actions: bool,
+    /// Calico autodetection to set in the prepare step: `interface=<REGEX>` instead of the
+    /// node's InternalIP (`kubernetes-internal-ip`). Refused if it could match `cilium_*`.
+    #[arg(long, value_name = "REGEX")]
+    calico_interface: Option<String>,
+    /// Seconds to wait for calico-node's rollout after the prepare change (and its undo).
+    #[arg(long, default_value_t = 600)]
+    calico_rollout_timeout: u64,
 }
 
 /// Prints one plain line per event (swap in another `EventSink`, e.g. a progress bar).
@@ -123,9 +151,14 @@ async fn run(args: &Args) -> Result<Outcome, Fail> {
     let cluster = planning::connect(&config, args.conn.kube_options(Some(holder.clone())))
         .await
         .map_err(|e| Fail::new(EXIT_API, e.to_string()))?;
-    let kplan = planning::plan(&cluster, &server, &cfg)
+    let mut kplan = planning::plan(&cluster, &server, &cfg)
         .await
         .map_err(|e| Fail::new(EXIT_API, e.to_string()))?;
+    if let Some(p) = &args.calico_interface {
+        kplan
+            .set_interface_pattern(p)
+            .map_err(|e| Fail::new(EXIT_USAGE, format!("--calico-interface: {e}")))?;
+    }
     if args.conn.json {
         let text = serde_json::to_string_pretty(&kplan)
             .map_err(|e| Fail::new(EXIT_API, format!("serialise the plan: {e}")))?;
@@ -147,6 +180,27 @@ async fn run(args: &Args) -> Result<Outcome, Fail> {
     if !args.yes {
         return dry_run(&config, &cluster, &kplan, plan_json).await;
     }
+
+    let rollout = Duration::from_secs(args.calico_rollout_timeout);
+    let confirmed = args.confirm_network_actions || ask_network_actions(&kplan);
+    println!("== Prepare");
+    let prepared = match cluster
+        .prepare_run(&kplan.prepare, confirmed, rollout)
+        .await
+    {
+        Ok(p) => {
+            println!(
+                "  {}; every node's Calico address is its InternalIP",
+                if p.applied {
+                    "Calico's autodetection changed and rolled out"
+                } else {
+                    "no change needed"
+                }
+            );
+            p
+        }
+        Err(e) => return Ok(prepare_failed(&e, plan_json)),
+    };
 
     let orch = Orchestrator::new(
         Ports::from_one(cluster.clone()),
@@ -182,6 +236,33 @@ async fn run(args: &Args) -> Result<Outcome, Fail> {
     if let Some(k) = events {
         k.close().await;
     }
+    let undo = match &result {
+        Ok(r) => Some(cluster.undo_if_abandoned(&kplan.prepare, r, rollout).await),
+        // The run refused to start: nothing migrated; undo what this run changed.
+        Err(RunError::Preflight(_) | RunError::NotInMigrationMode(_)) if prepared.applied => Some(
+            cluster
+                .undo_autodetection_fix(&kplan.prepare.undo_target(), rollout)
+                .await,
+        ),
+        _ => None,
+    };
+    let undo_line = match (&undo, prepared.applied) {
+        (Some(Ok(true)), _) => Some(
+            "run abandoned (no node on Cilium): Calico's autodetection change undone".to_string(),
+        ),
+        (Some(Err(e)), _) => Some(format!(
+            "run abandoned, but undoing Calico's autodetection change failed: {e}; the old value is in annotation {}; run again, or restore it by hand",
+            cnimig_kube::prepare::AUTODETECTION_UNDO_ANNOTATION
+        )),
+        (None, true) | (Some(Ok(false)), true) => Some(
+            "Calico's autodetection change stays (nodes are on Cilium, or the run will resume)"
+                .to_string(),
+        ),
+        _ => None,
+    };
+    if let Some(l) = &undo_line {
+        println!("{l}");
+    }
     let (code, report) = match result {
         Ok(r) => (summarise(&r), serde_json::to_value(&r).unwrap_or_default()),
         Err(RunError::Locked { holder: h, until }) => {
@@ -212,8 +293,48 @@ async fn run(args: &Args) -> Result<Outcome, Fail> {
     };
     Ok(Outcome {
         code,
-        report: serde_json::json!({"plan": plan_json, "run": report}),
+        report: serde_json::json!({"plan": plan_json, "run": report, "prepare": undo_line}),
     })
+}
+
+/// On a terminal, asks whether the plan's actions outside the cluster are done; `false`
+/// without a terminal (the run then refuses: use --confirm-network-actions).
+fn ask_network_actions(kplan: &KubePlan) -> bool {
+    use std::io::{BufRead, IsTerminal, Write};
+    if !(std::io::stdin().is_terminal() && std::io::stdout().is_terminal()) {
+        return false;
+    }
+    println!("== Actions for you, outside the cluster");
+    for a in &kplan.prepare.user_actions {
+        println!("  - {a}");
+    }
+    print!("Are these done? Type yes to go on: ");
+    let _ = std::io::stdout().flush();
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).is_ok() && line.trim() == "yes"
+}
+
+/// The exit code and report when preparing failed (nothing left changed by this run).
+fn prepare_failed(e: &PrepareRunError, plan_json: serde_json::Value) -> Outcome {
+    let code = match e {
+        PrepareRunError::NotConfirmed => EXIT_USAGE,
+        PrepareRunError::AddressMismatch { problems, undo } => {
+            eprintln!("Calico's node addresses are wrong; no node was touched ({undo}):");
+            for p in problems {
+                eprintln!("  - {p}");
+            }
+            return Outcome {
+                code: EXIT_PREFLIGHT,
+                report: serde_json::json!({"plan": plan_json, "prepare": {"addressProblems": problems, "undo": undo}}),
+            };
+        }
+        PrepareRunError::Apply { .. } | PrepareRunError::Check { .. } => EXIT_API,
+    };
+    eprintln!("{e}");
+    Outcome {
+        code,
+        report: serde_json::json!({"plan": plan_json, "prepare": {"error": e.to_string()}}),
+    }
 }
 
 /// Prints the report's summary; the exit code.
@@ -258,7 +379,11 @@ async fn dry_run(
     plan_json: serde_json::Value,
 ) -> Result<Outcome, Fail> {
     println!("== Dry run: the first write of each kind, sent with dryRun=All");
-    let probes = planning::probe_writes(config, cluster.options(), kplan).await;
+    let mut probes: Vec<_> = planning::probe_prepare(cluster, kplan)
+        .await
+        .into_iter()
+        .collect();
+    probes.extend(planning::probe_writes(config, cluster.options(), kplan).await);
     for p in &probes {
         println!("{p}");
     }

@@ -266,7 +266,10 @@ impl Cluster {
                             "spec": {"hostNetwork": true, "nodeSelector": {"cnimig.io/e2e": ns},
                                      "terminationGracePeriodSeconds": 1,
                                      "tolerations": [{"operator": "Exists"}],
-                                     "containers": [{"name": label, "image": "registry.k8s.io/pause:3.10"}]}}}}));
+                                     "containers": [{"name": label, "image": "registry.k8s.io/pause:3.10",
+                                        // Prepared already: Calico uses each node's InternalIP
+                                        // (the run checks it before the first node).
+                                        "env": [{"name": "IP_AUTODETECTION_METHOD", "value": "kubernetes-internal-ip"}]}]}}}}));
             expected += total;
         }
         for o in objs {
@@ -347,6 +350,10 @@ impl Cluster {
             "6".into(),
         ];
         a.extend(extra.iter().map(|s| (*s).to_string()));
+        if extra.contains(&"--yes") {
+            // The test control plane has no firewall outside the cluster to open.
+            a.push("--confirm-network-actions".into());
+        }
         a
     }
 

@@ -17,7 +17,9 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
+use crate::machine::Phase;
 use crate::model::{Autodetection, CalicoFacts, CalicoInstall};
+use crate::orchestrator::RunReport;
 
 /// Where the autodetection method lives.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -234,6 +236,23 @@ pub fn user_actions(
     ]
 }
 
+/// True when the run `report` describes was **abandoned**: it ended with no node on Cilium,
+/// every planned node either untouched ([`Phase::Pending`]) or back on Calico
+/// ([`Phase::RolledBack`]). This includes a run with no node to migrate, one stopped by the
+/// failure policy after its first node rolled back, and one where every node rolled back.
+/// A run with any node `Done`, part-way, or `Failed` (a rollback that could not finish) is
+/// not abandoned: Calico and Cilium then both serve nodes, and the prepare changes stay.
+///
+/// An abandoned run's prepare changes are undone (the cluster goes back to how it was before
+/// cnimig); a later run plans and applies them again.
+#[must_use]
+pub fn abandoned(report: &RunReport) -> bool {
+    report
+        .nodes
+        .iter()
+        .all(|n| matches!(n.phase, Phase::Pending | Phase::RolledBack))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,5 +313,36 @@ mod tests {
         let a = user_actions("10.245.0.0/16".parse().unwrap(), "vxlan", 8473, &[]);
         assert!(a[0].contains("UDP 8473"));
         assert!(a[2].contains("10.245.0.0/16"));
+    }
+
+    #[test]
+    fn abandoned_means_no_node_left_on_cilium() {
+        use crate::model::Time;
+        use crate::orchestrator::NodeOutcome;
+        let report = |phases: &[Phase]| RunReport {
+            nodes: phases
+                .iter()
+                .enumerate()
+                .map(|(i, p)| NodeOutcome {
+                    node: crate::model::NodeName::new(format!("n{i}")).unwrap(),
+                    phase: *p,
+                    started: None,
+                    finished: None,
+                    cause: None,
+                })
+                .collect(),
+            skipped: Vec::new(),
+            started: Time(0),
+            finished: Time(1),
+            stopped: None,
+            interrupted: false,
+            joined_not_migrated: Vec::new(),
+        };
+        assert!(abandoned(&report(&[])));
+        assert!(abandoned(&report(&[Phase::RolledBack, Phase::Pending])));
+        assert!(abandoned(&report(&[Phase::RolledBack, Phase::RolledBack])));
+        assert!(!abandoned(&report(&[Phase::RolledBack, Phase::Done])));
+        assert!(!abandoned(&report(&[Phase::Failed, Phase::Pending])));
+        assert!(!abandoned(&report(&[Phase::Drained, Phase::Pending])));
     }
 }

@@ -43,7 +43,12 @@ use kube::{Client, Config};
 use serde::Serialize;
 use serde_json::json;
 
+use crate::prepare::PreparePlan;
 use crate::{CILIUM_AGENT_LABEL, FIELD_MANAGER, KubeCluster, KubeOptions};
+
+/// The preflight check a planned autodetection change resolves (the run applies the change,
+/// with consent, before its own preflight).
+const CALICO_AUTODETECTION_CHECK: &str = "calico-autodetection";
 
 /// Why planning failed.
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +157,9 @@ pub struct KubePlan {
     pub live_config_error: Option<String>,
     /// The writes a run makes, in order.
     pub writes: Vec<PlannedWrite>,
+    /// What the run changes before the first node (with consent), and the actions for the
+    /// user outside the cluster.
+    pub prepare: PreparePlan,
 }
 
 impl KubePlan {
@@ -159,18 +167,44 @@ impl KubePlan {
     /// mode.
     #[must_use]
     pub fn ready(&self) -> bool {
-        self.plan.preflight.ok()
+        self.preflight_failures().next().is_none()
             && self.live_config_mismatches.is_empty()
             && self.live_config_error.is_none()
+    }
+
+    /// Preflight failures the run does not fix itself: a failed `calico-autodetection` check is
+    /// left out when the plan's prepare step changes the method ([`PreparePlan::fix`]).
+    fn preflight_failures(&self) -> impl Iterator<Item = &cnimig_core::preflight::Check> {
+        let fixed = self.prepare.fix.is_some();
+        self.plan
+            .preflight
+            .failures()
+            .filter(move |c| !(fixed && c.id == CALICO_AUTODETECTION_CHECK))
+    }
+
+    /// Uses Calico autodetection `interface=<pattern>` instead of the node's InternalIP in
+    /// the prepare step.
+    ///
+    /// # Errors
+    /// The pattern is not a regex or could select a Cilium interface; the plan is unchanged.
+    pub fn set_interface_pattern(
+        &mut self,
+        pattern: &str,
+    ) -> Result<(), cnimig_core::prepare::PrepareError> {
+        let facts = cnimig_core::model::CalicoFacts {
+            install: self.prepare.install,
+            autodetection: self.prepare.current.clone(),
+            ..cnimig_core::model::CalicoFacts::default()
+        };
+        self.prepare.fix = cnimig_core::prepare::autodetection_change(&facts, Some(pattern))?;
+        Ok(())
     }
 
     /// Each reason the run would refuse to start, one line each with its fix.
     #[must_use]
     pub fn blockers(&self) -> Vec<String> {
         let mut out: Vec<String> = self
-            .plan
-            .preflight
-            .failures()
+            .preflight_failures()
             .map(|c| format!("[{}] {}", c.id, c.message))
             .collect();
         out.extend(
@@ -263,6 +297,20 @@ impl fmt::Display for KubePlan {
         for sk in &self.plan.skipped {
             writeln!(f, "  skipped: {}: {}", sk.node, sk.reason)?;
         }
+        writeln!(
+            f,
+            "== Prepare: cnimig changes, with --yes, before the first node"
+        )?;
+        for l in self.prepare.change_lines() {
+            writeln!(f, "  {l}")?;
+        }
+        writeln!(
+            f,
+            "== Actions for you, outside the cluster (a run asks you to confirm them)"
+        )?;
+        for a in &self.prepare.user_actions {
+            writeln!(f, "  - {a}")?;
+        }
         writeln!(f, "== Writes a run makes, in order")?;
         for w in &self.writes {
             writeln!(f, "  {w}")?;
@@ -338,7 +386,15 @@ pub async fn plan(
         Err(e) => (Vec::new(), Some(e.to_string())),
     };
     let writes = planned_writes(cluster.options(), cfg, &plan, &snapshot);
+    // Without an interface pattern the change cannot fail (see `set_interface_pattern`).
+    let prepare = PreparePlan::new(&snapshot.calico, cfg, None).unwrap_or_else(|_| PreparePlan {
+        install: snapshot.calico.install,
+        current: snapshot.calico.autodetection.clone(),
+        fix: None,
+        user_actions: Vec::new(),
+    });
     Ok(KubePlan {
+        prepare,
         server: server.to_string(),
         snapshot: SnapshotSummary::of(&snapshot),
         node_config_api: api.map(|a| a.api_version().to_string()),
@@ -550,6 +606,39 @@ pub(crate) fn outcome<T>(r: Result<T, kube::Error>) -> ProbeOutcome {
             error: e.to_string(),
         },
     }
+}
+
+/// Sends the plan's Calico autodetection change ([`KubePlan::prepare`]) with server-side
+/// `dryRun=All`; `None` when the plan has no change.
+///
+/// # RBAC
+/// `get`, `patch` `daemonsets` or `installations` (`deploy/rbac-verify.yaml`).
+pub async fn probe_prepare(cluster: &KubeCluster, plan: &KubePlan) -> Option<Probe> {
+    let fix = plan.prepare.fix.as_ref()?;
+    let write = match &fix.target {
+        cnimig_core::prepare::AutodetectChange::ManifestEnv {
+            namespace,
+            daemon_set,
+            ..
+        } => format!("PATCH daemonsets {namespace}/{daemon_set} (Calico autodetection)"),
+        cnimig_core::prepare::AutodetectChange::OperatorInstallation { name } => {
+            format!("PATCH installations {name} (Calico autodetection)")
+        }
+    };
+    let outcome = match cluster.dry_run_autodetection_fix(fix).await {
+        Ok(true) => ProbeOutcome::Allowed,
+        Ok(false) => ProbeOutcome::NotSent {
+            reason: "the method is already set".into(),
+        },
+        Err(e @ cnimig_core::ports::PortError::Forbidden { .. }) => ProbeOutcome::Refused {
+            code: 403,
+            message: e.to_string(),
+        },
+        Err(e) => ProbeOutcome::Failed {
+            error: e.to_string(),
+        },
+    };
+    Some(Probe { write, outcome })
 }
 
 pub(crate) fn dry_post() -> PostParams {

@@ -22,15 +22,20 @@
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
+use cnimig_core::config::MigrationConfig;
+use cnimig_core::model::{Autodetection, CalicoFacts, CalicoInstall};
+use cnimig_core::orchestrator::RunReport;
 use cnimig_core::ports::PortError;
 use cnimig_core::prepare::{
-    AutodetectChange, AutodetectionFix, calico_address_problems, manifest_value, operator_value,
+    AutodetectChange, AutodetectionFix, PrepareError, abandoned, autodetection_change,
+    calico_address_problems, manifest_value, operator_value, user_actions,
 };
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{
     Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
 };
+use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::KubeCluster;
@@ -240,6 +245,11 @@ fn installation_resource() -> ApiResource {
     )
 }
 
+fn patch_params(dry_run: bool) -> PatchParams {
+    let p = PatchParams::default();
+    if dry_run { p.dry_run() } else { p }
+}
+
 fn invalid(what: &str, detail: String) -> PortError {
     PortError::Invalid {
         what: what.into(),
@@ -248,12 +258,18 @@ fn invalid(what: &str, detail: String) -> PortError {
 }
 
 impl KubeCluster {
-    async fn json_patch_ds(&self, ns: &str, name: &str, ops: Vec<Value>) -> Result<(), PortError> {
+    async fn json_patch_ds(
+        &self,
+        ns: &str,
+        name: &str,
+        ops: Vec<Value>,
+        dry_run: bool,
+    ) -> Result<(), PortError> {
         let what = format!("DaemonSet {ns}/{name}");
         let patch: json_patch::Patch =
             serde_json::from_value(Value::Array(ops)).map_err(|e| invalid(&what, e.to_string()))?;
         let api: Api<DaemonSet> = Api::namespaced(self.inner.client.clone(), ns);
-        api.patch(name, &PatchParams::default(), &Patch::<()>::Json(patch))
+        api.patch(name, &patch_params(dry_run), &Patch::<()>::Json(patch))
             .await
             .map_err(|e| port_error("patch", what, e))?;
         Ok(())
@@ -290,11 +306,13 @@ impl KubeCluster {
     /// without the `calico-node` container ([`PortError::Invalid`]), or a rollout not finished
     /// in time ([`PortError::Timeout`]; the change stays, undo with
     /// [`KubeCluster::undo_autodetection_fix`]).
+    ///
+    /// Returns whether it wrote (`false`: the method was already set).
     pub async fn apply_autodetection_fix(
         &self,
         fix: &AutodetectionFix,
         timeout: Duration,
-    ) -> Result<(), PortError> {
+    ) -> Result<bool, PortError> {
         let method = manifest_value(&fix.after);
         match &fix.target {
             AutodetectChange::ManifestEnv {
@@ -305,23 +323,29 @@ impl KubeCluster {
                 let ds = self.get_ds_json(namespace, daemon_set).await?;
                 let ops = manifest_apply_ops(&ds, container, &method)
                     .map_err(|d| invalid(&format!("DaemonSet {namespace}/{daemon_set}"), d))?;
-                if !ops.is_empty() {
-                    self.json_patch_ds(namespace, daemon_set, ops).await?;
+                let wrote = !ops.is_empty();
+                if wrote {
+                    self.json_patch_ds(namespace, daemon_set, ops, false)
+                        .await?;
                 }
                 self.wait_calico_rollout(namespace, daemon_set, container, Some(&method), timeout)
-                    .await
+                    .await?;
+                Ok(wrote)
             }
             AutodetectChange::OperatorInstallation { name } => {
                 let (api, inst) = self.installation(name).await?;
                 let what = format!("Installation {name}");
                 let ops = operator_apply_ops(&inst, &operator_value(&fix.after))
                     .map_err(|d| invalid(&what, d))?;
-                if !ops.is_empty() {
-                    self.json_patch_dynamic(&api, name, &what, ops).await?;
+                let wrote = !ops.is_empty();
+                if wrote {
+                    self.json_patch_dynamic(&api, name, &what, ops, false)
+                        .await?;
                 }
                 let (ns, ds) = OPERATOR_DS;
                 self.wait_calico_rollout(ns, ds, "calico-node", Some(&method), timeout)
-                    .await
+                    .await?;
+                Ok(wrote)
             }
         }
     }
@@ -332,10 +356,11 @@ impl KubeCluster {
         name: &str,
         what: &str,
         ops: Vec<Value>,
+        dry_run: bool,
     ) -> Result<(), PortError> {
         let patch: json_patch::Patch =
             serde_json::from_value(Value::Array(ops)).map_err(|e| invalid(what, e.to_string()))?;
-        api.patch(name, &PatchParams::default(), &Patch::<()>::Json(patch))
+        api.patch(name, &patch_params(dry_run), &Patch::<()>::Json(patch))
             .await
             .map_err(|e| port_error("patch", what, e))?;
         Ok(())
@@ -367,7 +392,8 @@ impl KubeCluster {
                     return Ok(false);
                 };
                 let before = saved_before(&ds).ok().flatten().unwrap_or(Value::Null);
-                self.json_patch_ds(namespace, daemon_set, ops).await?;
+                self.json_patch_ds(namespace, daemon_set, ops, false)
+                    .await?;
                 let method = before["value"].as_str().map(str::to_string);
                 self.wait_calico_rollout(
                     namespace,
@@ -386,7 +412,8 @@ impl KubeCluster {
                     return Ok(false);
                 };
                 let before = saved_before(&inst).ok().flatten().unwrap_or(Value::Null);
-                self.json_patch_dynamic(&api, name, &what, ops).await?;
+                self.json_patch_dynamic(&api, name, &what, ops, false)
+                    .await?;
                 // The operator renders an absent method as first-found.
                 let method = manifest_value(&crate::calico::operator_autodetection(&before));
                 let (ns, ds) = OPERATOR_DS;
@@ -470,6 +497,261 @@ impl KubeCluster {
             })
             .collect();
         Ok(calico_address_problems(&rows))
+    }
+}
+
+/// What a run does to prepare the cluster before the first node, and what the user must do
+/// outside it: part of the plan ([`crate::planning::KubePlan::prepare`]), shown before anything
+/// is done.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PreparePlan {
+    /// How Calico is installed (where the autodetection method lives).
+    pub install: CalicoInstall,
+    /// The autodetection method in force now.
+    pub current: Autodetection,
+    /// The change cnimig makes (with consent), if the current method could pick a Cilium
+    /// interface.
+    pub fix: Option<AutodetectionFix>,
+    /// What the user must do outside the cluster (security groups, host firewalls, routers),
+    /// with the exact CIDR, ports and protocols; a run asks for confirmation that it is done.
+    pub user_actions: Vec<String>,
+}
+
+impl PreparePlan {
+    /// The prepare part of a plan from Calico's facts and the migration config.
+    /// `interface_pattern`: the interface regex Calico should use instead of the node's
+    /// InternalIP (`None`: `kubernetes-internal-ip`).
+    ///
+    /// # Errors
+    /// [`PrepareError`] when the pattern is not a regex or could select a Cilium interface.
+    pub fn new(
+        facts: &CalicoFacts,
+        cfg: &MigrationConfig,
+        interface_pattern: Option<&str>,
+    ) -> Result<Self, PrepareError> {
+        let protocol = match cfg.tunnel_protocol {
+            cnimig_core::config::TunnelProtocol::Vxlan => "vxlan",
+            cnimig_core::config::TunnelProtocol::Geneve => "geneve",
+        };
+        Ok(PreparePlan {
+            install: facts.install,
+            current: facts.autodetection.clone(),
+            fix: autodetection_change(facts, interface_pattern)?,
+            user_actions: user_actions(cfg.pod_cidr, protocol, cfg.effective_tunnel_port(), &[]),
+        })
+    }
+
+    /// Where an undo looks for cnimig's record: the object a fix for this install changes
+    /// (also when this plan has no fix: an earlier run may have applied one).
+    #[must_use]
+    pub fn undo_target(&self) -> AutodetectChange {
+        match &self.fix {
+            Some(f) => f.target.clone(),
+            None => match self.install {
+                CalicoInstall::Manifest => AutodetectChange::ManifestEnv {
+                    namespace: "kube-system".into(),
+                    daemon_set: "calico-node".into(),
+                    container: "calico-node".into(),
+                },
+                CalicoInstall::Operator => AutodetectChange::OperatorInstallation {
+                    name: "default".into(),
+                },
+            },
+        }
+    }
+
+    /// The plan's lines for this part (without headings): the changes, then the check.
+    #[must_use]
+    pub fn change_lines(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        match &self.fix {
+            Some(f) => out.push(format!("1. {}", f.describe())),
+            None => out.push(format!(
+                "no change: Calico's autodetection ({}) cannot pick Cilium's interfaces",
+                manifest_value(&self.current)
+            )),
+        }
+        out.push(format!(
+            "{}check on every node that {CALICO_IPV4_ANNOTATION} equals its InternalIP; the run stops before the first node, naming each node that does not",
+            if self.fix.is_some() { "2. " } else { "then: " }
+        ));
+        if self.fix.is_some() {
+            out.push(
+                "undone exactly when the run is abandoned (it ends with no node on Cilium: every node untouched or rolled back), or when the check fails".into(),
+            );
+        }
+        out
+    }
+}
+
+/// Why preparing for a run stopped. Nothing is left half-applied: the autodetection change
+/// this call made is undone before this is returned (the outcome of that undo is in it).
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareRunError {
+    /// The user has not confirmed the actions outside the cluster. Nothing was written.
+    #[error(
+        "the actions for you outside the cluster (listed in the plan: security groups, host firewalls, routers) are not confirmed as done; make them, then confirm (--confirm-network-actions, or answer the prompt on a terminal). Nothing changed."
+    )]
+    NotConfirmed,
+    /// Applying the autodetection change, or its rollout, failed.
+    #[error("the Calico autodetection change failed: {error}; {undo}")]
+    Apply {
+        /// The failure.
+        error: PortError,
+        /// What happened to the change.
+        undo: String,
+    },
+    /// Nodes whose Calico address is not their InternalIP (one line each, naming the node).
+    #[error("Calico's node addresses are wrong, nothing was migrated: {}; {undo}", problems.join("; "))]
+    AddressMismatch {
+        /// One line per node.
+        problems: Vec<String>,
+        /// What happened to the change this call made.
+        undo: String,
+    },
+    /// The address check could not read the nodes.
+    #[error("the Calico address check could not read the nodes: {error}; {undo}")]
+    Check {
+        /// The failure.
+        error: PortError,
+        /// What happened to the change this call made.
+        undo: String,
+    },
+}
+
+/// What [`KubeCluster::prepare_run`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prepared {
+    /// Whether it wrote the autodetection change (`false`: none needed, or already there).
+    pub applied: bool,
+}
+
+impl KubeCluster {
+    /// Sends the autodetection change of `fix` with server-side `dryRun=All` (authorised and
+    /// admitted like the real write, never persisted). `Ok(false)` when nothing would be written.
+    ///
+    /// # Errors
+    /// The read or the dry-run write is refused; the object is not what cnimig expects.
+    pub async fn dry_run_autodetection_fix(
+        &self,
+        fix: &AutodetectionFix,
+    ) -> Result<bool, PortError> {
+        match &fix.target {
+            AutodetectChange::ManifestEnv {
+                namespace,
+                daemon_set,
+                container,
+            } => {
+                let ds = self.get_ds_json(namespace, daemon_set).await?;
+                let ops = manifest_apply_ops(&ds, container, &manifest_value(&fix.after))
+                    .map_err(|d| invalid(&format!("DaemonSet {namespace}/{daemon_set}"), d))?;
+                if ops.is_empty() {
+                    return Ok(false);
+                }
+                self.json_patch_ds(namespace, daemon_set, ops, true).await?;
+                Ok(true)
+            }
+            AutodetectChange::OperatorInstallation { name } => {
+                let (api, inst) = self.installation(name).await?;
+                let what = format!("Installation {name}");
+                let ops = operator_apply_ops(&inst, &operator_value(&fix.after))
+                    .map_err(|d| invalid(&what, d))?;
+                if ops.is_empty() {
+                    return Ok(false);
+                }
+                self.json_patch_dynamic(&api, name, &what, ops, true)
+                    .await?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Prepares the cluster for a run, before the first node is touched, in this order:
+    /// refuses unless `network_actions_confirmed` (the user confirmed [`PreparePlan::user_actions`]);
+    /// applies [`PreparePlan::fix`] and waits up to `timeout` for Calico's rollout; then checks
+    /// every node (within [`crate::KubeOptions::node_selector`]) has
+    /// `projectcalico.org/IPv4Address` equal to its InternalIP. Call it only after the user
+    /// agreed to the plan (`--yes`).
+    ///
+    /// On any failure the change this call wrote is undone (and the error says how that went);
+    /// a change an earlier run recorded is left for [`KubeCluster::undo_if_abandoned`].
+    ///
+    /// # Errors
+    /// [`PrepareRunError`], each naming what to do.
+    pub async fn prepare_run(
+        &self,
+        plan: &PreparePlan,
+        network_actions_confirmed: bool,
+        timeout: Duration,
+    ) -> Result<Prepared, PrepareRunError> {
+        if !network_actions_confirmed {
+            return Err(PrepareRunError::NotConfirmed);
+        }
+        let mut applied = false;
+        if let Some(fix) = &plan.fix {
+            match self.apply_autodetection_fix(fix, timeout).await {
+                Ok(w) => applied = w,
+                Err(error) => {
+                    let undo = self.undo_after_failure(&fix.target, true, timeout).await;
+                    return Err(PrepareRunError::Apply { error, undo });
+                }
+            }
+        }
+        let selector = self.options().node_selector.clone();
+        match self.calico_address_check(selector.as_deref()).await {
+            Ok(problems) if problems.is_empty() => Ok(Prepared { applied }),
+            Ok(problems) => {
+                let undo = self
+                    .undo_after_failure(&plan.undo_target(), applied, timeout)
+                    .await;
+                Err(PrepareRunError::AddressMismatch { problems, undo })
+            }
+            Err(error) => {
+                let undo = self
+                    .undo_after_failure(&plan.undo_target(), applied, timeout)
+                    .await;
+                Err(PrepareRunError::Check { error, undo })
+            }
+        }
+    }
+
+    async fn undo_after_failure(
+        &self,
+        target: &AutodetectChange,
+        wrote: bool,
+        timeout: Duration,
+    ) -> String {
+        if !wrote {
+            return "nothing was changed".into();
+        }
+        match self.undo_autodetection_fix(target, timeout).await {
+            Ok(true) => "the autodetection change was undone".into(),
+            Ok(false) => "there was no autodetection change to undo".into(),
+            Err(e) => format!(
+                "undoing the autodetection change failed too ({e}): the record is in annotation {AUTODETECTION_UNDO_ANNOTATION}; run again to retry, or restore the value it names by hand"
+            ),
+        }
+    }
+
+    /// After a run: when it was abandoned ([`cnimig_core::prepare::abandoned`]: no node on
+    /// Cilium), undoes the recorded autodetection change (this run's or an earlier one's) and
+    /// waits up to `timeout` for Calico's rollout. `Ok(true)` when something was undone.
+    /// A run that is not abandoned changes nothing here.
+    ///
+    /// # Errors
+    /// As [`KubeCluster::undo_autodetection_fix`].
+    pub async fn undo_if_abandoned(
+        &self,
+        plan: &PreparePlan,
+        report: &RunReport,
+        timeout: Duration,
+    ) -> Result<bool, PortError> {
+        if !abandoned(report) {
+            return Ok(false);
+        }
+        self.undo_autodetection_fix(&plan.undo_target(), timeout)
+            .await
     }
 }
 

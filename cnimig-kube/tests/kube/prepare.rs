@@ -194,3 +194,234 @@ async fn autodetection_fix_is_needed_applied_checked_and_undone() {
     })
     .await;
 }
+
+/// The prepare step wired into a run, through the library calls `kube_migrate` makes: refused
+/// without confirmation of the actions outside the cluster; a wrong Calico address stops the
+/// run naming every node; the autodetection fix applied with consent, then a run whose first
+/// node fails its probe (a firewall between the nodes and the API server) is abandoned and the
+/// fix undone; a second, healthy run applies it again, migrates every node, and keeps it.
+///
+/// The fix targets this test's own `calico-node` DaemonSet (a manifest install in the test
+/// namespace) so parallel tests sharing `Installation default` are not disturbed; the
+/// orchestrator's own preflight reads that Installation (`kubernetes: NodeInternalIP`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_prepares_and_undoes_the_fix_when_abandoned() {
+    use std::sync::Arc;
+
+    use cnimig_core::config::NodeScope;
+    use cnimig_core::machine::Phase;
+    use cnimig_core::model::LabelSelector;
+    use cnimig_core::orchestrator::{Orchestrator, Ports, RunOptions, RunReport};
+    use cnimig_emu::goldpinger::SharedFirewall;
+    use cnimig_kube::prepare::{PreparePlan, PrepareRunError};
+    use cnimig_kube::probe::{ProbeOptions, ProbeVerifier};
+
+    let env = crate::env_or_skip!();
+    common::with_temp_ns(env.admin.clone(), "prep-run", |ns| async move {
+        let admin = env.admin.clone();
+        cnimig_emu::setup::apply_yaml(&admin, include_str!("../../../deploy/rbac-verify.yaml"))
+            .await
+            .unwrap();
+        let mut cfg = MigrationConfig::new("10.245.0.0/16".parse().unwrap());
+        cfg.scope = NodeScope::Selector(LabelSelector {
+            match_labels: BTreeMap::from([("cnimig.io/e2e".to_string(), ns.clone())]),
+            match_expressions: Vec::new(),
+        });
+        cfg.poll_interval = Duration::from_millis(300);
+        cfg.drain_timeout = Duration::from_secs(60);
+        cfg.step_timeout = Duration::from_secs(20);
+        let live = rendered_config(&cfg, ValueInputs::default(), CiliumPhase::Migration);
+        common::cilium_config(&admin, &ns, serde_json::to_value(&live).unwrap()).await;
+        crate::calico::calico_objects(&admin).await;
+        let mut ecfg = cnimig_emu::EmuConfig::new(&format!("{ns}-n"), 3);
+        ecfg.cilium_namespace = ns.clone();
+        ecfg.node_labels = BTreeMap::from([("cnimig.io/e2e".to_string(), ns.clone())]);
+        let node_names = ecfg.nodes.clone();
+        let emu = cnimig_emu::start(admin.clone(), ecfg).await.unwrap();
+        let firewall = SharedFirewall::default();
+        let mut pcfg = cnimig_emu::probe::ProbeEmuConfig::new(firewall.clone());
+        pcfg.cilium_namespace = ns.clone();
+        pcfg.nodes = Some(node_names.clone());
+        let responder = cnimig_emu::probe::respond(admin.clone(), pcfg);
+        let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
+        cnimig_emu::setup::apply(
+            &admin,
+            &json!({"apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": "coredns", "namespace": ns},
+                "spec": {"replicas": 1, "selector": {"matchLabels": {"k8s-app": "kube-dns"}},
+                         "template": {"metadata": {"labels": {"k8s-app": "kube-dns"}},
+                            "spec": {"nodeSelector": {"cnimig.io/e2e": ns},
+                                     "terminationGracePeriodSeconds": 1,
+                                     "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10"}]}}}}),
+        )
+        .await
+        .unwrap();
+        cnimig_emu::setup::apply(&admin, &daemon_set(&ns, "cilium", json!([])))
+            .await
+            .unwrap();
+        wait_ready(&pods, "cilium", 3).await;
+        let calico_env = json!([{"name": "IP_AUTODETECTION_METHOD", "value": "first-found"}]);
+        cnimig_emu::setup::apply(&admin, &daemon_set(&ns, "calico-node", calico_env))
+            .await
+            .unwrap();
+        wait_ready(&pods, "calico-node", 3).await;
+        wait_ready(&pods, "kube-dns", 1).await;
+
+        let mut opts = common::opts(&ns);
+        opts.node_selector = Some(format!("cnimig.io/e2e={ns}"));
+        let cluster = env.cluster(opts);
+        let dss: Api<DaemonSet> = Api::namespaced(admin.clone(), &ns);
+        let before = dss.get("calico-node").await.unwrap();
+        let rv = |d: &DaemonSet| d.metadata.resource_version.clone();
+        let facts = CalicoFacts {
+            install: CalicoInstall::Manifest,
+            autodetection: Autodetection::FirstFound,
+            ..CalicoFacts::default()
+        };
+        let mut prep = PreparePlan::new(&facts, &cfg, None).unwrap();
+        prep.fix.as_mut().expect("first-found needs the fix").target =
+            AutodetectChange::ManifestEnv {
+                namespace: ns.clone(),
+                daemon_set: "calico-node".into(),
+                container: "calico-node".into(),
+            };
+        assert!(
+            prep.user_actions
+                .iter()
+                .any(|a| a.contains("UDP 8472 (vxlan")),
+            "{:?}",
+            prep.user_actions
+        );
+        assert!(prep.user_actions.iter().any(|a| a.contains("10.245.0.0/16")));
+        let rollout = Duration::from_secs(180);
+
+        // Not confirmed: refused, nothing written.
+        let e = cluster.prepare_run(&prep, false, rollout).await.unwrap_err();
+        assert!(matches!(e, PrepareRunError::NotConfirmed), "{e}");
+        assert_eq!(rv(&dss.get("calico-node").await.unwrap()), rv(&before));
+
+        // No fix planned (as if the method were safe) while the addresses are wrong: the check
+        // stops the run naming every node, nothing written.
+        let no_fix = PreparePlan {
+            fix: None,
+            ..prep.clone()
+        };
+        match cluster.prepare_run(&no_fix, true, rollout).await {
+            Err(PrepareRunError::AddressMismatch { problems, undo }) => {
+                assert_eq!(problems.len(), 3, "{problems:#?}");
+                for n in &node_names {
+                    assert!(
+                        problems.iter().any(|p| p.starts_with(&format!("node {n}: "))),
+                        "{n}: {problems:#?}"
+                    );
+                }
+                assert_eq!(undo, "nothing was changed");
+            }
+            other => panic!("expected the address check to stop: {other:?}"),
+        }
+        assert_eq!(rv(&dss.get("calico-node").await.unwrap()), rv(&before));
+
+        let run = |retry: bool| {
+            let cluster = cluster.clone();
+            let cfg = cfg.clone();
+            let ns = ns.clone();
+            async move {
+                let mut ports = Ports::from_one(cluster.clone());
+                ports.verifier = Arc::new(ProbeVerifier::new(
+                    cluster.clone(),
+                    cluster.clone(),
+                    ProbeOptions {
+                        timeout: Duration::from_secs(20),
+                        ..ProbeOptions::default()
+                    },
+                ));
+                let orch = Orchestrator::new(
+                    ports,
+                    cfg,
+                    RunOptions {
+                        holder: format!("prep-{ns}"),
+                        retry_rolled_back: retry,
+                        ..RunOptions::default()
+                    },
+                );
+                let (_, plan) = orch.plan().await.unwrap();
+                let r: RunReport = tokio::time::timeout(
+                    Duration::from_secs(400),
+                    orch.run(&plan, &cnimig_core::events::Discard),
+                )
+                .await
+                .expect("the run ends")
+                .unwrap();
+                r
+            }
+        };
+
+        // Run 1: prepared with consent, then every probe fails (the nodes cannot reach the
+        // API server): the first node rolls back, the run stops, it is abandoned, undone.
+        let p = cluster.prepare_run(&prep, true, rollout).await.unwrap();
+        assert!(p.applied);
+        assert!(
+            dss.get("calico-node")
+                .await
+                .unwrap()
+                .metadata
+                .annotations
+                .unwrap_or_default()
+                .contains_key(AUTODETECTION_UNDO_ANNOTATION)
+        );
+        {
+            let mut f = firewall.lock().unwrap();
+            for n in &node_names {
+                f.blocked_node_pairs.insert((
+                    n.clone(),
+                    cnimig_emu::probe::API_SERVER_NODE.to_string(),
+                ));
+            }
+        }
+        let r1 = run(false).await;
+        assert_eq!(r1.count(Phase::RolledBack), 1, "{r1:#?}");
+        assert_eq!(r1.count(Phase::Done), 0, "{r1:#?}");
+        assert!(cnimig_core::prepare::abandoned(&r1));
+        assert!(cluster.undo_if_abandoned(&prep, &r1, rollout).await.unwrap());
+        let after = dss.get("calico-node").await.unwrap();
+        assert_eq!(
+            serde_json::to_value(&after.spec.as_ref().unwrap().template).unwrap(),
+            serde_json::to_value(&before.spec.as_ref().unwrap().template).unwrap()
+        );
+        assert!(
+            !after
+                .metadata
+                .annotations
+                .unwrap_or_default()
+                .contains_key(AUTODETECTION_UNDO_ANNOTATION)
+        );
+        let problems = cluster
+            .calico_address_check(Some(&format!("cnimig.io/e2e={ns}")))
+            .await
+            .unwrap();
+        assert_eq!(problems.len(), 3, "first-found again: {problems:#?}");
+
+        // Run 2: the firewall is fixed; prepared again, every node Done, the fix stays.
+        firewall.lock().unwrap().blocked_node_pairs.clear();
+        let p = cluster.prepare_run(&prep, true, rollout).await.unwrap();
+        assert!(p.applied);
+        let r2 = run(true).await;
+        assert_eq!(r2.count(Phase::Done), 3, "{r2:#?}");
+        assert!(!cnimig_core::prepare::abandoned(&r2));
+        assert!(!cluster.undo_if_abandoned(&prep, &r2, rollout).await.unwrap());
+        let kept = dss.get("calico-node").await.unwrap();
+        assert!(
+            kept.metadata
+                .annotations
+                .unwrap_or_default()
+                .contains_key(AUTODETECTION_UNDO_ANNOTATION)
+        );
+
+        drop(responder);
+        emu.stop();
+        for n in &node_names {
+            common::delete_node(&admin, n).await;
+        }
+    })
+    .await;
+}
