@@ -767,35 +767,17 @@ impl RancherCluster {
         make: fn(&Deployment) -> Result<Option<json_patch::Patch>, AgentError>,
         mode: Mode,
     ) -> Result<Wrote, RancherError> {
-        let api = self.agent_api();
         let id = self.agent_id();
-        for _ in 0..5 {
-            let Some(d) = opt(api.get(&self.opts.agent_name).await, "get", &id)? else {
-                return Ok(Wrote::Nothing(format!("Deployment {id} not found")));
-            };
-            let Some(p) = make(&d)? else {
-                return Ok(Wrote::Nothing(format!("Deployment {id}: already done")));
-            };
-            let body = to_json(&p);
-            let r = api
-                .patch(&self.opts.agent_name, &mode.patch(), &Patch::<()>::Json(p))
-                .await;
-            if mode == Mode::DryRun {
-                return Ok(Wrote::dry(
-                    format!("PATCH deployments.apps {id} (JSON patch)"),
-                    body,
-                    r,
-                ));
-            }
-            match r {
-                Ok(_) => return Ok(Wrote::Changed),
-                // A failed `test` (the API server answers 422; 409 for a lost update): the
-                // Deployment changed, or another run restored it. Re-read and decide again.
-                Err(kube::Error::Api(s)) if failed_test(s.code) => {}
-                Err(e) => return Err(port("patch", id, e).into()),
-            }
-        }
-        Err(RancherError::Port(PortError::Conflict { what: id }))
+        let request = format!("PATCH deployments.apps {id} (JSON patch)");
+        json_patch_step(
+            &self.agent_api(),
+            &self.opts.agent_name,
+            &id,
+            request,
+            mode,
+            |d| Ok(make(d)?),
+        )
+        .await
     }
 
     /// The agent's health now, re-patching it first when it was prepared but Rancher put it
@@ -1104,29 +1086,11 @@ impl RancherCluster {
     ) -> Result<Wrote, RancherError> {
         let api = self.ns_dyn(namespace, &application());
         let what = format!("application {namespace}/{name}");
-        for _ in 0..5 {
-            let Some(app) = opt(api.get(name).await, "get", &what)? else {
-                return Ok(Wrote::Nothing(format!("{what} not found")));
-            };
-            let Some(p) = make(&to_json(&app)).map_err(RancherError::Refused)? else {
-                return Ok(Wrote::Nothing(format!("{what}: already done")));
-            };
-            let body = to_json(&p);
-            let r = api.patch(name, &mode.patch(), &Patch::<()>::Json(p)).await;
-            if mode == Mode::DryRun {
-                return Ok(Wrote::dry(
-                    format!("PATCH applications.argoproj.io {namespace}/{name} (JSON patch)"),
-                    body,
-                    r,
-                ));
-            }
-            match r {
-                Ok(_) => return Ok(Wrote::Changed),
-                Err(kube::Error::Api(s)) if failed_test(s.code) => {}
-                Err(e) => return Err(port("patch", &what, e).into()),
-            }
-        }
-        Err(RancherError::Port(PortError::Conflict { what }))
+        let request = format!("PATCH applications.argoproj.io {namespace}/{name} (JSON patch)");
+        json_patch_step(&api, name, &what, request, mode, |app| {
+            make(&to_json(app)).map_err(RancherError::Refused)
+        })
+        .await
     }
 
     /// Pauses an Application's auto-sync ([`gitops::argo_pause_patch`]).
@@ -1161,6 +1125,46 @@ impl RancherCluster {
             .await?
             .changed())
     }
+}
+
+/// Reads `name`, asks `make` for the JSON patch that does the step (`None`: already done) and
+/// sends it (`mode`). The patch carries its own `test` operations: when one fails (the object
+/// changed, or another run did the step) the object is read again and `make` decides again,
+/// up to 5 times. `what` names the object in errors, `request` the write in a dry run's report.
+async fn json_patch_step<K>(
+    api: &Api<K>,
+    name: &str,
+    what: &str,
+    request: String,
+    mode: Mode,
+    make: impl Fn(&K) -> Result<Option<json_patch::Patch>, RancherError>,
+) -> Result<Wrote, RancherError>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    for _ in 0..5 {
+        let Some(obj) = opt(api.get(name).await, "get", what)? else {
+            return Ok(Wrote::Nothing(format!("{what} not found")));
+        };
+        let Some(p) = make(&obj)? else {
+            return Ok(Wrote::Nothing(format!("{what}: already done")));
+        };
+        let body = to_json(&p);
+        let r = api.patch(name, &mode.patch(), &Patch::<()>::Json(p)).await;
+        if mode == Mode::DryRun {
+            return Ok(Wrote::dry(request, body, r));
+        }
+        match r {
+            Ok(_) => return Ok(Wrote::Changed),
+            // A failed `test` (the API server answers 422; 409 for a lost update): re-read and
+            // decide again.
+            Err(kube::Error::Api(s)) if failed_test(s.code) => {}
+            Err(e) => return Err(port("patch", what, e).into()),
+        }
+    }
+    Err(RancherError::Port(PortError::Conflict {
+        what: what.into(),
+    }))
 }
 
 /// The automatic steps after the last node, in the order [`RancherCluster::finish`] makes

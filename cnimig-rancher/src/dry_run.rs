@@ -35,10 +35,7 @@ impl RancherWrite {
     /// True unless the server refused the write or the request failed.
     #[must_use]
     pub fn ok(&self) -> bool {
-        matches!(
-            self.outcome,
-            ProbeOutcome::Allowed | ProbeOutcome::NotSent { .. }
-        )
+        self.outcome.ok()
     }
 }
 

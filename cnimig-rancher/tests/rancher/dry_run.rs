@@ -237,17 +237,17 @@ async fn a_dry_run_sends_every_rancher_write_and_changes_nothing() {
             "spec": {"policyName": policy, "validationActions": ["Deny"],
                 "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}}}})).await.unwrap();
         let restored = objects(&admin, &ns, &rke1).await;
-        let mut last = String::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         let refused = loop {
             let w = r.dry_run(&plan).await.unwrap();
-            last = show(&w);
+            let last = show(&w);
             if let ProbeOutcome::Refused { code, message } = &w[0].outcome {
-                break (*code, message.clone(), w[0].ok());
+                break (*code, message.clone(), w[0].ok(), last);
             }
             assert!(tokio::time::Instant::now() < deadline, "the policy never refused the agent's patch:\n{last}");
             tokio::time::sleep(Duration::from_millis(500)).await;
         };
+        let last = refused.3;
         println!("{last}");
         assert_eq!(refused.0, 422, "{last}");
         assert!(refused.1.contains("no hostNetwork in this namespace"), "{last}");
