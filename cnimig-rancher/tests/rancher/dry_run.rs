@@ -149,7 +149,17 @@ async fn a_dry_run_sends_every_rancher_write_and_changes_nothing() {
         ] {
             cnimig_emu::setup::apply(&admin, &obj).await.unwrap();
         }
-        let before = objects(&admin, &ns, &rke1).await;
+        // The Deployment controller writes the agent's status after the create: wait until
+        // nothing changes for a second, so only the dry run could change what is compared.
+        let mut before = objects(&admin, &ns, &rke1).await;
+        for _ in 0..30 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = objects(&admin, &ns, &rke1).await;
+            if now == before {
+                break;
+            }
+            before = now;
+        }
         assert!(before[2].1.is_none(), "no HelmChartConfig yet");
 
         let r = rancher(&env, &ns, Some(format!("{ns}/prod")), true);
