@@ -12,6 +12,26 @@ use cnimig_core::model::LabelSelector;
 use cnimig_core::ports::CniDirState;
 use ipnet::Ipv4Net;
 
+/// Cilium's pod pool from `cilium-config`'s data: `cluster-pool-ipv4-cidr`, CIDRs separated by
+/// spaces (as the Helm chart renders the list) or commas; entries that are not IPv4 CIDRs are
+/// skipped. Empty when the key is absent.
+///
+/// ```
+/// let data = [("cluster-pool-ipv4-cidr".to_string(), "10.245.0.0/16 10.246.0.0/16,x".to_string())].into();
+/// let pool = cnimig_emu::cni::cilium_pool(&data);
+/// assert_eq!(pool, ["10.245.0.0/16".parse().unwrap(), "10.246.0.0/16".parse().unwrap()]);
+/// ```
+#[must_use]
+pub fn cilium_pool(data: &BTreeMap<String, String>) -> Vec<Ipv4Net> {
+    data.get("cluster-pool-ipv4-cidr")
+        .map(|v| {
+            v.split(|c: char| c.is_whitespace() || c == ',')
+                .filter_map(|s| s.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// One `CiliumNodeConfig`, as the agent's init container sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeConfig {

@@ -390,14 +390,10 @@ impl Emu {
     }
 
     async fn read_cilium_config(&self, st: &mut State) -> Result<()> {
-        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.cfg.cilium_namespace);
-        let Some(cm) = api.get_opt("cilium-config").await? else {
+        let Some(data) = cilium_config(&self.client, &self.cfg.cilium_namespace).await? else {
             return Ok(());
         };
-        let data = cm.data.unwrap_or_default();
-        let pool = data
-            .get("cluster-pool-ipv4-cidr")
-            .and_then(|v| v.split([' ', ',']).find_map(|s| s.parse::<Ipv4Net>().ok()));
+        let pool = cni::cilium_pool(&data).first().copied();
         let mask = data
             .get("cluster-pool-ipv4-mask-size")
             .and_then(|m| m.parse().ok())
@@ -416,9 +412,8 @@ impl Emu {
 
     /// Re-reads `cilium-config`'s keys (not the pool: addresses already handed out stay).
     async fn refresh_global(&self, st: &mut State) -> Result<()> {
-        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.cfg.cilium_namespace);
-        if let Some(cm) = api.get_opt("cilium-config").await? {
-            st.global = cm.data.unwrap_or_default();
+        if let Some(data) = cilium_config(&self.client, &self.cfg.cilium_namespace).await? {
+            st.global = data;
         }
         Ok(())
     }
@@ -728,4 +723,21 @@ impl Emu {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// The data of `cilium-config` in `namespace` (`None` when there is no such ConfigMap): what the
+/// emulated agents, Goldpinger and the probe responder read (its pool through
+/// [`cni::cilium_pool`]).
+///
+/// # Errors
+/// The API read failed.
+pub async fn cilium_config(
+    client: &Client,
+    namespace: &str,
+) -> Result<Option<BTreeMap<String, String>>> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    Ok(api
+        .get_opt("cilium-config")
+        .await?
+        .map(|c| c.data.unwrap_or_default()))
 }

@@ -22,7 +22,7 @@ use cnimig_core::model::CalicoFacts;
 use cnimig_core::verify::{CheckAll, CheckResults, Host, PodResult, SourceResult};
 use cnimig_sim::pairs::{Endpoint, Firewall, Model, Net};
 use ipnet::Ipv4Net;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -178,19 +178,10 @@ async fn check_all(client: &Client, cfg: &GoldpingerEmuConfig) -> Result<CheckAl
         .iter()
         .filter_map(|n| Some((n.name_any(), internal_ip(n)?)))
         .collect();
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &cfg.cilium_namespace);
-    let live: Option<BTreeMap<String, String>> = cms
-        .get_opt("cilium-config")
-        .await?
-        .map(|c| c.data.unwrap_or_default());
+    let live = crate::emulator::cilium_config(client, &cfg.cilium_namespace).await?;
     let pool: Vec<Ipv4Net> = live
         .as_ref()
-        .and_then(|l| l.get("cluster-pool-ipv4-cidr"))
-        .map(|s| {
-            s.split_whitespace()
-                .filter_map(|c| c.parse().ok())
-                .collect()
-        })
+        .map(crate::cni::cilium_pool)
         .unwrap_or_default();
     struct Gp {
         name: String,

@@ -11,7 +11,6 @@
 //! The result goes where the real one would: the container's termination message (one
 //! `CHECK=ok|fail: why` line each), exit code 0 or 1, phase `Succeeded` or `Failed`.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +18,7 @@ use anyhow::Result;
 use cnimig_core::model::CalicoFacts;
 use cnimig_sim::pairs::{Endpoint, Model, Net};
 use ipnet::Ipv4Net;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
@@ -141,19 +140,10 @@ async fn tick(client: &Client, cfg: &ProbeEmuConfig) -> Result<()> {
     if waiting.is_empty() {
         return Ok(());
     }
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &cfg.cilium_namespace);
-    let live: Option<BTreeMap<String, String>> = cms
-        .get_opt("cilium-config")
-        .await?
-        .map(|c| c.data.unwrap_or_default());
+    let live = crate::emulator::cilium_config(client, &cfg.cilium_namespace).await?;
     let pool: Vec<Ipv4Net> = live
         .as_ref()
-        .and_then(|l| l.get("cluster-pool-ipv4-cidr"))
-        .map(|s| {
-            s.split_whitespace()
-                .filter_map(|c| c.parse().ok())
-                .collect()
-        })
+        .map(crate::cni::cilium_pool)
         .unwrap_or_default();
     let pods = all.list(&ListParams::default()).await?.items;
     let firewall = cfg

@@ -134,27 +134,43 @@ impl KubeCluster {
     }
 
     async fn delete_helper(&self, api: &Api<core::Pod>, name: &str) -> Result<(), PortError> {
-        let dp = DeleteParams {
-            grace_period_seconds: Some(0),
-            ..DeleteParams::default()
-        };
-        match api.delete(name, &dp).await {
-            Ok(_) => {}
-            Err(e) if api_code(&e) == Some(404) => return Ok(()),
-            Err(e) => return Err(port_error("delete", format!("pod {name}"), e)),
-        }
-        // Wait until it is gone, so a new helper with the same name can be created.
-        for _ in 0..120 {
-            match api.get_opt(name).await {
-                Ok(None) => return Ok(()),
-                Ok(Some(_)) => tokio::time::sleep(Duration::from_millis(250)).await,
-                Err(e) => return Err(port_error("get", format!("pod {name}"), e)),
-            }
-        }
-        Err(PortError::Timeout {
-            what: format!("helper pod {name} was not deleted within 30s"),
-        })
+        delete_pod_and_wait(api, name, "helper pod").await
     }
+}
+
+/// Deletes pod `name` at once (grace period 0) and waits until it is gone (polling every
+/// 250 ms, up to 30 s), so a new pod of the same name can be created; a pod already gone counts
+/// as deleted. `what` names the pod's role in the timeout message (`helper pod`, `probe pod`).
+///
+/// # RBAC
+/// `delete`, `get` `pods` in the pod's namespace.
+///
+/// # Errors
+/// The delete or a read failed; [`PortError::Timeout`] when the pod is still there after 30 s.
+pub(crate) async fn delete_pod_and_wait(
+    api: &Api<core::Pod>,
+    name: &str,
+    what: &str,
+) -> Result<(), PortError> {
+    let dp = DeleteParams {
+        grace_period_seconds: Some(0),
+        ..DeleteParams::default()
+    };
+    match api.delete(name, &dp).await {
+        Ok(_) => {}
+        Err(e) if api_code(&e) == Some(404) => return Ok(()),
+        Err(e) => return Err(port_error("delete", format!("pod {name}"), e)),
+    }
+    for _ in 0..120 {
+        match api.get_opt(name).await {
+            Ok(None) => return Ok(()),
+            Ok(Some(_)) => tokio::time::sleep(Duration::from_millis(250)).await,
+            Err(e) => return Err(port_error("get", format!("pod {name}"), e)),
+        }
+    }
+    Err(PortError::Timeout {
+        what: format!("{what} {name} was not deleted within 30s"),
+    })
 }
 
 /// The restore helper pod for `node`: pinned with `nodeName` (no scheduler, so a cordoned node is

@@ -565,14 +565,19 @@ pub enum ProbeOutcome {
     },
 }
 
+impl ProbeOutcome {
+    /// True unless the server refused or the request failed.
+    #[must_use]
+    pub fn ok(&self) -> bool {
+        matches!(self, ProbeOutcome::Allowed | ProbeOutcome::NotSent { .. })
+    }
+}
+
 impl Probe {
     /// True unless the server refused or the request failed.
     #[must_use]
     pub fn ok(&self) -> bool {
-        matches!(
-            self.outcome,
-            ProbeOutcome::Allowed | ProbeOutcome::NotSent { .. }
-        )
+        self.outcome.ok()
     }
 }
 

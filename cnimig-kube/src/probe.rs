@@ -17,10 +17,10 @@ use cnimig_core::model::NodeName;
 use cnimig_core::ports::{PortError, Verification, Verifier};
 use cnimig_core::verify_probe::{PROBE_SCRIPT, ProbeReport, probe_problems};
 use k8s_openapi::api::core::v1 as core;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
 
-use crate::error::{api_code, port_error};
+use crate::error::port_error;
 use crate::{KubeCluster, RESTORE_HELPER_LABEL, in_cidrs};
 
 /// The label value of probe pods (label key [`RESTORE_HELPER_LABEL`], `cnimig.io/helper`).
@@ -148,25 +148,7 @@ impl<V: Verifier> ProbeVerifier<V> {
     }
 
     async fn delete_probe(&self, api: &Api<core::Pod>, name: &str) -> Result<(), PortError> {
-        let dp = DeleteParams {
-            grace_period_seconds: Some(0),
-            ..DeleteParams::default()
-        };
-        match api.delete(name, &dp).await {
-            Ok(_) => {}
-            Err(e) if api_code(&e) == Some(404) => return Ok(()),
-            Err(e) => return Err(port_error("delete", format!("pod {name}"), e)),
-        }
-        for _ in 0..120 {
-            match api.get_opt(name).await {
-                Ok(None) => return Ok(()),
-                Ok(Some(_)) => tokio::time::sleep(Duration::from_millis(250)).await,
-                Err(e) => return Err(port_error("get", format!("pod {name}"), e)),
-            }
-        }
-        Err(PortError::Timeout {
-            what: format!("probe pod {name} was not deleted within 30s"),
-        })
+        crate::cilium::delete_pod_and_wait(api, name, "probe pod").await
     }
 
     /// Runs the probe on `node`: problems found (empty = passed).

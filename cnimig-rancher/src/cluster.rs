@@ -1,7 +1,7 @@
 //! [`RancherCluster`]: reads the [`RancherSnapshot`] and carries out a [`RancherPlan`]'s steps on
 //! the Kubernetes API; [`RancherVerifier`]: the core's verifier plus the agent check.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -9,6 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use cnimig_core::model::NodeName;
 use cnimig_core::ports::{PortError, Verification, Verifier};
+use cnimig_kube::planning::ProbeOutcome;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1 as core;
@@ -20,6 +21,7 @@ use serde_json::Value;
 
 use crate::agent::{self, AgentError};
 use crate::cni::{self, CniError};
+use crate::dry_run::RancherWrite;
 use crate::gitops;
 use crate::plan::{Action, RancherConfig, RancherPlan, RancherSnapshot, When};
 
@@ -180,6 +182,124 @@ fn opt<T>(r: Result<T, kube::Error>, verb: &str, what: &str) -> Result<Option<T>
 
 fn to_json<T: serde::Serialize>(v: &T) -> Value {
     serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+/// Whether a write is made or only sent with server-side `dryRun=All`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Apply,
+    DryRun,
+}
+
+impl Mode {
+    fn patch(self) -> PatchParams {
+        match self {
+            Mode::Apply => PatchParams::default(),
+            Mode::DryRun => PatchParams::default().dry_run(),
+        }
+    }
+    fn post(self) -> PostParams {
+        PostParams {
+            dry_run: self == Mode::DryRun,
+            ..PostParams::default()
+        }
+    }
+}
+
+/// What one write site did.
+#[derive(Debug)]
+enum Wrote {
+    /// Nothing to write; why (already done, object absent).
+    Nothing(String),
+    /// The write was made ([`Mode::Apply`]).
+    Changed,
+    /// The write was sent with `dryRun=All` ([`Mode::DryRun`]).
+    DryRun {
+        /// Verb, resource and object.
+        request: String,
+        /// The body sent (patch or object).
+        body: Value,
+        /// The server's answer.
+        outcome: ProbeOutcome,
+        /// The object as the write would leave it (the dry run's answer), when allowed.
+        answer: Option<Value>,
+    },
+}
+
+impl Wrote {
+    fn changed(&self) -> bool {
+        matches!(self, Wrote::Changed)
+    }
+    /// A write that applies to the object only as an earlier step leaves it: computed, not sent.
+    fn after_earlier_step(
+        request: String,
+        patch: Option<json_patch::Patch>,
+        earlier: &str,
+    ) -> Self {
+        match patch {
+            None => Wrote::Nothing(format!("{request}: nothing to do after {earlier}")),
+            Some(p) => Wrote::DryRun {
+                request,
+                body: to_json(&p),
+                outcome: ProbeOutcome::NotSent {
+                    reason: format!(
+                        "computed from the dry run's answer for {earlier}; the API server can check it only once that step is made"
+                    ),
+                },
+                answer: None,
+            },
+        }
+    }
+    fn into_write(self, order: usize, step: &crate::plan::Step) -> RancherWrite {
+        let (request, body, outcome) = match self {
+            Wrote::Nothing(reason) => (
+                String::new(),
+                Value::Null,
+                ProbeOutcome::NotSent {
+                    reason: format!("nothing to write: {reason}"),
+                },
+            ),
+            Wrote::Changed => (String::new(), Value::Null, ProbeOutcome::Allowed),
+            Wrote::DryRun {
+                request,
+                body,
+                outcome,
+                ..
+            } => (request, body, outcome),
+        };
+        RancherWrite {
+            order,
+            when: step.when,
+            step: step.describe.clone(),
+            request,
+            body,
+            outcome,
+        }
+    }
+    fn dry<T: serde::Serialize>(request: String, body: Value, r: Result<T, kube::Error>) -> Self {
+        let (outcome, answer) = match r {
+            Ok(v) => (ProbeOutcome::Allowed, Some(to_json(&v))),
+            Err(kube::Error::Api(s)) => (
+                ProbeOutcome::Refused {
+                    code: s.code,
+                    message: s.message,
+                },
+                None,
+            ),
+            Err(e) => (
+                ProbeOutcome::Failed {
+                    error: e.to_string(),
+                },
+                None,
+            ),
+        };
+        Wrote::DryRun {
+            request,
+            body,
+            outcome,
+            answer,
+        }
+    }
 }
 
 /// Counters of what the agent check did, for reports and tests.
@@ -478,17 +598,8 @@ impl RancherCluster {
         plan: &RancherPlan,
         all_nodes_on_cilium: bool,
     ) -> Result<Vec<String>, RancherError> {
-        let mut steps: Vec<_> = plan
-            .steps_at(When::AfterLastNode)
-            .filter(|s| s.automatic())
-            .collect();
-        steps.sort_by_key(|s| match s.action {
-            Action::Rke2CniSwitch { .. } => 0,
-            Action::ArgoRestore { .. } => 1,
-            _ => 2,
-        });
         let mut done = Vec::new();
-        for s in steps {
+        for s in finish_steps(plan) {
             let changed = match &s.action {
                 Action::Rke2CniSwitch { target } => {
                     if !all_nodes_on_cilium {
@@ -513,6 +624,114 @@ impl RancherCluster {
         Ok(done)
     }
 
+    /// Sends every write the plan's automatic steps make, in the order a run makes them
+    /// ([`prepare`](Self::prepare)'s, then [`finish`](Self::finish)'s), with server-side
+    /// `dryRun=All`: the API server authenticates, authorises, validates and admits each one
+    /// (webhooks included) and persists nothing. Each [`RancherWrite`] names the step, the
+    /// request (verb, resource, object), the exact body (the JSON or merge patch, or the object
+    /// created) and the server's answer.
+    ///
+    /// # Caveats
+    /// A step after the last node whose patch applies to the object only as an earlier step
+    /// leaves it (restoring an agent or an Application not paused yet) cannot be sent before
+    /// that step is made: its patch is computed from the earlier step's dry-run answer and
+    /// reported as [`ProbeOutcome::NotSent`], body included. Nothing is waited for (the agent's
+    /// readiness on the host network is not), and the RKE2 `cni` switch is sent whatever the
+    /// nodes' state (a run sends it only once every node is on Cilium).
+    ///
+    /// # RBAC
+    /// The same as the steps (`get`, and `patch` or `create`, of each object): a missing verb
+    /// shows as a 403 in that write's outcome.
+    ///
+    /// # Errors
+    /// A failed read (other than a 404); [`RancherError::Agent`], [`RancherError::Cni`] or
+    /// [`RancherError::Refused`] for an object cnimig cannot handle as it is. A refused write
+    /// is an outcome, not an error.
+    pub async fn dry_run(&self, plan: &RancherPlan) -> Result<Vec<RancherWrite>, RancherError> {
+        let mode = Mode::DryRun;
+        let mut out = Vec::new();
+        // The objects as the steps before the first node would leave them (their dry-run
+        // answers), for the restores after the last node.
+        let mut agent_after: Option<Value> = None;
+        let mut apps_after: BTreeMap<(String, String), Value> = BTreeMap::new();
+        let steps = plan
+            .steps_at(When::BeforeFirstNode)
+            .filter(|s| s.automatic())
+            .chain(finish_steps(plan));
+        for s in steps {
+            let wrote = match &s.action {
+                Action::AgentToHostNetwork => {
+                    let w = self.patch_agent(agent::prepare_patch, mode).await?;
+                    if let Wrote::DryRun {
+                        answer: Some(a), ..
+                    } = &w
+                    {
+                        agent_after = Some(a.clone());
+                    }
+                    w
+                }
+                Action::Rke1PluginNone => self.rke1_plugin_none_as(mode).await?,
+                Action::Rke2ProvisionedAutodetection => {
+                    self.rke2_provisioned_autodetection_as(mode).await?
+                }
+                Action::Rke2HelmChartConfigAutodetection => {
+                    self.rke2_helm_chart_config_as(mode).await?
+                }
+                Action::ArgoPause { namespace, name } => {
+                    let w = self
+                        .argo_patch(namespace, name, |a| Ok(gitops::argo_pause_patch(a)), mode)
+                        .await?;
+                    if let Wrote::DryRun {
+                        answer: Some(a), ..
+                    } = &w
+                    {
+                        apps_after.insert((namespace.clone(), name.clone()), a.clone());
+                    }
+                    w
+                }
+                Action::Rke2CniSwitch { target } => self.rke2_cni_switch_as(target, mode).await?,
+                Action::ArgoRestore { namespace, name } => {
+                    let w = self
+                        .argo_patch(namespace, name, gitops::argo_restore_patch, mode)
+                        .await?;
+                    match (w, apps_after.get(&(namespace.clone(), name.clone()))) {
+                        (Wrote::Nothing(_), Some(paused)) => Wrote::after_earlier_step(
+                            format!(
+                                "PATCH applications.argoproj.io {namespace}/{name} (JSON patch)"
+                            ),
+                            gitops::argo_restore_patch(paused).map_err(RancherError::Refused)?,
+                            "the Application's pause",
+                        ),
+                        (w, _) => w,
+                    }
+                }
+                Action::AgentRestore => {
+                    let w = self.patch_agent(agent::restore_patch, mode).await?;
+                    match (w, &agent_after) {
+                        (Wrote::Nothing(_), Some(prepared)) => {
+                            let d: Deployment =
+                                serde_json::from_value(prepared.clone()).map_err(|e| {
+                                    RancherError::Refused(format!(
+                                        "read the dry run's answer for {}: {e}",
+                                        self.agent_id()
+                                    ))
+                                })?;
+                            Wrote::after_earlier_step(
+                                format!("PATCH deployments.apps {} (JSON patch)", self.agent_id()),
+                                agent::restore_patch(&d)?,
+                                "the agent's move onto the host network",
+                            )
+                        }
+                        (w, _) => w,
+                    }
+                }
+                Action::AgentCheck | Action::Manual => continue,
+            };
+            out.push(wrote.into_write(out.len() + 1, s));
+        }
+        Ok(out)
+    }
+
     /// JSON-patches the agent onto the host network ([`agent::prepare_patch`]); `true` when it
     /// changed something. Retries a few times when the Deployment changed under it.
     ///
@@ -522,7 +741,10 @@ impl RancherCluster {
     /// # Errors
     /// API failures; [`RancherError::Agent`] for a foreign annotation.
     pub async fn agent_to_host_network(&self) -> Result<bool, RancherError> {
-        self.patch_agent(agent::prepare_patch).await
+        Ok(self
+            .patch_agent(agent::prepare_patch, Mode::Apply)
+            .await?
+            .changed())
     }
 
     /// Restores the agent's saved fields and removes the saved copy ([`agent::restore_patch`]);
@@ -534,38 +756,28 @@ impl RancherCluster {
     /// # Errors
     /// API failures; [`RancherError::Agent`] for a foreign annotation.
     pub async fn restore_agent(&self) -> Result<bool, RancherError> {
-        self.patch_agent(agent::restore_patch).await
+        Ok(self
+            .patch_agent(agent::restore_patch, Mode::Apply)
+            .await?
+            .changed())
     }
 
     async fn patch_agent(
         &self,
         make: fn(&Deployment) -> Result<Option<json_patch::Patch>, AgentError>,
-    ) -> Result<bool, RancherError> {
-        let api = self.agent_api();
+        mode: Mode,
+    ) -> Result<Wrote, RancherError> {
         let id = self.agent_id();
-        for _ in 0..5 {
-            let Some(d) = opt(api.get(&self.opts.agent_name).await, "get", &id)? else {
-                return Ok(false);
-            };
-            let Some(p) = make(&d)? else {
-                return Ok(false);
-            };
-            match api
-                .patch(
-                    &self.opts.agent_name,
-                    &PatchParams::default(),
-                    &Patch::<()>::Json(p),
-                )
-                .await
-            {
-                Ok(_) => return Ok(true),
-                // A failed `test` (the API server answers 422; 409 for a lost update): the
-                // Deployment changed, or another run restored it. Re-read and decide again.
-                Err(kube::Error::Api(s)) if failed_test(s.code) => {}
-                Err(e) => return Err(port("patch", id, e).into()),
-            }
-        }
-        Err(RancherError::Port(PortError::Conflict { what: id }))
+        let request = format!("PATCH deployments.apps {id} (JSON patch)");
+        json_patch_step(
+            &self.agent_api(),
+            &self.opts.agent_name,
+            &id,
+            request,
+            mode,
+            |d| Ok(make(d)?),
+        )
+        .await
     }
 
     /// The agent's health now, re-patching it first when it was prepared but Rancher put it
@@ -671,7 +883,8 @@ impl RancherCluster {
         ar: &ApiResource,
         patch: &Value,
         check: impl Fn(&Value) -> bool,
-    ) -> Result<bool, RancherError> {
+        mode: Mode,
+    ) -> Result<Wrote, RancherError> {
         let m = self.mgmt()?;
         let (api, name): (Api<DynamicObject>, &str) = match m.cluster.split_once('/') {
             Some((ns, name)) => (Api::namespaced_with(m.client.clone(), ns, ar), name),
@@ -680,18 +893,38 @@ impl RancherCluster {
         let what = format!("{} {}", ar.kind, m.cluster);
         let before = to_json(&api.get(name).await.map_err(|e| port("get", &what, e))?);
         if check(&before) {
-            return Ok(false);
+            return Ok(Wrote::Nothing(format!("{what}: already so")));
         }
-        api.patch(name, &PatchParams::default(), &Patch::Merge(patch))
-            .await
-            .map_err(|e| port("patch", &what, e))?;
+        let r = api.patch(name, &mode.patch(), &Patch::Merge(patch)).await;
+        if mode == Mode::DryRun {
+            let request = format!(
+                "PATCH {}.{} {} (merge patch, management cluster)",
+                ar.plural, ar.group, m.cluster
+            );
+            let mut wrote = Wrote::dry(request, patch.clone(), r);
+            if let Wrote::DryRun {
+                outcome,
+                answer: Some(a),
+                ..
+            } = &mut wrote
+                && !check(a)
+            {
+                *outcome = ProbeOutcome::Failed {
+                    error: format!(
+                        "the dry run's answer does not show the change (a webhook would revert it?); check {what} in Rancher"
+                    ),
+                };
+            }
+            return Ok(wrote);
+        }
+        r.map_err(|e| port("patch", &what, e))?;
         let after = to_json(&api.get(name).await.map_err(|e| port("get", &what, e))?);
         if !check(&after) {
             return Err(RancherError::Refused(format!(
                 "{what} does not show the change after the patch (a webhook or controller reverted it?); check it in Rancher"
             )));
         }
-        Ok(true)
+        Ok(Wrote::Changed)
     }
 
     /// RKE1: `network.plugin: none` on the management Cluster, read back.
@@ -702,9 +935,16 @@ impl RancherCluster {
     /// # Errors
     /// API failures; [`RancherError::Refused`] when the value does not stick.
     pub async fn rke1_plugin_none(&self) -> Result<bool, RancherError> {
-        self.mgmt_merge(&management_cluster(), &cni::rke1_plugin_patch(), |c| {
-            cni::rke1_plugin(c) == Some("none")
-        })
+        Ok(self.rke1_plugin_none_as(Mode::Apply).await?.changed())
+    }
+
+    async fn rke1_plugin_none_as(&self, mode: Mode) -> Result<Wrote, RancherError> {
+        self.mgmt_merge(
+            &management_cluster(),
+            &cni::rke1_plugin_patch(),
+            |c| cni::rke1_plugin(c) == Some("none"),
+            mode,
+        )
         .await
     }
 
@@ -716,10 +956,18 @@ impl RancherCluster {
     /// # Errors
     /// As [`rke1_plugin_none`](Self::rke1_plugin_none).
     pub async fn rke2_provisioned_autodetection(&self) -> Result<bool, RancherError> {
+        Ok(self
+            .rke2_provisioned_autodetection_as(Mode::Apply)
+            .await?
+            .changed())
+    }
+
+    async fn rke2_provisioned_autodetection_as(&self, mode: Mode) -> Result<Wrote, RancherError> {
         self.mgmt_merge(
             &provisioning_cluster(),
             &cni::provisioned_autodetection_patch(),
             |c| cni::autodetection_ok(cni::provisioned_autodetection(c)).is_ok(),
+            mode,
         )
         .await
     }
@@ -732,10 +980,18 @@ impl RancherCluster {
     /// # Errors
     /// As [`rke1_plugin_none`](Self::rke1_plugin_none).
     pub async fn rke2_cni_switch(&self, target: &str) -> Result<bool, RancherError> {
+        Ok(self
+            .rke2_cni_switch_as(target, Mode::Apply)
+            .await?
+            .changed())
+    }
+
+    async fn rke2_cni_switch_as(&self, target: &str, mode: Mode) -> Result<Wrote, RancherError> {
         self.mgmt_merge(
             &provisioning_cluster(),
             &cni::cni_switch_patch(target),
             |c| cni::rke2_cni(c) == Some(target),
+            mode,
         )
         .await
     }
@@ -749,6 +1005,10 @@ impl RancherCluster {
     /// # Errors
     /// API failures; [`RancherError::Cni`] for values that are not YAML.
     pub async fn rke2_helm_chart_config(&self) -> Result<bool, RancherError> {
+        Ok(self.rke2_helm_chart_config_as(Mode::Apply).await?.changed())
+    }
+
+    async fn rke2_helm_chart_config_as(&self, mode: Mode) -> Result<Wrote, RancherError> {
         let ns = &self.opts.system_namespace;
         let api = self.ns_dyn(ns, &helm_chart_config());
         let what = format!("helmchartconfig {ns}/{}", cni::RKE2_CALICO);
@@ -760,15 +1020,22 @@ impl RancherCluster {
                 .and_then(Value::as_str)
                 .unwrap_or("");
             if cni::autodetection_ok(cni::values_autodetection(values)?.as_ref()).is_ok() {
-                return Ok(false);
+                return Ok(Wrote::Nothing(format!("{what}: already so")));
             }
             let new_values = cni::values_with_autodetection(values)?;
-            let result = match &current {
+            let (request, body, result) = match &current {
                 None => {
-                    let obj: DynamicObject =
-                        serde_json::from_value(cni::helm_chart_config(ns, &new_values))
-                            .map_err(|e| RancherError::Refused(format!("build {what}: {e}")))?;
-                    api.create(&PostParams::default(), &obj).await.map(|_| ())
+                    let body = cni::helm_chart_config(ns, &new_values);
+                    let obj: DynamicObject = serde_json::from_value(body.clone())
+                        .map_err(|e| RancherError::Refused(format!("build {what}: {e}")))?;
+                    (
+                        format!(
+                            "POST helmchartconfigs.helm.cattle.io {ns} (create {})",
+                            cni::RKE2_CALICO
+                        ),
+                        body,
+                        api.create(&mode.post(), &obj).await,
+                    )
                 }
                 Some(h) => {
                     let rv = h
@@ -786,17 +1053,23 @@ impl RancherCluster {
                     .map_err(|e| {
                         RancherError::Refused(format!("build the patch of {what}: {e}"))
                     })?;
-                    api.patch(
-                        cni::RKE2_CALICO,
-                        &PatchParams::default(),
-                        &Patch::<()>::Json(p),
+                    let body = to_json(&p);
+                    (
+                        format!(
+                            "PATCH helmchartconfigs.helm.cattle.io {ns}/{} (JSON patch)",
+                            cni::RKE2_CALICO
+                        ),
+                        body,
+                        api.patch(cni::RKE2_CALICO, &mode.patch(), &Patch::<()>::Json(p))
+                            .await,
                     )
-                    .await
-                    .map(|_| ())
                 }
             };
+            if mode == Mode::DryRun {
+                return Ok(Wrote::dry(request, body, result));
+            }
             match result {
-                Ok(()) => return Ok(true),
+                Ok(_) => return Ok(Wrote::Changed),
                 Err(kube::Error::Api(s)) if failed_test(s.code) => {}
                 Err(e) => return Err(port("write", &what, e).into()),
             }
@@ -809,26 +1082,15 @@ impl RancherCluster {
         namespace: &str,
         name: &str,
         make: impl Fn(&Value) -> Result<Option<json_patch::Patch>, String>,
-    ) -> Result<bool, RancherError> {
+        mode: Mode,
+    ) -> Result<Wrote, RancherError> {
         let api = self.ns_dyn(namespace, &application());
         let what = format!("application {namespace}/{name}");
-        for _ in 0..5 {
-            let Some(app) = opt(api.get(name).await, "get", &what)? else {
-                return Ok(false);
-            };
-            let Some(p) = make(&to_json(&app)).map_err(RancherError::Refused)? else {
-                return Ok(false);
-            };
-            match api
-                .patch(name, &PatchParams::default(), &Patch::<()>::Json(p))
-                .await
-            {
-                Ok(_) => return Ok(true),
-                Err(kube::Error::Api(s)) if failed_test(s.code) => {}
-                Err(e) => return Err(port("patch", &what, e).into()),
-            }
-        }
-        Err(RancherError::Port(PortError::Conflict { what }))
+        let request = format!("PATCH applications.argoproj.io {namespace}/{name} (JSON patch)");
+        json_patch_step(&api, name, &what, request, mode, |app| {
+            make(&to_json(app)).map_err(RancherError::Refused)
+        })
+        .await
     }
 
     /// Pauses an Application's auto-sync ([`gitops::argo_pause_patch`]).
@@ -839,8 +1101,15 @@ impl RancherCluster {
     /// # Errors
     /// API failures.
     pub async fn argo_pause(&self, namespace: &str, name: &str) -> Result<bool, RancherError> {
-        self.argo_patch(namespace, name, |a| Ok(gitops::argo_pause_patch(a)))
-            .await
+        Ok(self
+            .argo_patch(
+                namespace,
+                name,
+                |a| Ok(gitops::argo_pause_patch(a)),
+                Mode::Apply,
+            )
+            .await?
+            .changed())
     }
 
     /// Restores an Application's auto-sync ([`gitops::argo_restore_patch`]).
@@ -851,9 +1120,66 @@ impl RancherCluster {
     /// # Errors
     /// API failures; [`RancherError::Refused`] for a foreign annotation.
     pub async fn argo_restore(&self, namespace: &str, name: &str) -> Result<bool, RancherError> {
-        self.argo_patch(namespace, name, gitops::argo_restore_patch)
-            .await
+        Ok(self
+            .argo_patch(namespace, name, gitops::argo_restore_patch, Mode::Apply)
+            .await?
+            .changed())
     }
+}
+
+/// Reads `name`, asks `make` for the JSON patch that does the step (`None`: already done) and
+/// sends it (`mode`). The patch carries its own `test` operations: when one fails (the object
+/// changed, or another run did the step) the object is read again and `make` decides again,
+/// up to 5 times. `what` names the object in errors, `request` the write in a dry run's report.
+async fn json_patch_step<K>(
+    api: &Api<K>,
+    name: &str,
+    what: &str,
+    request: String,
+    mode: Mode,
+    make: impl Fn(&K) -> Result<Option<json_patch::Patch>, RancherError>,
+) -> Result<Wrote, RancherError>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    for _ in 0..5 {
+        let Some(obj) = opt(api.get(name).await, "get", what)? else {
+            return Ok(Wrote::Nothing(format!("{what} not found")));
+        };
+        let Some(p) = make(&obj)? else {
+            return Ok(Wrote::Nothing(format!("{what}: already done")));
+        };
+        let body = to_json(&p);
+        let r = api.patch(name, &mode.patch(), &Patch::<()>::Json(p)).await;
+        if mode == Mode::DryRun {
+            return Ok(Wrote::dry(request, body, r));
+        }
+        match r {
+            Ok(_) => return Ok(Wrote::Changed),
+            // A failed `test` (the API server answers 422; 409 for a lost update): re-read and
+            // decide again.
+            Err(kube::Error::Api(s)) if failed_test(s.code) => {}
+            Err(e) => return Err(port("patch", what, e).into()),
+        }
+    }
+    Err(RancherError::Port(PortError::Conflict {
+        what: what.into(),
+    }))
+}
+
+/// The automatic steps after the last node, in the order [`RancherCluster::finish`] makes
+/// them: the RKE2 `cni` switch, Argo CD restored, the agent restored last.
+fn finish_steps(plan: &RancherPlan) -> Vec<&crate::plan::Step> {
+    let mut steps: Vec<_> = plan
+        .steps_at(When::AfterLastNode)
+        .filter(|s| s.automatic())
+        .collect();
+    steps.sort_by_key(|s| match s.action {
+        Action::Rke2CniSwitch { .. } => 0,
+        Action::ArgoRestore { .. } => 1,
+        _ => 2,
+    });
+    steps
 }
 
 /// The core's [`Verifier`] plus the cluster agent: after a node verifies, the agent must still

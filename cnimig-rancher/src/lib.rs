@@ -87,10 +87,12 @@ pub mod agent;
 mod cluster;
 pub mod cni;
 pub mod detect;
+pub mod dry_run;
 pub mod gitops;
 pub mod plan;
 
 pub use cluster::{Management, RancherCluster, RancherError, RancherOptions, RancherVerifier};
+pub use dry_run::RancherWrite;
 
 /// The CRDs this crate's objects need on a test control plane (`deploy/crds/rancher/`):
 /// `management.cattle.io` and `provisioning.cattle.io` Clusters, `helm.cattle.io` HelmChart and

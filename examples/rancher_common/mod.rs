@@ -73,6 +73,9 @@ async fn kube_config(path: Option<&PathBuf>, context: Option<&String>) -> Result
 
 /// Everything a run needs.
 pub struct Session {
+    /// The downstream cluster's client configuration (`rancher_migrate`'s dry run sends with it).
+    #[allow(dead_code)]
+    pub config: kube::Config,
     pub kube: KubeCluster,
     pub rancher: RancherCluster,
     pub cfg: MigrationConfig,
@@ -103,8 +106,8 @@ pub async fn connect(c: &Conn) -> Result<Session> {
     let config = kube_config(c.kubeconfig.as_ref(), c.context.as_ref()).await?;
     let url = config.cluster_url.to_string();
     let client = cnimig_kube::logged_client(config.clone()).context("build a client")?;
-    let kube =
-        KubeCluster::new(config, KubeOptions::default()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let kube = KubeCluster::new(config.clone(), KubeOptions::default())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mgmt = match (&c.management_kubeconfig, &c.cluster) {
         (Some(p), Some(cluster)) => {
             let mc = kube_config(Some(p), c.management_context.as_ref()).await?;
@@ -120,7 +123,12 @@ pub async fn connect(c: &Conn) -> Result<Session> {
     opts.config.pause_gitops = c.pause_gitops;
     opts.config.rke2_cni_target = c.rke2_cni_target.clone();
     let rancher = RancherCluster::new(client, url, opts, mgmt);
-    Ok(Session { kube, rancher, cfg })
+    Ok(Session {
+        config,
+        kube,
+        rancher,
+        cfg,
+    })
 }
 
 /// An orchestrator over the cluster (the verifier wrapped by the caller when it migrates).

@@ -13,6 +13,7 @@
 #[path = "../../../cnimig-kube/tests/kube/common.rs"]
 mod common;
 
+mod dry_run;
 mod e2e;
 mod steps;
 
