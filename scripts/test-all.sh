@@ -49,7 +49,9 @@ if [ "${CNIMIG_NO_TESTENV:-0}" != 1 ]; then
 fi
 
 step "tests (release: the property tests simulate thousands of clusters)"
-# `cargo test` builds the examples too: tests/kube_migrate.rs runs that kube_migrate binary
-# instead of building it again from inside the test (a second build with other features).
+# `cargo test` builds the examples too: tests/kube_migrate.rs and tests/kube_finish.rs run those binaries
+# instead of building them again from inside the test (a second build with other features).
 export CNIMIG_KUBE_MIGRATE_BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/examples/kube_migrate"
+# tests/kube_finish.rs runs kube_finalize and kube_cleanup from the same folder.
+export CNIMIG_EXAMPLES_DIR="${CARGO_TARGET_DIR:-$PWD/target}/release/examples"
 cargo test --workspace --release --locked

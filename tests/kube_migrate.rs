@@ -735,7 +735,9 @@ async fn killed_at_random_moments_resumes_to_the_same_final_state() {
     }
 
     let uninterrupted = tokio::spawn(run_to_end(reference.command(&["--yes"])));
-    let wanted_kills = 5;
+    // The issue asks for 10 kills; a 10-node run prints about 90 transitions, so kills after 2 to
+    // 7 of each run's transitions all land before the migration ends.
+    let wanted_kills = 10;
     let mut kills = Vec::new();
     let mut runs = 0;
     let mut locked = 0;
@@ -743,14 +745,14 @@ async fn killed_at_random_moments_resumes_to_the_same_final_state() {
     loop {
         runs += 1;
         assert!(
-            runs < 40,
+            runs < 100,
             "no successful run after {runs} starts (seed {seed}):\n{log}"
         );
         let mut child = cluster.command(&["--yes"]).spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
         let kill_after = if kills.len() < wanted_kills {
-            Some(rng.random_range(2..12))
+            Some(rng.random_range(2..8))
         } else {
             None
         };
