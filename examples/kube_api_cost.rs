@@ -97,13 +97,13 @@ async fn main() -> Result<()> {
     if args.poll_ms == 0 || args.poll_ms > 60_000 {
         bail!("--poll-ms must be between 1 and 60000");
     }
-    if let Some(k) = &args.kubectl {
-        if !k.is_file() {
-            bail!(
-                "--kubectl {}: no such file; build it with CNIMIG_TESTENV_KUBECTL=1 scripts/testenv/build.sh",
-                k.display()
-            );
-        }
+    if let Some(k) = &args.kubectl
+        && !k.is_file()
+    {
+        bail!(
+            "--kubectl {}: no such file; build it with CNIMIG_TESTENV_KUBECTL=1 scripts/testenv/build.sh",
+            k.display()
+        );
     }
     let audit_log = args
         .audit_log

@@ -990,11 +990,11 @@ async fn runs_with_in_cluster_configuration() {
         "mkdir -p {target} && mount --bind {sa} {target} && exec \"$@\"",
         sa = sa_dir.display()
     );
+    let report_path = cluster.dir.join("report.json").display().to_string();
     let mut c = tokio::process::Command::new("unshare");
     c.args(["-m", "--propagation", "private", "sh", "-c", &script, "sh"])
         .arg(binary())
-        .args(cluster.args(&["--yes", "--json-report"]))
-        .arg(cluster.dir.join("report.json"))
+        .args(cluster.args(&["--yes", "--json-report", &report_path]))
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("HOME", cluster.dir.join("no-home"))
