@@ -60,9 +60,16 @@ impl KubeCluster {
     /// # RBAC
     /// None beyond discovery (`/apis/cilium.io/*` is open to authenticated users).
     pub(crate) async fn node_config_api(&self) -> Result<NodeConfigApi, PortError> {
-        let group = kube::discovery::group(&self.inner.client, "cilium.io")
-            .await
-            .map_err(|e| port_error("discover", "API group cilium.io", e))?;
+        let group = match kube::discovery::group(&self.inner.client, "cilium.io").await {
+            Ok(g) => g,
+            // No Cilium CRD at all: say what to install, as when the version is missing.
+            Err(kube::Error::Discovery(kube::error::DiscoveryError::MissingApiGroup(_))) => {
+                return Err(PortError::NotFound {
+                    what: "CRD ciliumnodeconfigs.cilium.io (API group cilium.io not served); install Cilium 1.13 or later".into(),
+                });
+            }
+            Err(e) => return Err(port_error("discover", "API group cilium.io", e)),
+        };
         let served: Vec<String> = group
             .versions()
             .filter(|v| {

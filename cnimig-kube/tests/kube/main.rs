@@ -29,4 +29,5 @@ mod nodes;
 mod prepare;
 mod probe;
 mod rbac;
+mod served_version;
 mod state;
