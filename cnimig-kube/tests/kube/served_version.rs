@@ -27,11 +27,16 @@ fn repo_root() -> PathBuf {
 }
 
 /// Runs a `scripts/testenv` script for this test's run dir, without the shared control plane's
-/// `CNIMIG_TESTENV_*` variables (its port, above all).
+/// `CNIMIG_TESTENV_*` variables (its port, above all); the binary cache and the readiness
+/// timeout the user set are kept.
 fn testenv(script: &str, run: &Path) -> std::process::Command {
     let mut c = std::process::Command::new(repo_root().join("scripts/testenv").join(script));
     for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("CNIMIG_TESTENV_") {
+        let name = k.to_string_lossy();
+        if name.starts_with("CNIMIG_TESTENV_")
+            && name != "CNIMIG_TESTENV_CACHE"
+            && name != "CNIMIG_TESTENV_TIMEOUT"
+        {
             c.env_remove(k);
         }
     }
