@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use cnimig_core::cleanup::{Cleaner, CleanupError, CleanupStep};
-use cnimig_core::finalize::{FinalOptions, FinalPorts, FinalizeError};
+use cnimig_core::finalize::{FinalOptions, FinalizeError};
 use cnimig_kube::{KubeCluster, finish};
 use kube_common::{EXIT_API, EXIT_LOCKED, EXIT_OK, EXIT_PREFLIGHT, EXIT_STOPPED, Fail};
 
@@ -78,16 +78,8 @@ async fn run(args: &Args) -> Result<kube_common::Outcome, Fail> {
         poll_interval: Duration::from_millis(args.run.poll_ms),
         ..FinalOptions::default()
     };
-    let ports = FinalPorts {
-        cluster: Arc::new(cluster.clone()),
-        cilium: Arc::new(cluster.clone()),
-        store: Arc::new(cluster.clone()),
-        finalize: Arc::new(cluster.clone()),
-        allow: Arc::new(cluster.clone()),
-        clock: Arc::new(cnimig_kube::SystemClock),
-    };
     let cleaner = Cleaner::new(
-        ports,
+        cluster.final_ports(),
         Arc::new(cluster.clone()),
         Arc::new(cluster.clone()) as Arc<KubeCluster>,
         cfg,

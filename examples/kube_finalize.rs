@@ -27,13 +27,11 @@
 #[path = "kube_common/mod.rs"]
 mod kube_common;
 
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use cnimig_core::finalize::{FinalOptions, FinalPorts, FinalizeError, Finalizer};
-use cnimig_kube::{KubeCluster, finish};
+use cnimig_core::finalize::{FinalOptions, FinalizeError, Finalizer};
+use cnimig_kube::finish;
 use kube_common::{EXIT_API, EXIT_LOCKED, EXIT_OK, EXIT_PREFLIGHT, EXIT_STOPPED, Fail};
 
 /// Makes Cilium the cluster's CNI after the migration; a dry run without --yes.
@@ -89,7 +87,7 @@ async fn run(args: &Args) -> Result<kube_common::Outcome, Fail> {
             host_port_pods: plan.host_port_pods,
         },
     };
-    let fin = Finalizer::new(ports(&cluster), cfg, opts.clone());
+    let fin = Finalizer::new(cluster.final_ports(), cfg, opts.clone());
     println!("== Finalize (holder {})", opts.holder);
     let watch = kube_common::watch_record(cluster.clone(), &args.run);
     let result = fin.finalize().await;
@@ -132,23 +130,10 @@ fn finalize_code(e: &FinalizeError) -> i32 {
     }
 }
 
-/// Every port finalize drives, on the one adapter.
-fn ports(cluster: &KubeCluster) -> FinalPorts {
-    FinalPorts {
-        cluster: Arc::new(cluster.clone()),
-        cilium: Arc::new(cluster.clone()),
-        store: Arc::new(cluster.clone()),
-        finalize: Arc::new(cluster.clone()),
-        allow: Arc::new(cluster.clone()),
-        clock: Arc::new(cnimig_kube::SystemClock),
-    }
-}
-
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
     cnimig::progress::init_logs();
-    let report: Option<PathBuf> = args.run.json_report.clone();
-    let code = kube_common::finish_main(run(&args).await, report.as_ref());
+    let code = kube_common::finish_main(run(&args).await, args.run.json_report.as_ref());
     std::process::exit(code);
 }

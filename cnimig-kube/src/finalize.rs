@@ -6,9 +6,10 @@
 //! Exercised by `cnimig-kube/tests/finalize` on the test control plane.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use async_trait::async_trait;
-use cnimig_core::finalize::{FINAL_ANNOTATION, FinalRecord, FinalizePort};
+use cnimig_core::finalize::{FINAL_ANNOTATION, FinalPorts, FinalRecord, FinalizePort};
 use cnimig_core::ports::PortError;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -34,6 +35,21 @@ fn record_of(lease: &Lease) -> Result<Option<FinalRecord>, PortError> {
                 what: format!("lease {FINAL_LEASE_NAME}"),
                 detail,
             }),
+    }
+}
+
+impl KubeCluster {
+    /// Every port finalize (and clean-up, through it) drives, on this one adapter and the
+    /// system clock.
+    pub fn final_ports(&self) -> FinalPorts {
+        FinalPorts {
+            cluster: Arc::new(self.clone()),
+            cilium: Arc::new(self.clone()),
+            store: Arc::new(self.clone()),
+            finalize: Arc::new(self.clone()),
+            allow: Arc::new(self.clone()),
+            clock: Arc::new(crate::SystemClock),
+        }
     }
 }
 

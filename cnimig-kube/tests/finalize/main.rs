@@ -26,7 +26,7 @@ use std::time::Duration;
 use cnimig_core::cilium::{CiliumPhase, ValueInputs, rendered_config};
 use cnimig_core::cleanup::{Cleaner, HELPER_HOST_PATHS};
 use cnimig_core::config::{MigrationConfig, NodeScope};
-use cnimig_core::finalize::{FinalOptions, FinalPorts, FinalizeError, Finalizer};
+use cnimig_core::finalize::{FinalOptions, FinalizeError, Finalizer};
 use cnimig_core::machine::Phase;
 use cnimig_core::model::LabelSelector;
 use cnimig_core::orchestrator::{Orchestrator, Ports, RunOptions};
@@ -171,14 +171,7 @@ async fn migrate_finalize_and_clean_up_five_emulated_nodes() {
             .unwrap();
         assert_eq!(report.count(Phase::Done), NODES, "{report:#?}");
 
-        let ports = FinalPorts {
-            cluster: Arc::new(cluster.clone()),
-            cilium: Arc::new(cluster.clone()),
-            store: Arc::new(cluster.clone()),
-            finalize: Arc::new(cluster.clone()),
-            allow: Arc::new(cluster.clone()),
-            clock: Arc::new(cnimig_kube::SystemClock),
-        };
+        let ports = cluster.final_ports();
         let fopts = FinalOptions {
             holder: format!("final-{ns}"),
             config_timeout: Duration::from_secs(2),
