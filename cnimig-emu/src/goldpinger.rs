@@ -8,10 +8,12 @@
 //! `cilium-config` (a pod whose IP is in `cluster-pool-ipv4-cidr` is on Cilium, a hostNetwork
 //! pod on the host, any other on Calico) and a [`Firewall`] a test can change while it runs.
 //!
-//! It listens on a local TCP port (plain HTTP/1.x, one request per connection). The API server's
-//! service proxy refuses loopback endpoints, and the emulated pods' IPs are not routable, so a
-//! verifier reaches this endpoint by URL (`cnimig_kube::goldpinger::GoldpingerSource::Url`), as
-//! it would reach a real Goldpinger through `kubectl port-forward`.
+//! It listens on a local TCP port (plain HTTP/1.x, one request per connection). The emulated
+//! pods' IPs are not routable, so a verifier reaches this endpoint by URL
+//! (`cnimig_kube::goldpinger::GoldpingerSource::Url`), as it would reach a real Goldpinger
+//! through `kubectl port-forward`; or, listening on a routable address (the API server's service
+//! proxy refuses loopback) behind a Service whose Endpoints name a pod holding that address,
+//! through the service proxy.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -9,9 +9,8 @@
 //! - `ServiceProxy` (the default): `GET /api/v1/namespaces/NS/services/NAME:PORT/proxy/check_all`
 //!   through the API server, no port-forward and no route to the pod network needed. RBAC: `get
 //!   services/proxy` on the Service.
-//! - `Url`: a direct `http://` URL (a `kubectl port-forward`, an ingress, or the emulator's local
-//!   endpoint, which the API server's proxy cannot reach because it refuses loopback
-//!   destinations). Plain HTTP only.
+//! - `Url`: a direct `http://` URL (a `kubectl port-forward`, an ingress, or the emulator's
+//!   endpoint on loopback, which the API server's proxy refuses). Plain HTTP only.
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -252,3 +252,23 @@ pub async fn cilium_config(client: &Client, ns: &str, data: Value) {
     .await
     .expect("cilium-config");
 }
+
+/// This machine's IPv4 address on its default route: an endpoint the API server's service proxy
+/// accepts (it refuses loopback and link-local destinations). Found with an unconnected UDP
+/// socket's `connect`, which only picks a route and sends nothing.
+pub fn routable_ipv4() -> std::net::Ipv4Addr {
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").expect("a UDP socket");
+    sock.connect("192.0.2.254:9")
+        .or_else(|_| sock.connect("10.255.255.254:9"))
+        .expect(
+            "this machine has no route for a non-loopback address (no default route): the \
+             service-proxy test needs an address the API server's proxy accepts",
+        );
+    match sock.local_addr().expect("local address").ip() {
+        std::net::IpAddr::V4(ip) if !ip.is_loopback() && !ip.is_link_local() => ip,
+        other => panic!(
+            "the default route's source address {other} is not one the API server's service \
+             proxy accepts (loopback or link-local)"
+        ),
+    }
+}
