@@ -617,7 +617,8 @@ pub(crate) fn outcome<T>(r: Result<T, kube::Error>) -> ProbeOutcome {
 /// `dryRun=All`; `None` when the plan has no change.
 ///
 /// # RBAC
-/// `get`, `patch` `daemonsets` or `installations` (`deploy/rbac-verify.yaml`).
+/// `get` (`deploy/rbac.yaml`) and `patch` (`deploy/rbac-verify.yaml`) of `daemonsets` or
+/// `installations`.
 pub async fn probe_prepare(cluster: &KubeCluster, plan: &KubePlan) -> Option<Probe> {
     let fix = plan.prepare.fix.as_ref()?;
     let write = match &fix.target {

@@ -15,9 +15,9 @@
 //! is one JSON patch with a `test` of `resourceVersion`: the value and the record change together
 //! or not at all.
 //!
-//! # RBAC (`deploy/rbac-verify.yaml`)
-//! `get`, `patch` `daemonsets` (apps); `get`, `patch` `installations` (`operator.tigera.io`);
-//! `list` `nodes`.
+//! # RBAC
+//! `patch` `daemonsets` (apps) and `installations` (`operator.tigera.io`) from
+//! `deploy/rbac-verify.yaml`; `get` of both and `list` `nodes` from `deploy/rbac.yaml`.
 
 use std::net::Ipv4Addr;
 use std::time::Duration;

@@ -202,51 +202,10 @@ async fn goldpinger_is_read_through_the_api_server_service_proxy() {
     let env = crate::env_or_skip!();
     let admin = env.admin.clone();
     common::with_temp_ns(admin.clone(), "gpx", |ns| async move {
-        let host = common::routable_ipv4();
-        let live = rendered_config(
-            &MigrationConfig::new("10.245.0.0/16".parse().unwrap()),
-            ValueInputs::default(),
-            CiliumPhase::Migration,
-        );
-        common::cilium_config(&admin, &ns, serde_json::to_value(&live).unwrap()).await;
-        let nodes: Vec<String> = (0..3).map(|i| format!("{ns}-n{i}")).collect();
-        let node_api: Api<k8s_openapi::api::core::v1::Node> = Api::all(admin.clone());
-        for (i, n) in nodes.iter().enumerate() {
-            common::create_node(&admin, n, common::labels(&[("cnimig.io/e2e", &ns)])).await;
-            node_api
-                .patch_status(n, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(json!({
-                    "status": {"addresses": [{"type": "InternalIP", "address": format!("192.0.2.{}", 20 + i)}]}})))
-                .await
-                .unwrap();
-            let pod = format!("gp-{i}");
-            common::create_pod(&admin, &ns, &pod, n, json!({"metadata": {"labels": {"app": "gpx"}}})).await;
-            common::mark_running(&admin, &ns, &pod, &format!("10.42.{i}.10")).await;
-        }
-        let mut gcfg = cnimig_emu::goldpinger::GoldpingerEmuConfig::new(&ns);
-        gcfg.selector = "app=gpx".into();
-        gcfg.cilium_namespace = ns.clone();
-        gcfg.listen = std::net::SocketAddr::from((host, 0));
-        let gp = cnimig_emu::goldpinger::serve(admin.clone(), gcfg).await.unwrap();
-        // The proxy only goes to an address whose `targetRef` pod has that IP: a host-network
-        // pod on the first node stands for the endpoint (not labelled as Goldpinger, so not
-        // one of the pods `/check_all` reports).
-        common::create_pod(&admin, &ns, "gpx-endpoint", &nodes[0], json!({"spec": {"hostNetwork": true}})).await;
-        common::mark_running(&admin, &ns, "gpx-endpoint", &host.to_string()).await;
-        let target = i32::from(gp.addr.port());
-        for o in [
-            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "gpx", "namespace": ns},
-                   "spec": {"ports": [{"name": "http", "port": 8080, "targetPort": target}]}}),
-            json!({"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": "gpx", "namespace": ns},
-                   "subsets": [{"addresses": [{"ip": host.to_string(),
-                                               "targetRef": {"kind": "Pod", "namespace": ns, "name": "gpx-endpoint"}}],
-                                "ports": [{"name": "http", "port": target}]}]}),
-        ] {
-            cnimig_emu::setup::apply(&admin, &o).await.unwrap();
-        }
+        let (gp, nodes) = goldpinger_behind_a_service(&admin, &ns).await;
         cnimig_emu::setup::apply_yaml(&admin, include_str!("../../../deploy/rbac-verify.yaml"))
             .await
             .unwrap();
-
         let mut opts = common::opts(&ns);
         opts.node_selector = Some(format!("cnimig.io/e2e={ns}"));
         let gopts = GoldpingerOptions {
@@ -257,23 +216,43 @@ async fn goldpinger_is_read_through_the_api_server_service_proxy() {
             request_timeout: Duration::from_secs(5),
             ..GoldpingerOptions::default()
         };
-        assert_eq!(gopts.source, GoldpingerSource::ServiceProxy, "the default source");
+        assert_eq!(
+            gopts.source,
+            GoldpingerSource::ServiceProxy,
+            "the default source"
+        );
         let proxied = GoldpingerVerifier::new(env.cluster(opts.clone()), gopts.clone()).unwrap();
         let direct = GoldpingerVerifier::new(
             env.cluster(opts),
-            GoldpingerOptions { source: GoldpingerSource::Url(gp.check_all_url()), ..gopts },
+            GoldpingerOptions {
+                source: GoldpingerSource::Url(gp.check_all_url()),
+                ..gopts
+            },
         )
         .unwrap();
         // (RBAC and the Endpoints reach the API server through informers: allow them a moment.)
-        wait_until("/check_all through the service proxy", Duration::from_secs(20), || {
-            let proxied = proxied.clone();
-            async move { proxied.check_all().await.map_err(|e| eprintln!("proxy: {e}")).is_ok() }
-        })
+        wait_until(
+            "/check_all through the service proxy",
+            Duration::from_secs(20),
+            || {
+                let proxied = proxied.clone();
+                async move {
+                    proxied
+                        .check_all()
+                        .await
+                        .map_err(|e| eprintln!("proxy: {e}"))
+                        .is_ok()
+                }
+            },
+        )
         .await;
         let through_proxy = proxied.check_all().await.unwrap();
         assert_eq!(through_proxy.hosts.len(), 3, "{through_proxy:?}");
         assert_eq!(through_proxy, direct.check_all().await.unwrap());
-        assert_eq!(proxied.verify_cluster().await.unwrap(), Verification::Healthy);
+        assert_eq!(
+            proxied.verify_cluster().await.unwrap(),
+            Verification::Healthy
+        );
 
         // Everything dropped from node 0 to node 2: read through the proxy, named.
         gp.firewall
@@ -286,7 +265,9 @@ async fn goldpinger_is_read_through_the_api_server_service_proxy() {
         };
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(
-            problems[0].contains(&nodes[0]) && problems[0].contains(&nodes[2]) && problems[0].contains("cannot reach"),
+            problems[0].contains(&nodes[0])
+                && problems[0].contains(&nodes[2])
+                && problems[0].contains("cannot reach"),
             "{problems:?}"
         );
         drop(gp);
@@ -295,4 +276,74 @@ async fn goldpinger_is_read_through_the_api_server_service_proxy() {
         }
     })
     .await;
+}
+
+/// Three Ready nodes labelled `cnimig.io/e2e=<ns>` (`<ns>-n0`..`n2`), one Goldpinger pod
+/// (`app=gpx`) on each, and the emulated Goldpinger endpoint on this machine's routable address
+/// (the API server's service proxy refuses loopback) behind Service `gpx` (port 8080, no
+/// selector) whose Endpoints name a host-network pod holding that address (the proxy only goes
+/// to an address its `targetRef` pod has). Returns the endpoint and the node names.
+pub(crate) async fn goldpinger_behind_a_service(
+    admin: &kube::Client,
+    ns: &str,
+) -> (cnimig_emu::goldpinger::GoldpingerEmu, Vec<String>) {
+    let (admin, ns) = (admin.clone(), ns.to_string());
+    let host = common::routable_ipv4();
+    let live = rendered_config(
+        &MigrationConfig::new("10.245.0.0/16".parse().unwrap()),
+        ValueInputs::default(),
+        CiliumPhase::Migration,
+    );
+    common::cilium_config(&admin, &ns, serde_json::to_value(&live).unwrap()).await;
+    let nodes: Vec<String> = (0..3).map(|i| format!("{ns}-n{i}")).collect();
+    let node_api: Api<k8s_openapi::api::core::v1::Node> = Api::all(admin.clone());
+    for (i, n) in nodes.iter().enumerate() {
+        common::create_node(&admin, n, common::labels(&[("cnimig.io/e2e", &ns)])).await;
+        node_api
+            .patch_status(n, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(json!({
+                "status": {"addresses": [{"type": "InternalIP", "address": format!("192.0.2.{}", 20 + i)}]}})))
+            .await
+            .unwrap();
+        let pod = format!("gp-{i}");
+        common::create_pod(
+            &admin,
+            &ns,
+            &pod,
+            n,
+            json!({"metadata": {"labels": {"app": "gpx"}}}),
+        )
+        .await;
+        common::mark_running(&admin, &ns, &pod, &format!("10.42.{i}.10")).await;
+    }
+    let mut gcfg = cnimig_emu::goldpinger::GoldpingerEmuConfig::new(&ns);
+    gcfg.selector = "app=gpx".into();
+    gcfg.cilium_namespace = ns.clone();
+    gcfg.listen = std::net::SocketAddr::from((host, 0));
+    let gp = cnimig_emu::goldpinger::serve(admin.clone(), gcfg)
+        .await
+        .unwrap();
+    // The proxy only goes to an address whose `targetRef` pod has that IP: a host-network
+    // pod on the first node stands for the endpoint (not labelled as Goldpinger, so not
+    // one of the pods `/check_all` reports).
+    common::create_pod(
+        &admin,
+        &ns,
+        "gpx-endpoint",
+        &nodes[0],
+        json!({"spec": {"hostNetwork": true}}),
+    )
+    .await;
+    common::mark_running(&admin, &ns, "gpx-endpoint", &host.to_string()).await;
+    let target = i32::from(gp.addr.port());
+    for o in [
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "gpx", "namespace": ns},
+               "spec": {"ports": [{"name": "http", "port": 8080, "targetPort": target}]}}),
+        json!({"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": "gpx", "namespace": ns},
+               "subsets": [{"addresses": [{"ip": host.to_string(),
+                                           "targetRef": {"kind": "Pod", "namespace": ns, "name": "gpx-endpoint"}}],
+                            "ports": [{"name": "http", "port": target}]}]}),
+    ] {
+        cnimig_emu::setup::apply(&admin, &o).await.unwrap();
+    }
+    (gp, nodes)
 }

@@ -29,5 +29,6 @@ mod nodes;
 mod prepare;
 mod probe;
 mod rbac;
+mod rbac_verify;
 mod served_version;
 mod state;

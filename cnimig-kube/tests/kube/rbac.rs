@@ -225,7 +225,7 @@ const PROBES: &[Probe] = &[
 ];
 
 /// The ClusterRole `cnimig` of deploy/rbac.yaml: its rules, as JSON.
-fn role_rules() -> Vec<Value> {
+pub(crate) fn role_rules() -> Vec<Value> {
     let docs = cnimig_emu::setup::yaml_docs(cnimig_emu::setup::RBAC).unwrap();
     let role = docs
         .into_iter()
@@ -235,7 +235,7 @@ fn role_rules() -> Vec<Value> {
 }
 
 /// Every (group, resource, verb) the rules grant.
-fn grants(rules: &[Value]) -> BTreeSet<(String, String, String)> {
+pub(crate) fn grants(rules: &[Value]) -> BTreeSet<(String, String, String)> {
     let strs = |v: &Value| -> Vec<String> {
         v.as_array()
             .into_iter()
@@ -258,14 +258,24 @@ fn grants(rules: &[Value]) -> BTreeSet<(String, String, String)> {
 
 /// The rules with one verb taken away from one (group, resource).
 fn without(rules: &[Value], p: &Probe) -> Vec<Value> {
+    without_grant(rules, p.group, p.resource, p.verb)
+}
+
+/// The rules with `verb` taken away from (`group`, `resource`) only.
+pub(crate) fn without_grant(
+    rules: &[Value],
+    group: &str,
+    resource: &str,
+    verb: &str,
+) -> Vec<Value> {
     let mut out = Vec::new();
     for r in rules {
         let covers = r["apiGroups"]
             .as_array()
-            .is_some_and(|a| a.iter().any(|g| g == p.group))
+            .is_some_and(|a| a.iter().any(|g| g == group))
             && r["resources"]
                 .as_array()
-                .is_some_and(|a| a.iter().any(|x| x == p.resource));
+                .is_some_and(|a| a.iter().any(|x| x == resource));
         if !covers {
             out.push(r.clone());
             continue;
@@ -277,7 +287,7 @@ fn without(rules: &[Value], p: &Probe) -> Vec<Value> {
                     .as_array()
                     .into_iter()
                     .flatten()
-                    .filter(|v| !(g == p.group && res == p.resource && *v == p.verb))
+                    .filter(|v| !(g == group && res == resource && *v == verb))
                     .collect();
                 if !verbs.is_empty() {
                     out.push(json!({"apiGroups": [g], "resources": [res], "verbs": verbs}));
@@ -289,7 +299,13 @@ fn without(rules: &[Value], p: &Probe) -> Vec<Value> {
 }
 
 /// Asks the API server whether `user` may `verb` the resource (a SubjectAccessReview as admin).
-async fn allowed(admin: &Client, user: &str, group: &str, resource: &str, verb: &str) -> bool {
+pub(crate) async fn allowed(
+    admin: &Client,
+    user: &str,
+    group: &str,
+    resource: &str,
+    verb: &str,
+) -> bool {
     let (res, sub) = resource
         .split_once('/')
         .map_or((resource, None), |(r, s)| (r, Some(s)));
@@ -309,7 +325,7 @@ async fn allowed(admin: &Client, user: &str, group: &str, resource: &str, verb: 
 
 /// Binds a new ServiceAccount in `ns` to `rules`; returns its client config once the
 /// authorizer has seen the binding.
-async fn bind(
+pub(crate) async fn bind(
     admin: &Client,
     admin_config: &Config,
     ns: &str,
@@ -344,7 +360,7 @@ async fn bind(
     (cfg, name)
 }
 
-async fn unbind(admin: &Client, name: &str) {
+pub(crate) async fn unbind(admin: &Client, name: &str) {
     for kind in ["clusterroles", "clusterrolebindings"] {
         let ar = kube::api::ApiResource {
             group: "rbac.authorization.k8s.io".into(),
