@@ -3,6 +3,7 @@
 //! model, `cnimig_emu::calico_node`). The address check names every node and changes nothing;
 //! the autodetection fix is applied (as cnimig's ServiceAccount with deploy/rbac-verify.yaml),
 //! rolls out, and the check passes; undone when the run is abandoned, the DaemonSet is as before.
+//! The same through an operator install's `Installation`, with an emulated operator rendering it.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -418,6 +419,151 @@ async fn a_run_prepares_and_undoes_the_fix_when_abandoned() {
         );
 
         drop(responder);
+        emu.stop();
+        for n in &node_names {
+            common::delete_node(&admin, n).await;
+        }
+    })
+    .await;
+}
+
+/// What the Tigera operator does with `spec.calicoNetwork.nodeAddressAutodetectionV4`: renders
+/// it as `IP_AUTODETECTION_METHOD` of `calico-system/calico-node` (absent: first-found). Written
+/// here from Calico's documented fields, independently of the adapter's own mapping.
+fn operator_render(installation: &serde_json::Value) -> String {
+    let a = &installation["spec"]["calicoNetwork"]["nodeAddressAutodetectionV4"];
+    let s = |k: &str| a[k].as_str().map(str::to_string);
+    if a["kubernetes"] == "NodeInternalIP" {
+        "kubernetes-internal-ip".into()
+    } else if let Some(i) = s("interface") {
+        format!("interface={i}")
+    } else if let Some(i) = s("skipInterface") {
+        format!("skip-interface={i}")
+    } else if let Some(d) = s("canReach") {
+        format!("can-reach={d}")
+    } else if let Some(c) = a["cidrs"].as_array() {
+        let c: Vec<&str> = c.iter().filter_map(serde_json::Value::as_str).collect();
+        format!("cidr={}", c.join(","))
+    } else {
+        "first-found".into()
+    }
+}
+
+/// An operator install: the fix patches the `Installation` (an Installation of this test's own,
+/// so the tests sharing `Installation default` are not disturbed), an emulated operator renders
+/// it into `calico-system/calico-node` on this test's nodes, the adapter waits for that rollout,
+/// the address check passes; applying again writes nothing; undo restores the Installation's
+/// spec exactly and the operator rolls first-found back out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_install_is_fixed_through_its_installation() {
+    let env = crate::env_or_skip!();
+    common::with_temp_ns(env.admin.clone(), "prepop", |ns| async move {
+        use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams};
+        let admin = env.admin.clone();
+        cnimig_emu::setup::apply_yaml(&admin, include_str!("../../../deploy/rbac-verify.yaml"))
+            .await
+            .unwrap();
+        let cfg = MigrationConfig::new("10.245.0.0/16".parse().unwrap());
+        let live = rendered_config(&cfg, ValueInputs::default(), CiliumPhase::Migration);
+        common::cilium_config(&admin, &ns, serde_json::to_value(&live).unwrap()).await;
+        let mut ecfg = cnimig_emu::EmuConfig::new(&format!("{ns}-n"), 2);
+        ecfg.cilium_namespace = ns.clone();
+        ecfg.node_labels = BTreeMap::from([("cnimig.io/e2e".to_string(), ns.clone())]);
+        let node_names = ecfg.nodes.clone();
+        let emu = cnimig_emu::start(admin.clone(), ecfg).await.unwrap();
+        let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
+        cnimig_emu::setup::apply(&admin, &daemon_set(&ns, "cilium", json!([]))).await.unwrap();
+        wait_ready(&pods, "cilium", 2).await;
+
+        // The operator's objects: an Installation asking for first-found, and what it renders.
+        let inst_name = common::unique("inst");
+        let inst_ar = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("operator.tigera.io", "v1", "Installation"),
+            "installations",
+        );
+        let insts: Api<DynamicObject> = Api::all_with(admin.clone(), &inst_ar);
+        cnimig_emu::setup::apply(&admin, &json!({"apiVersion": "operator.tigera.io/v1", "kind": "Installation",
+            "metadata": {"name": inst_name},
+            "spec": {"variant": "Calico", "calicoNetwork": {"bgp": "Disabled",
+                     "nodeAddressAutodetectionV4": {"firstFound": true},
+                     "ipPools": [{"cidr": "10.42.0.0/16", "encapsulation": "VXLAN"}]}}}))
+            .await
+            .unwrap();
+        cnimig_emu::setup::apply(&admin, &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "calico-system"}}))
+            .await
+            .unwrap();
+        let mut ds = daemon_set("calico-system", "calico-node",
+            json!([{"name": "IP_AUTODETECTION_METHOD", "value": "first-found"}]));
+        ds["spec"]["template"]["spec"]["nodeSelector"] = json!({"cnimig.io/e2e": ns});
+        cnimig_emu::setup::apply(&admin, &ds).await.unwrap();
+        let sys_pods: Api<Pod> = Api::namespaced(admin.clone(), "calico-system");
+        wait_ready(&sys_pods, "calico-node", 2).await;
+        let operator = {
+            let (admin, insts, name) = (admin.clone(), insts.clone(), inst_name.clone());
+            tokio::spawn(async move {
+                let dss: Api<DaemonSet> = Api::namespaced(admin, "calico-system");
+                loop {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let Ok(i) = insts.get(&name).await else { continue };
+                    let want = operator_render(&serde_json::to_value(&i).unwrap());
+                    let Ok(d) = dss.get("calico-node").await else { continue };
+                    let d = serde_json::to_value(&d).unwrap();
+                    if d["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"] != want.as_str() {
+                        let patch = json!([{"op": "replace",
+                            "path": "/spec/template/spec/containers/0/env/0/value", "value": want}]);
+                        let _ = dss
+                            .patch("calico-node", &PatchParams::default(),
+                                   &Patch::<()>::Json(serde_json::from_value(patch).unwrap()))
+                            .await;
+                    }
+                }
+            })
+        };
+
+        let cluster = env.cluster(common::opts(&ns));
+        let selector = format!("cnimig.io/e2e={ns}");
+        assert_eq!(cluster.calico_address_check(Some(&selector)).await.unwrap().len(), 2);
+        let before = insts.get(&inst_name).await.unwrap();
+        let facts = CalicoFacts {
+            install: CalicoInstall::Operator,
+            autodetection: Autodetection::FirstFound,
+            ..CalicoFacts::default()
+        };
+        let mut fix = autodetection_change(&facts, None).unwrap().expect("needed");
+        assert!(matches!(fix.target, AutodetectChange::OperatorInstallation { .. }), "{fix:?}");
+        fix.target = AutodetectChange::OperatorInstallation { name: inst_name.clone() };
+        assert!(cluster.apply_autodetection_fix(&fix, Duration::from_secs(180)).await.unwrap());
+        let applied = insts.get(&inst_name).await.unwrap();
+        assert_eq!(
+            applied.data["spec"]["calicoNetwork"]["nodeAddressAutodetectionV4"],
+            json!({"kubernetes": "NodeInternalIP"})
+        );
+        assert!(
+            applied.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(AUTODETECTION_UNDO_ANNOTATION)),
+            "undo record: {:?}",
+            applied.metadata.annotations
+        );
+        let problems = cluster.calico_address_check(Some(&selector)).await.unwrap();
+        assert!(problems.is_empty(), "calico-node rolled out with the node's InternalIP: {problems:#?}");
+        // Applying again writes nothing.
+        assert!(!cluster.apply_autodetection_fix(&fix, Duration::from_secs(60)).await.unwrap());
+        assert_eq!(
+            insts.get(&inst_name).await.unwrap().metadata.resource_version,
+            applied.metadata.resource_version
+        );
+
+        // Undo: the Installation's spec as before, the record gone, first-found rolled out again.
+        assert!(cluster.undo_autodetection_fix(&fix.target, Duration::from_secs(180)).await.unwrap());
+        let after = insts.get(&inst_name).await.unwrap();
+        assert_eq!(after.data["spec"], before.data["spec"]);
+        assert_eq!(after.metadata.annotations.unwrap_or_default(), before.metadata.annotations.unwrap_or_default());
+        assert_eq!(cluster.calico_address_check(Some(&selector)).await.unwrap().len(), 2);
+        assert!(!cluster.undo_autodetection_fix(&fix.target, Duration::from_secs(30)).await.unwrap());
+
+        operator.abort();
+        let _ = insts.delete(&inst_name, &DeleteParams::default()).await;
+        let dss: Api<DaemonSet> = Api::namespaced(admin.clone(), "calico-system");
+        let _ = dss.delete("calico-node", &DeleteParams::default()).await;
         emu.stop();
         for n in &node_names {
             common::delete_node(&admin, n).await;
