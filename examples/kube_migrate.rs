@@ -49,6 +49,7 @@ use clap::Parser;
 use cnimig::progress::{Mode, Progress};
 use cnimig_core::events::{Event, EventSink};
 use cnimig_core::machine::Phase;
+use cnimig_core::model::Time;
 use cnimig_core::orchestrator::{Orchestrator, Ports, RunError, RunOptions, RunReport};
 use cnimig_kube::planning::{self, KubePlan};
 use cnimig_kube::prepare::PrepareRunError;
@@ -185,7 +186,7 @@ async fn run(args: &Args) -> Result<Outcome, Fail> {
     let confirmed = args.confirm_network_actions || ask_network_actions(&kplan);
     println!("== Prepare");
     let prepared = match cluster
-        .prepare_run(&kplan.prepare, confirmed, rollout)
+        .prepare_run(&kplan.prepare, confirmed, &holder, rollout)
         .await
     {
         Ok(p) => {
@@ -199,7 +200,7 @@ async fn run(args: &Args) -> Result<Outcome, Fail> {
             );
             p
         }
-        Err(e) => return Ok(prepare_failed(&e, plan_json)),
+        Err(e) => return Ok(prepare_failed(&e, plan_json, &args)),
     };
 
     let orch = Orchestrator::new(
@@ -237,11 +238,15 @@ async fn run(args: &Args) -> Result<Outcome, Fail> {
         k.close().await;
     }
     let undo = match &result {
-        Ok(r) => Some(cluster.undo_if_abandoned(&kplan.prepare, r, rollout).await),
+        Ok(r) => Some(
+            cluster
+                .undo_if_abandoned(&kplan.prepare, r, &holder, rollout)
+                .await,
+        ),
         // The run refused to start: nothing migrated; undo what this run changed.
         Err(RunError::Preflight(_) | RunError::NotInMigrationMode(_)) if prepared.applied => Some(
             cluster
-                .undo_autodetection_fix(&kplan.prepare.undo_target(), rollout)
+                .undo_prepared(&kplan.prepare, &holder, rollout)
                 .await,
         ),
         _ => None,
@@ -265,19 +270,7 @@ async fn run(args: &Args) -> Result<Outcome, Fail> {
     }
     let (code, report) = match result {
         Ok(r) => (summarise(&r), serde_json::to_value(&r).unwrap_or_default()),
-        Err(RunError::Locked { holder: h, until }) => {
-            eprintln!(
-                "another run holds the lock (Lease {}/{}): holder {h}, until {} UTC ({}); nothing changed. If that run died, run again after that time.",
-                args.conn.system_namespace,
-                args.conn.lock_name,
-                clock(until.0),
-                relative(until.0)
-            );
-            (
-                EXIT_LOCKED,
-                serde_json::json!({"lockedBy": h, "until": until.0}),
-            )
-        }
+        Err(RunError::Locked { holder: h, until }) => locked(&args, &h, until),
         Err(e @ (RunError::Preflight(_) | RunError::NotInMigrationMode(_))) => {
             eprintln!("{e}");
             (EXIT_PREFLIGHT, serde_json::json!({"error": e.to_string()}))
@@ -314,10 +307,33 @@ fn ask_network_actions(kplan: &KubePlan) -> bool {
     std::io::stdin().lock().read_line(&mut line).is_ok() && line.trim() == "yes"
 }
 
+/// Another run holds the Lease: says who and until when; the exit code and report.
+fn locked(args: &Args, h: &str, until: Time) -> (i32, serde_json::Value) {
+    eprintln!(
+        "another run holds the lock (Lease {}/{}): holder {h}, until {} UTC ({}); nothing changed. If that run died, run again after that time.",
+        args.conn.system_namespace,
+        args.conn.lock_name,
+        clock(until.0),
+        relative(until.0)
+    );
+    (
+        EXIT_LOCKED,
+        serde_json::json!({"lockedBy": h, "until": until.0}),
+    )
+}
+
 /// The exit code and report when preparing failed (nothing left changed by this run).
-fn prepare_failed(e: &PrepareRunError, plan_json: serde_json::Value) -> Outcome {
+fn prepare_failed(e: &PrepareRunError, plan_json: serde_json::Value, args: &Args) -> Outcome {
     let code = match e {
         PrepareRunError::NotConfirmed => EXIT_USAGE,
+        PrepareRunError::Locked { holder, until } => {
+            let (code, lock) = locked(args, holder, *until);
+            return Outcome {
+                code,
+                report: serde_json::json!({"plan": plan_json, "run": lock}),
+            };
+        }
+        PrepareRunError::Lease { .. } => EXIT_API,
         PrepareRunError::AddressMismatch { problems, undo } => {
             eprintln!("Calico's node addresses are wrong; no node was touched ({undo}):");
             for p in problems {

@@ -23,9 +23,10 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use cnimig_core::config::MigrationConfig;
+use cnimig_core::model::Time;
 use cnimig_core::model::{Autodetection, CalicoFacts, CalicoInstall};
 use cnimig_core::orchestrator::RunReport;
-use cnimig_core::ports::PortError;
+use cnimig_core::ports::{Clock, LockOutcome, PortError, StateStore};
 use cnimig_core::prepare::{
     AutodetectChange, AutodetectionFix, PrepareError, abandoned, autodetection_change,
     calico_address_problems, manifest_value, operator_value, user_actions,
@@ -618,6 +619,22 @@ pub enum PrepareRunError {
         /// What happened to the change this call made.
         undo: String,
     },
+    /// Another run holds the Lease. Nothing was written.
+    #[error(
+        "another run holds the Lease ({holder}, until {until:?}); nothing changed. If that run died, run again once its Lease expires."
+    )]
+    Locked {
+        /// The holder.
+        holder: String,
+        /// Its expiry (milliseconds since the Unix epoch).
+        until: Time,
+    },
+    /// The Lease could not be read or written. Nothing was written.
+    #[error("the run's Lease could not be taken: {error}; nothing changed")]
+    Lease {
+        /// The failure.
+        error: PortError,
+    },
 }
 
 /// What [`KubeCluster::prepare_run`] did.
@@ -674,6 +691,12 @@ impl KubeCluster {
     /// `projectcalico.org/IPv4Address` equal to its InternalIP. Call it only after the user
     /// agreed to the plan (`--yes`).
     ///
+    /// It first takes the run's Lease as `holder` (the orchestrator's
+    /// [`RunOptions::holder`](cnimig_core::orchestrator::RunOptions::holder), which then takes it
+    /// over), for `timeout` plus a minute, so that of two runs started at once only one changes
+    /// Calico; the other gets [`PrepareRunError::Locked`] with nothing written. On success the
+    /// Lease stays held; on failure it is released.
+    ///
     /// On any failure the change this call wrote is undone (and the error says how that went);
     /// a change an earlier run recorded is left for [`KubeCluster::undo_if_abandoned`].
     ///
@@ -683,11 +706,44 @@ impl KubeCluster {
         &self,
         plan: &PreparePlan,
         network_actions_confirmed: bool,
+        holder: &str,
         timeout: Duration,
     ) -> Result<Prepared, PrepareRunError> {
         if !network_actions_confirmed {
             return Err(PrepareRunError::NotConfirmed);
         }
+        match self.take_lease(holder, timeout).await {
+            Ok(None) => {}
+            Ok(Some((holder, until))) => return Err(PrepareRunError::Locked { holder, until }),
+            Err(error) => return Err(PrepareRunError::Lease { error }),
+        }
+        let r = self.prepare_locked(plan, timeout).await;
+        if r.is_err() {
+            // Best effort: a Lease left held only delays the next run until it expires.
+            let _ = self.release_lock(holder).await;
+        }
+        r
+    }
+
+    /// Takes the Lease as `holder` for `timeout` plus a minute; `Some((holder, until))` when
+    /// another run holds it.
+    async fn take_lease(
+        &self,
+        holder: &str,
+        timeout: Duration,
+    ) -> Result<Option<(String, Time)>, PortError> {
+        let ttl = timeout.saturating_add(Duration::from_secs(60));
+        match self.acquire_lock(holder, self.now(), ttl).await? {
+            LockOutcome::Acquired => Ok(None),
+            LockOutcome::HeldBy { holder, until } => Ok(Some((holder, until))),
+        }
+    }
+
+    async fn prepare_locked(
+        &self,
+        plan: &PreparePlan,
+        timeout: Duration,
+    ) -> Result<Prepared, PrepareRunError> {
         let mut applied = false;
         if let Some(fix) = &plan.fix {
             match self.apply_autodetection_fix(fix, timeout).await {
@@ -735,23 +791,50 @@ impl KubeCluster {
     }
 
     /// After a run: when it was abandoned ([`cnimig_core::prepare::abandoned`]: no node on
-    /// Cilium), undoes the recorded autodetection change (this run's or an earlier one's) and
-    /// waits up to `timeout` for Calico's rollout. `Ok(true)` when something was undone.
-    /// A run that is not abandoned changes nothing here.
+    /// Cilium), undoes the recorded autodetection change (this run's or an earlier one's) with
+    /// [`KubeCluster::undo_prepared`]. `Ok(true)` when something was undone. A run that is not
+    /// abandoned changes nothing here.
     ///
     /// # Errors
-    /// As [`KubeCluster::undo_autodetection_fix`].
+    /// As [`KubeCluster::undo_prepared`].
     pub async fn undo_if_abandoned(
         &self,
         plan: &PreparePlan,
         report: &RunReport,
+        holder: &str,
         timeout: Duration,
     ) -> Result<bool, PortError> {
         if !abandoned(report) {
             return Ok(false);
         }
-        self.undo_autodetection_fix(&plan.undo_target(), timeout)
-            .await
+        self.undo_prepared(plan, holder, timeout).await
+    }
+
+    /// Undoes the recorded autodetection change under the run's Lease (taken as `holder` again:
+    /// the orchestrator releases it when a run ends) and waits up to `timeout` for Calico's
+    /// rollout, then releases the Lease. `Ok(true)` when something was undone.
+    ///
+    /// # Errors
+    /// [`PortError::Conflict`] when another run took the Lease since (the change is left to
+    /// it, nothing written); otherwise as [`KubeCluster::undo_autodetection_fix`].
+    pub async fn undo_prepared(
+        &self,
+        plan: &PreparePlan,
+        holder: &str,
+        timeout: Duration,
+    ) -> Result<bool, PortError> {
+        if let Some((other, _)) = self.take_lease(holder, timeout).await? {
+            return Err(PortError::Conflict {
+                what: format!(
+                    "the run's Lease (now held by {other}, another run, which owns Calico's autodetection change from here; nothing undone)"
+                ),
+            });
+        }
+        let r = self
+            .undo_autodetection_fix(&plan.undo_target(), timeout)
+            .await;
+        let _ = self.release_lock(holder).await;
+        r
     }
 }
 

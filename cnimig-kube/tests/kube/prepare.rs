@@ -297,7 +297,8 @@ async fn a_run_prepares_and_undoes_the_fix_when_abandoned() {
         let rollout = Duration::from_secs(180);
 
         // Not confirmed: refused, nothing written.
-        let e = cluster.prepare_run(&prep, false, rollout).await.unwrap_err();
+        let holder = format!("prep-{ns}");
+        let e = cluster.prepare_run(&prep, false, &holder, rollout).await.unwrap_err();
         assert!(matches!(e, PrepareRunError::NotConfirmed), "{e}");
         assert_eq!(rv(&dss.get("calico-node").await.unwrap()), rv(&before));
 
@@ -307,7 +308,7 @@ async fn a_run_prepares_and_undoes_the_fix_when_abandoned() {
             fix: None,
             ..prep.clone()
         };
-        match cluster.prepare_run(&no_fix, true, rollout).await {
+        match cluster.prepare_run(&no_fix, true, &holder, rollout).await {
             Err(PrepareRunError::AddressMismatch { problems, undo }) => {
                 assert_eq!(problems.len(), 3, "{problems:#?}");
                 for n in &node_names {
@@ -359,8 +360,15 @@ async fn a_run_prepares_and_undoes_the_fix_when_abandoned() {
 
         // Run 1: prepared with consent, then every probe fails (the nodes cannot reach the
         // API server): the first node rolls back, the run stops, it is abandoned, undone.
-        let p = cluster.prepare_run(&prep, true, rollout).await.unwrap();
+        let p = cluster.prepare_run(&prep, true, &holder, rollout).await.unwrap();
         assert!(p.applied);
+        // A second run started meanwhile: the Lease is this run's, so it changes nothing.
+        let prepared = dss.get("calico-node").await.unwrap();
+        match cluster.prepare_run(&prep, true, "another-run", rollout).await {
+            Err(PrepareRunError::Locked { holder: h, .. }) => assert_eq!(h, holder),
+            other => panic!("a second run must be refused while the first holds the Lease: {other:?}"),
+        }
+        assert_eq!(rv(&dss.get("calico-node").await.unwrap()), rv(&prepared));
         assert!(
             dss.get("calico-node")
                 .await
@@ -383,7 +391,7 @@ async fn a_run_prepares_and_undoes_the_fix_when_abandoned() {
         assert_eq!(r1.count(Phase::RolledBack), 1, "{r1:#?}");
         assert_eq!(r1.count(Phase::Done), 0, "{r1:#?}");
         assert!(cnimig_core::prepare::abandoned(&r1));
-        assert!(cluster.undo_if_abandoned(&prep, &r1, rollout).await.unwrap());
+        assert!(cluster.undo_if_abandoned(&prep, &r1, &holder, rollout).await.unwrap());
         let after = dss.get("calico-node").await.unwrap();
         assert_eq!(
             serde_json::to_value(&after.spec.as_ref().unwrap().template).unwrap(),
@@ -404,12 +412,12 @@ async fn a_run_prepares_and_undoes_the_fix_when_abandoned() {
 
         // Run 2: the firewall is fixed; prepared again, every node Done, the fix stays.
         firewall.lock().unwrap().blocked_node_pairs.clear();
-        let p = cluster.prepare_run(&prep, true, rollout).await.unwrap();
+        let p = cluster.prepare_run(&prep, true, &holder, rollout).await.unwrap();
         assert!(p.applied);
         let r2 = run(true).await;
         assert_eq!(r2.count(Phase::Done), 3, "{r2:#?}");
         assert!(!cnimig_core::prepare::abandoned(&r2));
-        assert!(!cluster.undo_if_abandoned(&prep, &r2, rollout).await.unwrap());
+        assert!(!cluster.undo_if_abandoned(&prep, &r2, &holder, rollout).await.unwrap());
         let kept = dss.get("calico-node").await.unwrap();
         assert!(
             kept.metadata
