@@ -272,3 +272,29 @@ pub fn routable_ipv4() -> std::net::Ipv4Addr {
         ),
     }
 }
+
+/// Cilium's live config for `cfg` (migration phase) as `cilium-config` in `ns`, and an emulator
+/// config for `n` nodes `<ns>-n-NN` labelled `cnimig.io/e2e=<ns>` with Cilium's objects in `ns`,
+/// for the test to adjust before `cnimig_emu::start`. Returns both.
+pub async fn emulated_cluster(
+    admin: &Client,
+    ns: &str,
+    cfg: &cnimig_core::config::MigrationConfig,
+    n: usize,
+) -> (cnimig_emu::EmuConfig, BTreeMap<String, String>) {
+    let live = cnimig_core::cilium::rendered_config(
+        cfg,
+        cnimig_core::cilium::ValueInputs::default(),
+        cnimig_core::cilium::CiliumPhase::Migration,
+    );
+    cilium_config(
+        admin,
+        ns,
+        serde_json::to_value(&live).expect("config as JSON"),
+    )
+    .await;
+    let mut ecfg = cnimig_emu::EmuConfig::new(&format!("{ns}-n"), n);
+    ecfg.cilium_namespace = ns.to_string();
+    ecfg.node_labels = BTreeMap::from([("cnimig.io/e2e".to_string(), ns.to_string())]);
+    (ecfg, live)
+}

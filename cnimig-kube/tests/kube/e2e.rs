@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::Duration;
 
-use cnimig_core::cilium::{CiliumPhase, ValueInputs, rendered_config};
 use cnimig_core::config::{MigrationConfig, NodeScope};
 use cnimig_core::events::Event;
 use cnimig_core::machine::Phase;
@@ -141,12 +140,8 @@ async fn migrates_twenty_two_emulated_nodes() {
         cfg.poll_interval = Duration::from_millis(300);
         cfg.drain_timeout = Duration::from_secs(180);
         cfg.step_timeout = Duration::from_secs(90);
-        let live = rendered_config(&cfg, ValueInputs::default(), CiliumPhase::Migration);
-        common::cilium_config(&admin, &ns, serde_json::to_value(&live).unwrap()).await;
 
-        let mut ecfg = cnimig_emu::EmuConfig::new(&format!("{ns}-n"), WORKERS + CONTROL_PLANE);
-        ecfg.cilium_namespace = ns.clone();
-        ecfg.node_labels = BTreeMap::from([("cnimig.io/e2e".to_string(), ns.clone())]);
+        let (mut ecfg, _) = common::emulated_cluster(&admin, &ns, &cfg, WORKERS + CONTROL_PLANE).await;
         for (i, n) in ecfg.nodes.iter().enumerate() {
             let mut l = BTreeMap::from([("topology.kubernetes.io/zone".to_string(), format!("zone-{}", i % 3))]);
             if i >= WORKERS {
@@ -313,12 +308,8 @@ async fn a_failing_node_rolls_back_to_calico() {
         cfg.poll_interval = Duration::from_millis(300);
         cfg.drain_timeout = Duration::from_secs(60);
         cfg.step_timeout = Duration::from_secs(8);
-        let live = rendered_config(&cfg, ValueInputs::default(), CiliumPhase::Migration);
-        common::cilium_config(&admin, &ns, serde_json::to_value(&live).unwrap()).await;
         crate::calico::calico_objects(&admin).await;
-        let mut ecfg = cnimig_emu::EmuConfig::new(&format!("{ns}-n"), 3);
-        ecfg.cilium_namespace = ns.clone();
-        ecfg.node_labels = BTreeMap::from([("cnimig.io/e2e".to_string(), ns.clone())]);
+        let (mut ecfg, _) = common::emulated_cluster(&admin, &ns, &cfg, 3).await;
         ecfg.stuck_agents = ecfg.nodes.iter().cloned().collect();
         let node_names = ecfg.nodes.clone();
         let emu = cnimig_emu::start(admin.clone(), ecfg).await.unwrap();

@@ -42,12 +42,8 @@ async fn a_firewall_break_is_caught_by_goldpinger_and_the_node_rolls_back() {
         cfg.poll_interval = Duration::from_millis(300);
         cfg.drain_timeout = Duration::from_secs(60);
         cfg.step_timeout = Duration::from_secs(10);
-        let live = rendered_config(&cfg, ValueInputs::default(), CiliumPhase::Migration);
-        common::cilium_config(&admin, &ns, serde_json::to_value(&live).unwrap()).await;
         crate::calico::calico_objects(&admin).await;
-        let mut ecfg = cnimig_emu::EmuConfig::new(&format!("{ns}-n"), 3);
-        ecfg.cilium_namespace = ns.clone();
-        ecfg.node_labels = BTreeMap::from([("cnimig.io/e2e".to_string(), ns.clone())]);
+        let (ecfg, live) = common::emulated_cluster(&admin, &ns, &cfg, 3).await;
         let node_names = ecfg.nodes.clone();
         let emu = cnimig_emu::start(admin.clone(), ecfg).await.unwrap();
 

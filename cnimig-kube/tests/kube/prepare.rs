@@ -8,7 +8,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use cnimig_core::cilium::{CiliumPhase, ValueInputs, rendered_config};
 use cnimig_core::config::MigrationConfig;
 use cnimig_core::model::{Autodetection, CalicoFacts, CalicoInstall};
 use cnimig_core::prepare::{AutodetectChange, autodetection_change};
@@ -67,11 +66,7 @@ async fn autodetection_fix_is_needed_applied_checked_and_undone() {
             .await
             .unwrap();
         let cfg = MigrationConfig::new("10.245.0.0/16".parse().unwrap());
-        let live = rendered_config(&cfg, ValueInputs::default(), CiliumPhase::Migration);
-        common::cilium_config(&admin, &ns, serde_json::to_value(&live).unwrap()).await;
-        let mut ecfg = cnimig_emu::EmuConfig::new(&format!("{ns}-n"), 3);
-        ecfg.cilium_namespace = ns.clone();
-        ecfg.node_labels = BTreeMap::from([("cnimig.io/e2e".to_string(), ns.clone())]);
+        let (ecfg, _) = common::emulated_cluster(&admin, &ns, &cfg, 3).await;
         let node_names = ecfg.nodes.clone();
         let emu = cnimig_emu::start(admin.clone(), ecfg).await.unwrap();
         let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
@@ -231,12 +226,8 @@ async fn a_run_prepares_and_undoes_the_fix_when_abandoned() {
         cfg.poll_interval = Duration::from_millis(300);
         cfg.drain_timeout = Duration::from_secs(60);
         cfg.step_timeout = Duration::from_secs(20);
-        let live = rendered_config(&cfg, ValueInputs::default(), CiliumPhase::Migration);
-        common::cilium_config(&admin, &ns, serde_json::to_value(&live).unwrap()).await;
         crate::calico::calico_objects(&admin).await;
-        let mut ecfg = cnimig_emu::EmuConfig::new(&format!("{ns}-n"), 3);
-        ecfg.cilium_namespace = ns.clone();
-        ecfg.node_labels = BTreeMap::from([("cnimig.io/e2e".to_string(), ns.clone())]);
+        let (ecfg, _) = common::emulated_cluster(&admin, &ns, &cfg, 3).await;
         let node_names = ecfg.nodes.clone();
         let emu = cnimig_emu::start(admin.clone(), ecfg).await.unwrap();
         let firewall = SharedFirewall::default();
@@ -472,11 +463,7 @@ async fn an_operator_install_is_fixed_through_its_installation() {
             .await
             .unwrap();
         let cfg = MigrationConfig::new("10.245.0.0/16".parse().unwrap());
-        let live = rendered_config(&cfg, ValueInputs::default(), CiliumPhase::Migration);
-        common::cilium_config(&admin, &ns, serde_json::to_value(&live).unwrap()).await;
-        let mut ecfg = cnimig_emu::EmuConfig::new(&format!("{ns}-n"), 2);
-        ecfg.cilium_namespace = ns.clone();
-        ecfg.node_labels = BTreeMap::from([("cnimig.io/e2e".to_string(), ns.clone())]);
+        let (ecfg, _) = common::emulated_cluster(&admin, &ns, &cfg, 2).await;
         let node_names = ecfg.nodes.clone();
         let emu = cnimig_emu::start(admin.clone(), ecfg).await.unwrap();
         let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);

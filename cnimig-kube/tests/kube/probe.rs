@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cnimig_core::cilium::{CiliumPhase, ValueInputs, rendered_config};
 use cnimig_core::config::{MigrationConfig, NodeScope};
 use cnimig_core::machine::Phase;
 use cnimig_core::model::LabelSelector;
@@ -41,12 +40,8 @@ async fn run(env: &common::Env, ns: &str, firewall: SharedFirewall) -> RunReport
     cfg.poll_interval = Duration::from_millis(300);
     cfg.drain_timeout = Duration::from_secs(60);
     cfg.step_timeout = Duration::from_secs(20);
-    let live = rendered_config(&cfg, ValueInputs::default(), CiliumPhase::Migration);
-    common::cilium_config(&admin, ns, serde_json::to_value(&live).unwrap()).await;
     crate::calico::calico_objects(&admin).await;
-    let mut ecfg = cnimig_emu::EmuConfig::new(&format!("{ns}-n"), 3);
-    ecfg.cilium_namespace = ns.to_string();
-    ecfg.node_labels = BTreeMap::from([("cnimig.io/e2e".to_string(), ns.to_string())]);
+    let (ecfg, _) = common::emulated_cluster(&admin, ns, &cfg, 3).await;
     let node_names = ecfg.nodes.clone();
     let emu = cnimig_emu::start(admin.clone(), ecfg).await.unwrap();
     let mut pcfg = cnimig_emu::probe::ProbeEmuConfig::new(firewall);
