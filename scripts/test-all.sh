@@ -34,16 +34,8 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 
 if [ "${CNIMIG_NO_TESTENV:-0}" != 1 ]; then
   step "real control plane (kube-apiserver, etcd, controller-manager, scheduler; first build ~5 min, then cached)"
-  RUN="${CNIMIG_TESTENV_RUN:-/tmp/cnimig-testenv}"
-  started=0
-  if ! scripts/testenv/status.sh >/dev/null 2>&1; then
-    scripts/testenv/up.sh
-    started=1
-  fi
-  cleanup() { if [ "$started" = 1 ]; then scripts/testenv/down.sh; fi; }
-  trap cleanup EXIT
-  # shellcheck disable=SC1091
-  . "$RUN/env"
+  # shellcheck source=testenv/ensure.sh
+  . scripts/testenv/ensure.sh
   # With the control plane up, its tests must run, not skip.
   export CNIMIG_REQUIRE_TESTENV=1
 fi

@@ -6,18 +6,9 @@
 #   scripts/test-kube.sh [extra cargo test args, e.g. -- eviction]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-RUN="${CNIMIG_TESTENV_RUN:-/tmp/cnimig-testenv}"
 
-started=0
-if ! scripts/testenv/status.sh >/dev/null 2>&1; then
-  scripts/testenv/up.sh
-  started=1
-fi
-cleanup() { if [ "$started" = 1 ]; then scripts/testenv/down.sh; fi; }
-trap cleanup EXIT
-
-# shellcheck disable=SC1091
-. "$RUN/env"
+# shellcheck source=testenv/ensure.sh
+. scripts/testenv/ensure.sh
 CNIMIG_REQUIRE_TESTENV=1 cargo test -p cnimig-kube --release "$@"
 # cnimig-rancher's control-plane tests (RKE1/RKE2-shaped migrations), unless a filter was given.
 if [ "$#" -eq 0 ]; then
