@@ -16,6 +16,8 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+mod support;
+
 use cnimig::core::cilium::{CiliumPhase, rendered_config};
 use cnimig::core::config::{FailurePolicy, MigrationConfig};
 use cnimig::core::events::Event;
@@ -218,57 +220,21 @@ async fn run_case(seed: u64, scheduler: PickFn) -> Outcome {
     out
 }
 
-fn cases() -> Vec<u64> {
-    if let Some(seed) = std::env::var("CNIMIG_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-    {
-        return vec![seed];
-    }
-    let n: u64 = std::env::var("CNIMIG_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2000);
-    (0..n).collect()
-}
-
-/// Runs `seeds` on two threads (the machine has two cores) and returns the failing ones.
+/// The seeds' outcomes that broke an invariant, and the nodes migrated in all.
 fn run_all(seeds: &[u64], scheduler: PickFn) -> (usize, Vec<(u64, Outcome)>) {
-    let failures = Mutex::new(Vec::new());
-    let nodes = Mutex::new(0usize);
-    let threads = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .clamp(1, 4);
-    std::thread::scope(|s| {
-        for t in 0..threads {
-            let failures = &failures;
-            let nodes = &nodes;
-            s.spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_time()
-                    .build()
-                    .expect("runtime");
-                for seed in seeds.iter().skip(t).step_by(threads) {
-                    let o = rt.block_on(run_case(*seed, scheduler));
-                    *nodes.lock().unwrap_or_else(|p| p.into_inner()) += o.nodes;
-                    if !o.problems.is_empty() {
-                        failures
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push((*seed, o));
-                    }
-                }
-            });
-        }
-    });
-    let mut f = failures.into_inner().unwrap_or_else(|p| p.into_inner());
-    f.sort_by_key(|(s, _)| *s);
-    (nodes.into_inner().unwrap_or_else(|p| p.into_inner()), f)
+    let all = support::map_seeds(seeds, |seed| run_case(seed, scheduler));
+    let nodes = all.iter().map(|(_, o)| o.nodes).sum();
+    (
+        nodes,
+        all.into_iter()
+            .filter(|(_, o)| !o.problems.is_empty())
+            .collect(),
+    )
 }
 
 #[test]
 fn random_clusters_migrate_without_breaking_an_invariant() {
-    let seeds = cases();
+    let seeds = support::seeds("CNIMIG_CASES", 2000);
     let (nodes, failures) = run_all(&seeds, pick);
     println!(
         "{} random clusters, {nodes} nodes migrated, {} failing",

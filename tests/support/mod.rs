@@ -1,5 +1,5 @@
-//! What the fault campaign (`tests/faults.rs`) and the crash-and-resume tests (`tests/resume.rs`)
-//! share: drawing a case from a seed, driving the orchestrator through kills and restarts, and
+//! What the fault campaign (`tests/faults.rs`), the crash-and-resume tests (`tests/resume.rs`)
+//! and the invariant property test (`tests/invariants.rs`, seeds and threads only) share: drawing a case from a seed, driving the orchestrator through kills and restarts, and
 //! checking the end state of every node against DESIGN.md's invariants.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -613,33 +613,53 @@ pub fn seeds(var: &str, default: u64) -> Vec<u64> {
     (0..n).collect()
 }
 
-/// Runs `f` over `seeds` on two threads (the machine has two cores), each with a
-/// current-thread runtime, and merges the tallies.
-pub fn run_all<F, Fut>(seeds: &[u64], f: F) -> Tally
+/// Runs `f` over `seeds` on up to four threads (two on this machine), each with a
+/// current-thread runtime; the results by seed, in seed order. Each case draws everything from
+/// its seed, so the threads do not change any result.
+pub fn map_seeds<T, F, Fut>(seeds: &[u64], f: F) -> Vec<(u64, T)>
 where
+    T: Send,
     F: Fn(u64) -> Fut + Sync,
-    Fut: Future<Output = Tally>,
+    Fut: Future<Output = T>,
 {
-    let total = Mutex::new(Tally::default());
-    let threads = 2;
+    let out = Mutex::new(Vec::with_capacity(seeds.len()));
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 4);
     std::thread::scope(|s| {
         for t in 0..threads {
-            let total = &total;
+            let out = &out;
             let f = &f;
             s.spawn(move || {
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_time()
                     .build()
                     .expect("runtime");
-                let mut mine = Tally::default();
-                for seed in seeds.iter().skip(t).step_by(threads) {
-                    mine.merge(rt.block_on(f(*seed)));
-                }
-                total.lock().unwrap_or_else(|p| p.into_inner()).merge(mine);
+                let mine: Vec<(u64, T)> = seeds
+                    .iter()
+                    .skip(t)
+                    .step_by(threads)
+                    .map(|seed| (*seed, rt.block_on(f(*seed))))
+                    .collect();
+                out.lock().unwrap_or_else(|p| p.into_inner()).extend(mine);
             });
         }
     });
-    let mut t = total.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut v = out.into_inner().unwrap_or_else(|p| p.into_inner());
+    v.sort_by_key(|(s, _)| *s);
+    v
+}
+
+/// [`map_seeds`], the tallies merged.
+pub fn run_all<F, Fut>(seeds: &[u64], f: F) -> Tally
+where
+    F: Fn(u64) -> Fut + Sync,
+    Fut: Future<Output = Tally>,
+{
+    let mut t = Tally::default();
+    for (_, one) in map_seeds(seeds, f) {
+        t.merge(one);
+    }
     t.failing.sort_by_key(|(s, _)| *s);
     t
 }

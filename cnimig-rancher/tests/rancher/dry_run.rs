@@ -70,10 +70,10 @@ async fn objects(admin: &Client, ns: &str, rke1: &str) -> Vec<(String, Option<Va
             .await
             .unwrap()
             .map(|o| serde_json::to_value(o).unwrap());
-        if what == "agent" {
-            if let Some(v) = v.as_mut() {
-                without_deployment_controller(v);
-            }
+        if what == "agent"
+            && let Some(v) = v.as_mut()
+        {
+            without_deployment_controller(v);
         }
         out.push((what.to_string(), v));
     }
