@@ -1992,7 +1992,7 @@ impl State {
                 name: p.name.clone(),
                 uid: p.uid.clone(),
             },
-            labels: (*p.labels).clone(),
+            labels: Arc::clone(&p.labels),
             owner: p.owner.clone(),
             node: p
                 .node
