@@ -7,10 +7,11 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A point in time, in milliseconds since an epoch chosen by the [`Clock`](crate::ports::Clock)
 /// (Unix time for real clusters, zero for a simulation).
@@ -48,9 +49,12 @@ impl fmt::Display for Time {
 }
 
 /// A Kubernetes node name. Validated by [`NodeName::new`] (RFC 1123 subdomain).
+///
+/// Cheap to clone: clones share one immutable string (every pod names its node, and a run
+/// looks at the pods of every node in flight many times).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct NodeName(String);
+pub struct NodeName(Arc<str>);
 
 /// A node name that is not a valid RFC 1123 subdomain.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -90,7 +94,7 @@ impl NodeName {
         };
         match why {
             Some(why) => Err(InvalidNodeName { name, why }),
-            None => Ok(NodeName(name)),
+            None => Ok(NodeName(Arc::from(name))),
         }
     }
     /// The name as a string slice.
@@ -108,7 +112,7 @@ impl TryFrom<String> for NodeName {
 }
 impl From<NodeName> for String {
     fn from(n: NodeName) -> String {
-        n.0
+        n.0.as_ref().to_owned()
     }
 }
 impl fmt::Display for NodeName {
@@ -267,8 +271,11 @@ pub enum PodNetwork {
 pub struct Pod {
     /// Identity.
     pub pod: PodRef,
-    /// Labels.
-    pub labels: BTreeMap<String, String>,
+    /// Labels, shared so that cloning a `Pod` does not copy them (an adapter that reads many
+    /// pods of one template, like the simulator, hands out one map for all of them). Change them
+    /// with [`Arc::make_mut`]; serialized as a plain map.
+    #[serde(with = "shared_map")]
+    pub labels: Arc<BTreeMap<String, String>>,
     /// Controller kind.
     pub owner: OwnerKind,
     /// Node it is bound to, if scheduled.
@@ -311,6 +318,24 @@ impl Pod {
             && !self.mirror
             && !self.host_network
             && !matches!(self.phase, PodPhase::Succeeded | PodPhase::Failed)
+    }
+}
+
+/// (De)serializes an `Arc<BTreeMap<String, String>>` as the map itself.
+mod shared_map {
+    use super::{Arc, BTreeMap, Deserialize, Deserializer, Serialize, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(
+        map: &Arc<BTreeMap<String, String>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        map.as_ref().serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Arc<BTreeMap<String, String>>, D::Error> {
+        BTreeMap::deserialize(d).map(Arc::new)
     }
 }
 

@@ -250,7 +250,7 @@ impl<'a> Ctx<'a> {
         for p in &snap.pods {
             let ns = p.pod.namespace.as_str();
             pods_by_ns.entry(ns).or_default().push(p);
-            for (k, v) in &p.labels {
+            for (k, v) in p.labels.iter() {
                 pods_by_label
                     .entry((ns, Some((k.as_str(), v.as_str()))))
                     .or_default()

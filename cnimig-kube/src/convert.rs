@@ -247,7 +247,7 @@ pub fn pod(p: &core::Pod, cilium: &[Ipv4Net]) -> Option<Pod> {
     });
     Some(Pod {
         pod: pod_ref,
-        labels: md.labels.clone().unwrap_or_default(),
+        labels: std::sync::Arc::new(md.labels.clone().unwrap_or_default()),
         owner: owner_kind(md),
         node: spec
             .node_name

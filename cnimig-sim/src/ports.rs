@@ -2,7 +2,7 @@
 //! at the current virtual time, is counted in [`SimStats::api_calls`](crate::SimStats), and is
 //! followed by the invariant checks.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -110,22 +110,26 @@ impl Cluster for SimCluster {
             return Err(e);
         }
         let mut view = BudgetView::default();
+        // Budgets already in `view.allowed`, by index (cheaper to look up than their names).
+        let mut named: BTreeSet<usize> = BTreeSet::new();
         for name in nodes {
             let Some(n) = s.node_idx(name) else { continue };
             // Kept up to date as pods come and go (walking every candidate's pods on every look
             // was the largest cost of a large simulation).
-            let counts = s.nodes.get(n).map(|x| x.demand.clone()).unwrap_or_default();
+            let Some(counts) = s.nodes.get(n).map(|x| x.demand.as_slice()) else {
+                continue;
+            };
             debug_assert_eq!(
                 counts,
-                s.demand_by_walk(n),
+                s.demand_by_walk(n).as_slice(),
                 "node {name}: budget demand cache"
             );
             let mut list = Vec::with_capacity(counts.len());
-            for (i, c) in counts {
+            for &(i, c) in counts {
                 let Some(b) = s.pdbs.get(i) else { continue };
                 // One budget's allowance is the same for every node of this view (the state is
-                // locked): format and insert its name once.
-                if !view.allowed.contains_key(&b.key) {
+                // locked): insert its name once.
+                if named.insert(i) {
                     view.allowed.insert(b.key.clone(), b.allowed());
                 }
                 list.push((b.key.clone(), c));

@@ -69,6 +69,10 @@ pub(crate) struct Workload {
     serial: u64,
     rs_hash: String,
     agent: bool,
+    /// The budgets covering its pods, by index, ascending: the pods of a workload share its
+    /// namespace and template labels, so every pod is covered by the same budgets (computed once,
+    /// when the workload is added; budgets are all added before any workload).
+    pdbs: Vec<usize>,
 }
 
 impl Workload {
@@ -623,7 +627,9 @@ impl State {
                 serial: 0,
                 rs_hash: base27(fnv(&format!("{}/{}", w.namespace, w.name)), 10),
                 agent: false,
+                pdbs: Vec::new(),
             });
+            st.index_workload_pdbs(idx);
             st.populate(idx, true);
         }
         Ok(st)
@@ -828,6 +834,36 @@ impl State {
         });
     }
 
+    /// Fills [`Workload::pdbs`]: the budgets whose selector matches the workload's template labels
+    /// in its namespace.
+    fn index_workload_pdbs(&mut self, w: usize) {
+        let Some(wl) = self.workloads.get(w) else {
+            return;
+        };
+        let labels = Arc::clone(&wl.template.labels);
+        let namespace = wl.namespace.clone();
+        let mut cands: Vec<usize> = self.pdbs_any.get(&namespace).cloned().unwrap_or_default();
+        for (k, v) in labels.iter() {
+            if let Some(c) = self
+                .pdbs_by_label
+                .get(&(namespace.clone(), k.clone(), v.clone()))
+            {
+                cands.extend(c);
+            }
+        }
+        cands.sort_unstable();
+        // A budget indexed under several of the pod's labels is a candidate once.
+        cands.dedup();
+        cands.retain(|&i| {
+            self.pdbs
+                .get(i)
+                .is_some_and(|p| p.pdb.selector.matches(&labels))
+        });
+        if let Some(wl) = self.workloads.get_mut(w) {
+            wl.pdbs = cands;
+        }
+    }
+
     /// Creates the workload's missing pods.
     fn populate(&mut self, w: usize, instant: bool) {
         let Some(wl) = self.workloads.get(w) else {
@@ -993,7 +1029,7 @@ impl State {
             *wl.active_slots.entry(slot).or_default() += 1;
         }
         let t = &wl.template;
-        let mut pod = SimPod {
+        let pod = SimPod {
             uid: pod_uid(id),
             namespace: wl.namespace.clone(),
             name,
@@ -1017,34 +1053,15 @@ impl State {
             } else {
                 t.requests
             },
-            pdbs: Vec::new(),
+            pdbs: wl.pdbs.clone(),
             agent: wl.agent,
             agent_config: None,
             portmap: false,
             awaiting_node: false,
             gone_blocked: false,
         };
-        let mut cands: Vec<usize> = self
-            .pdbs_any
-            .get(&pod.namespace)
-            .cloned()
-            .unwrap_or_default();
-        for (k, v) in pod.labels.iter() {
-            if let Some(c) = self
-                .pdbs_by_label
-                .get(&(pod.namespace.clone(), k.clone(), v.clone()))
-            {
-                cands.extend(c);
-            }
-        }
-        cands.sort_unstable();
-        // A budget indexed under several of the pod's labels is a candidate once.
-        cands.dedup();
-        for i in cands {
-            if let Some(p) = self.pdbs.get_mut(i)
-                && p.pdb.selector.matches(&pod.labels)
-            {
-                pod.pdbs.push(i);
+        for &i in &pod.pdbs {
+            if let Some(p) = self.pdbs.get_mut(i) {
                 p.members.insert(id);
             }
         }
@@ -1566,7 +1583,9 @@ impl State {
             serial: 0,
             rs_hash: String::new(),
             agent: true,
+            pdbs: Vec::new(),
         });
+        self.index_workload_pdbs(w);
         self.cilium = Some(CiliumState { live, pool, mask });
         self.populate(w, false);
         self.check_reach();
@@ -1973,7 +1992,7 @@ impl State {
                 name: p.name.clone(),
                 uid: p.uid.clone(),
             },
-            labels: (*p.labels).clone(),
+            labels: Arc::clone(&p.labels),
             owner: p.owner.clone(),
             node: p
                 .node

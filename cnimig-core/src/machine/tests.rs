@@ -41,7 +41,7 @@ fn pod(name: &str, owner: OwnerKind, network: PodNetwork) -> Pod {
             name: name.into(),
             uid: format!("uid-{name}"),
         },
-        labels: BTreeMap::new(),
+        labels: Default::default(),
         owner,
         node: Some(NodeName::new("w1").unwrap()),
         ip: None,

@@ -65,7 +65,7 @@ impl Fixture {
             .enumerate()
         {
             let mut p = Self::pod("shop", pod, node, OwnerKind::ReplicaSet);
-            p.labels.insert("app".into(), "web".into());
+            std::sync::Arc::make_mut(&mut p.labels).insert("app".into(), "web".into());
             p.ip = Some(Ipv4Addr::new(10, 42, u8::try_from(i + 1).unwrap(), 5));
             pods.push(p);
         }
@@ -158,7 +158,7 @@ impl Fixture {
                 name: pod.into(),
                 uid: format!("uid-{ns}-{pod}"),
             },
-            labels: BTreeMap::new(),
+            labels: Default::default(),
             owner,
             node: Some(name(node)),
             ip: None,
@@ -287,7 +287,7 @@ mod props {
             let node = NODES.get(node).copied();
             let mut p = Fixture::pod("ns", &format!("p-{i}"), "cp-1", owner);
             p.node = node.map(name);
-            p.labels.insert("app".into(), format!("a{app}"));
+            std::sync::Arc::make_mut(&mut p.labels).insert("app".into(), format!("a{app}"));
             p.phase = phase;
             let [ready, terminating, host_network, host_port, empty_dir, mirror, ns2] = flags;
             p.ready = ready;

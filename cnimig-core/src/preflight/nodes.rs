@@ -281,7 +281,7 @@ mod tests {
             OwnerKind::DaemonSet,
         );
         agent.host_network = true;
-        agent.labels.insert("k8s-app".into(), "cilium".into());
+        std::sync::Arc::make_mut(&mut agent.labels).insert("k8s-app".into(), "cilium".into());
         f.snap.pods.push(agent);
         assert_pass(&f.run(), AGENT_ROOM);
     }
