@@ -746,6 +746,15 @@ pub fn parse_value(value: &Value, index: &mut usize, out: &mut ParsedDocuments) 
         }),
         PolicyKind::GlobalNetworkPolicy => None,
     };
+    // Calico's CRD backend stores a `default`-tier policy as `default.<name>` (libcalico-go
+    // `names.TieredPolicyName`, before v3.32); its v3 name, and so the Cilium name, is `<name>`.
+    let name = match (api, spec.tier.as_deref()) {
+        ("crd.projectcalico.org/v1", None | Some("" | "default")) => name
+            .strip_prefix("default.")
+            .filter(|n| !n.is_empty())
+            .map_or(name.clone(), str::to_string),
+        _ => name,
+    };
     out.policies.push(CalicoPolicy {
         kind: policy_kind,
         name,
@@ -757,6 +766,14 @@ pub fn parse_value(value: &Value, index: &mut usize, out: &mut ParsedDocuments) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn crd_backend_default_tier_names_lose_their_prefix() {
+        let text = "apiVersion: crd.projectcalico.org/v1\nkind: GlobalNetworkPolicy\nmetadata: {name: default.allow-dns}\nspec: {selector: all()}\n---\napiVersion: crd.projectcalico.org/v1\nkind: GlobalNetworkPolicy\nmetadata: {name: security.deny-x}\nspec: {tier: security, selector: all()}\n---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: default.kept}\nspec: {selector: all()}\n";
+        let parsed = parse_documents(text).unwrap();
+        let names: Vec<&str> = parsed.policies.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["allow-dns", "security.deny-x", "default.kept"]);
+    }
 
     #[test]
     fn parses_ports_protocols_and_unknown_fields() {

@@ -21,6 +21,8 @@
 mod common;
 
 mod allow_rule;
+mod apply;
+mod rbac;
 
 use std::sync::OnceLock;
 
