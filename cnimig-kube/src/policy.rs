@@ -173,6 +173,9 @@ fn target(object: &Value) -> Result<PolicyTarget, String> {
 
 fn refusal(e: &kube::Error) -> String {
     match e {
+        kube::Error::Api(s) if s.code == 404 && s.message.contains("namespaces") => {
+            format!("404 {}: create the namespace first", s.message)
+        }
         kube::Error::Api(s) if s.code == 404 => format!(
             "404 {}: is Cilium installed (its ciliumnetworkpolicies / \
              ciliumclusterwidenetworkpolicies CRDs, cilium.io/v2)?",
@@ -395,6 +398,24 @@ mod tests {
         assert!(target(&no_ns).unwrap_err().contains("needs a namespace"));
         let other = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}});
         assert!(target(&other).unwrap_err().contains("only Cilium policies"));
+    }
+
+    #[test]
+    fn a_missing_namespace_is_not_blamed_on_cilium() {
+        let status = |message: &str| {
+            kube::Error::Api(
+                kube::core::Status::failure(message, "NotFound")
+                    .with_code(404)
+                    .boxed(),
+            )
+        };
+        let ns = refusal(&status("namespaces \"x\" not found"));
+        assert!(
+            ns.contains("create the namespace") && !ns.contains("Cilium"),
+            "{ns}"
+        );
+        let crd = refusal(&status("the server could not find the requested resource"));
+        assert!(crd.contains("is Cilium installed"), "{crd}");
     }
 
     #[test]
