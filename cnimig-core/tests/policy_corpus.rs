@@ -50,6 +50,7 @@ fn options() -> ConvertOptions {
         service_cidrs: vec!["10.43.0.0/16".parse().unwrap()],
         services: services(),
         tiers: Vec::new(),
+        network_sets: Vec::new(),
     }
 }
 
@@ -160,6 +161,9 @@ fn expected() -> Vec<(&'static str, &'static str, &'static [ItemKind])> {
             ],
         ),
         ("12-selectors-and-input", "too-complex", &[K::TooComplex]),
+        ("13-network-sets", "partners-in", &[K::NetworkSet]),
+        ("13-network-sets", "office-in", &[K::NetworkSet]),
+        ("13-network-sets", "office-elsewhere", &[]),
     ]
 }
 
@@ -245,6 +249,7 @@ fn policy_corpus_covers_every_item_kind() {
         K::ServiceAccountLabels,
         K::LabelFiltered,
         K::GlobalNamespace,
+        K::NetworkSet,
         K::NetsPartlyCoverPods,
         K::NetsCoverNodes,
         K::NetsCoverServices,
@@ -288,6 +293,23 @@ fn policy_corpus_skips_what_is_not_calico_policy() {
         .find(|(f, _, _)| f == "09-actions-tiers-host")
         .unwrap();
     assert_eq!(parsed.tiers.len(), 1);
+    let (_, parsed, conv) = all.iter().find(|(f, _, _)| f == "13-network-sets").unwrap();
+    let sets: Vec<String> = parsed
+        .network_sets
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        sets,
+        ["GlobalNetworkSet partners", "NetworkSet shop/office"]
+    );
+    assert!(parsed.skipped.is_empty(), "{:?}", parsed.skipped);
+    let text = conv.report.to_string();
+    assert!(
+        text.contains("GlobalNetworkSet partners (nets 198.51.100.0/24)")
+            && text.contains("NetworkSet shop/office (nets 203.0.113.0/24)"),
+        "{text}"
+    );
 }
 
 /// Some outputs, byte for byte.

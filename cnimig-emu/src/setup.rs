@@ -17,9 +17,10 @@ use serde_json::Value;
 pub const MANAGER: &str = "cnimig-setup";
 
 /// The CRDs of `deploy/crds/`: Cilium's `CiliumNodeConfig` (v2 and v2alpha1), `CiliumNode`,
-/// `CiliumEndpoint`; Calico's `IPPool`, `FelixConfiguration`, `IPAMBlock`; the operator's
-/// `Installation`.
-pub const CRDS: [&str; 7] = [
+/// `CiliumEndpoint`, `CiliumNetworkPolicy`, `CiliumClusterwideNetworkPolicy`; Calico's `IPPool`,
+/// `FelixConfiguration`, `IPAMBlock`, `Tier`, `GlobalNetworkPolicy`, `NetworkPolicy`,
+/// `GlobalNetworkSet`, `NetworkSet`; the operator's `Installation`.
+pub const CRDS: [&str; 14] = [
     include_str!("../../deploy/crds/ciliumnodeconfigs.yaml"),
     include_str!("../../deploy/crds/ciliumnodes.yaml"),
     include_str!("../../deploy/crds/ciliumendpoints.yaml"),
@@ -27,6 +28,13 @@ pub const CRDS: [&str; 7] = [
     include_str!("../../deploy/crds/felixconfigurations.yaml"),
     include_str!("../../deploy/crds/ipamblocks.yaml"),
     include_str!("../../deploy/crds/installations.yaml"),
+    include_str!("../../deploy/crds/tiers.yaml"),
+    include_str!("../../deploy/crds/globalnetworkpolicies.yaml"),
+    include_str!("../../deploy/crds/networkpolicies.yaml"),
+    include_str!("../../deploy/crds/globalnetworksets.yaml"),
+    include_str!("../../deploy/crds/networksets.yaml"),
+    include_str!("../../deploy/crds/ciliumnetworkpolicies.yaml"),
+    include_str!("../../deploy/crds/ciliumclusterwidenetworkpolicies.yaml"),
 ];
 
 /// `deploy/rbac.yaml`: ServiceAccount `kube-system/cnimig`, ClusterRole and binding `cnimig`.

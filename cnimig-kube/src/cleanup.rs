@@ -1,4 +1,4 @@
-//! Clean-up on Kubernetes: [`CleanupPort`] and [`AllowRulePort`] on [`KubeCluster`], and the
+//! Clean-up on Kubernetes: [`CleanupPort`] on [`KubeCluster`], and the
 //! node helper pod that runs the flush program ([`cnimig_core::cleanup::render_script`]).
 //!
 //! | port method | API calls |
@@ -8,27 +8,23 @@
 //! | `helper_status` | GET pod |
 //! | `delete_helper` | DELETE pod, grace period 0 (404 is success) |
 //! | `delete_calico_crds` | LIST CRDs; DELETE those of `crd.projectcalico.org` and `operator.tigera.io` |
-//! | `apply_allow_rule` | server-side apply of the `projectcalico.org/v3` Tier and GlobalNetworkPolicy |
-//! | `remove_allow_rule` | DELETE of both (404, or the group not served, is success) |
-//! | `allow_rule_present` | GET of the GlobalNetworkPolicy |
+//!
+//! The temporary Calico allow rule is in [`crate::allow`].
 
 use async_trait::async_trait;
-use cnimig_core::allow::{AllowRulePort, POLICY_NAME, TIER_NAME, policy_object, tier_object};
 use cnimig_core::cleanup::{CalicoObject, CleanupPort, HELPER_HOST_PATHS, HelperStatus};
 use cnimig_core::model::NodeName;
 use cnimig_core::ports::PortError;
-use ipnet::Ipv4Net;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
-    PatchParams, PostParams,
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, PostParams,
 };
 use serde_json::{Value, json};
 
+use crate::KubeCluster;
 use crate::error::port_error;
-use crate::{FIELD_MANAGER, KubeCluster};
 
 /// The namespaces an operator install owns, deleted last among its objects.
 pub const OPERATOR_NAMESPACES: [&str; 3] = ["calico-system", "calico-apiserver", "tigera-operator"];
@@ -388,95 +384,6 @@ impl CleanupPort for KubeCluster {
             )?;
         }
         Ok(())
-    }
-}
-
-/// The objects [`AllowRulePort::remove_allow_rule`] deletes, in order (the policy, then its
-/// Tier).
-#[must_use]
-pub fn allow_rule_targets() -> Vec<DeleteTarget> {
-    vec![
-        DeleteTarget::new(
-            "projectcalico.org",
-            "v3",
-            "GlobalNetworkPolicy",
-            "globalnetworkpolicies",
-            None,
-            POLICY_NAME,
-        ),
-        DeleteTarget::new("projectcalico.org", "v3", "Tier", "tiers", None, TIER_NAME),
-    ]
-}
-
-fn tier_api(k: &KubeCluster) -> Api<DynamicObject> {
-    Api::all_with(
-        k.client().clone(),
-        &dynamic("projectcalico.org", "v3", "Tier", "tiers"),
-    )
-}
-
-fn policy_api(k: &KubeCluster) -> Api<DynamicObject> {
-    Api::all_with(
-        k.client().clone(),
-        &dynamic(
-            "projectcalico.org",
-            "v3",
-            "GlobalNetworkPolicy",
-            "globalnetworkpolicies",
-        ),
-    )
-}
-
-#[async_trait]
-impl AllowRulePort for KubeCluster {
-    /// Server-side applies the Tier, then the policy, as field manager `cnimig`.
-    ///
-    /// # RBAC
-    /// `patch` (and `create`) on `tiers`, `globalnetworkpolicies` (`projectcalico.org`).
-    async fn apply_allow_rule(&self, cilium_cidr: Ipv4Net) -> Result<(), PortError> {
-        let pp = PatchParams::apply(FIELD_MANAGER).force();
-        tier_api(self)
-            .patch(TIER_NAME, &pp, &Patch::Apply(&tier_object()))
-            .await
-            .map_err(|e| port_error("patch", format!("tier {TIER_NAME}"), e))?;
-        policy_api(self)
-            .patch(POLICY_NAME, &pp, &Patch::Apply(&policy_object(cilium_cidr)))
-            .await
-            .map_err(|e| port_error("patch", format!("globalnetworkpolicy {POLICY_NAME}"), e))?;
-        Ok(())
-    }
-
-    /// Deletes the policy, then the Tier. Absent (404, which is also the answer when the
-    /// Calico API server is not installed) is success.
-    ///
-    /// # RBAC
-    /// `delete` on `tiers`, `globalnetworkpolicies` (`projectcalico.org`).
-    async fn remove_allow_rule(&self) -> Result<(), PortError> {
-        let dp = DeleteParams::default();
-        gone_ok(
-            policy_api(self).delete(POLICY_NAME, &dp).await,
-            "delete",
-            format!("globalnetworkpolicy {POLICY_NAME}"),
-        )?;
-        gone_ok(
-            tier_api(self).delete(TIER_NAME, &dp).await,
-            "delete",
-            format!("tier {TIER_NAME}"),
-        )
-    }
-
-    /// # RBAC
-    /// `get` on `globalnetworkpolicies` (`projectcalico.org`).
-    async fn allow_rule_present(&self) -> Result<bool, PortError> {
-        match policy_api(self).get_opt(POLICY_NAME).await {
-            Ok(o) => Ok(o.is_some()),
-            Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
-            Err(e) => Err(port_error(
-                "get",
-                format!("globalnetworkpolicy {POLICY_NAME}"),
-                e,
-            )),
-        }
     }
 }
 

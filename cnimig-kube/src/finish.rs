@@ -45,9 +45,9 @@ use kube::{Client, Config};
 use serde::Serialize;
 use serde_json::json;
 
+use crate::allow::allow_rule_targets;
 use crate::cleanup::{
-    CALICO_CRD_GROUPS, DeleteTarget, allow_rule_targets, calico_object_targets, flush_helper_name,
-    flush_helper_pod,
+    CALICO_CRD_GROUPS, DeleteTarget, calico_object_targets, flush_helper_name, flush_helper_pod,
 };
 use crate::finalize::FINAL_LEASE_NAME;
 use crate::planning::{PlannedWrite, Probe, ProbeOutcome, dry_post, outcome, probe_lease};
@@ -76,6 +76,9 @@ pub struct FinalizePlan {
     pub agents: Vec<(String, Option<String>)>,
     /// Nodes that still carry the migration label.
     pub labelled: Vec<String>,
+    /// The API of the temporary Calico allow rule (`None`: Calico has no tiers or no API, so
+    /// there is none to remove).
+    pub allow_rule_api: Option<cnimig_core::allow::CalicoApi>,
     /// The writes, in order.
     pub writes: Vec<PlannedWrite>,
     /// The migration label.
@@ -186,6 +189,7 @@ pub async fn plan_finalize(
             .and_then(|p| p.metadata.name.clone());
         agents.push((n.name.to_string(), name));
     }
+    let allow_rule_api = k.allow_rule_api().await?.ok();
     let in_scope: BTreeSet<&NodeName> = nodes.iter().map(|n| &n.name).collect();
     let labelled: Vec<String> = inv
         .nodes
@@ -209,6 +213,7 @@ pub async fn plan_finalize(
         host_port_pods: inputs.host_port_pods,
         agents,
         labelled,
+        allow_rule_api,
         writes: Vec::new(),
         label: cfg.migration_label.clone(),
         node_config: format!("{}/{}", o.cilium_namespace, cfg.node_config_name),
@@ -246,8 +251,10 @@ pub async fn plan_finalize(
             ));
         }
     }
-    if before(FinalStep::AllowRuleRemoved) {
-        for t in allow_rule_targets() {
+    if before(FinalStep::AllowRuleRemoved)
+        && let Some(api) = plan.allow_rule_api
+    {
+        for t in allow_rule_targets(api) {
             writes.push(write(
                 &mut order,
                 "after the agents",
@@ -365,8 +372,10 @@ pub async fn probe_finalize(config: &Config, k: &KubeCluster, plan: &FinalizePla
             });
         }
     }
-    if plan.step.is_none_or(|s| s < FinalStep::AllowRuleRemoved) {
-        for t in allow_rule_targets() {
+    if plan.step.is_none_or(|s| s < FinalStep::AllowRuleRemoved)
+        && let Some(api) = plan.allow_rule_api
+    {
+        for t in allow_rule_targets(api) {
             out.push(probe_delete(&client, &t).await);
         }
     }

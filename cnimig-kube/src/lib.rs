@@ -83,6 +83,7 @@ use kube::api::{Api, ListParams};
 use kube::{Client, Config};
 use tokio::sync::RwLock;
 
+pub mod allow;
 mod calico;
 mod cilium;
 pub mod cleanup;
@@ -97,6 +98,7 @@ pub mod goldpinger;
 pub mod log;
 pub mod metrics;
 pub mod planning;
+pub mod policy;
 pub mod prepare;
 pub mod probe;
 mod state;

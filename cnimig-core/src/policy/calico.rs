@@ -595,6 +595,30 @@ pub struct SkippedDocument {
     pub reason: String,
 }
 
+/// A Calico `NetworkSet` (namespaced) or `GlobalNetworkSet`: addresses that rule selectors
+/// match by the set's labels, as they match pods.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkSet {
+    /// Namespace (`None` for a `GlobalNetworkSet`).
+    pub namespace: Option<String>,
+    /// Name.
+    pub name: String,
+    /// Labels (what selectors match).
+    pub labels: BTreeMap<String, String>,
+    /// `spec.nets`.
+    pub nets: Vec<String>,
+}
+
+impl fmt::Display for NetworkSet {
+    /// `NetworkSet ns/name` or `GlobalNetworkSet name`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.namespace {
+            Some(ns) => write!(f, "NetworkSet {ns}/{}", self.name),
+            None => write!(f, "GlobalNetworkSet {}", self.name),
+        }
+    }
+}
+
 /// What [`parse_documents`] found.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ParsedDocuments {
@@ -602,6 +626,9 @@ pub struct ParsedDocuments {
     pub policies: Vec<CalicoPolicy>,
     /// Calico tiers.
     pub tiers: Vec<Tier>,
+    /// Calico `NetworkSet` and `GlobalNetworkSet` objects.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_sets: Vec<NetworkSet>,
     /// Everything else, with the reason.
     pub skipped: Vec<SkippedDocument>,
     /// Kubernetes `NetworkPolicy` objects found in the input (also listed in `skipped`), for
@@ -613,9 +640,11 @@ pub struct ParsedDocuments {
 impl ParsedDocuments {
     /// Appends another parse result (for several input files).
     pub fn extend(&mut self, other: ParsedDocuments) {
-        let base = self.policies.len() + self.tiers.len() + self.skipped.len();
+        let base =
+            self.policies.len() + self.tiers.len() + self.network_sets.len() + self.skipped.len();
         self.policies.extend(other.policies);
         self.tiers.extend(other.tiers);
+        self.network_sets.extend(other.network_sets);
         self.kubernetes_network_policies
             .extend(other.kubernetes_network_policies);
         self.skipped.extend(other.skipped.into_iter().map(|mut s| {
@@ -709,6 +738,34 @@ pub fn parse_value(value: &Value, index: &mut usize, out: &mut ParsedDocuments) 
             out.tiers.push(Tier { name, order });
             return;
         }
+        "NetworkSet" | "GlobalNetworkSet" => {
+            let labels = value
+                .pointer("/metadata/labels")
+                .cloned()
+                .and_then(|l| serde_json::from_value(l).ok())
+                .unwrap_or_default();
+            let nets = value
+                .pointer("/spec/nets")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default();
+            let namespace = (kind == "NetworkSet").then(|| match s("/metadata/namespace") {
+                "" => "default".to_string(),
+                ns => ns.to_string(),
+            });
+            out.network_sets.push(NetworkSet {
+                namespace,
+                name,
+                labels,
+                nets,
+            });
+            return;
+        }
         k if k.starts_with("Staged") => {
             out.skipped.push(skip(
                 "a staged policy: it does not enforce anything, so there is nothing to convert"
@@ -746,6 +803,15 @@ pub fn parse_value(value: &Value, index: &mut usize, out: &mut ParsedDocuments) 
         }),
         PolicyKind::GlobalNetworkPolicy => None,
     };
+    // Calico's CRD backend stores a `default`-tier policy as `default.<name>` (libcalico-go
+    // `names.TieredPolicyName`, before v3.32); its v3 name, and so the Cilium name, is `<name>`.
+    let name = match (api, spec.tier.as_deref()) {
+        ("crd.projectcalico.org/v1", None | Some("" | "default")) => name
+            .strip_prefix("default.")
+            .filter(|n| !n.is_empty())
+            .map_or(name.clone(), str::to_string),
+        _ => name,
+    };
     out.policies.push(CalicoPolicy {
         kind: policy_kind,
         name,
@@ -757,6 +823,14 @@ pub fn parse_value(value: &Value, index: &mut usize, out: &mut ParsedDocuments) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn crd_backend_default_tier_names_lose_their_prefix() {
+        let text = "apiVersion: crd.projectcalico.org/v1\nkind: GlobalNetworkPolicy\nmetadata: {name: default.allow-dns}\nspec: {selector: all()}\n---\napiVersion: crd.projectcalico.org/v1\nkind: GlobalNetworkPolicy\nmetadata: {name: security.deny-x}\nspec: {tier: security, selector: all()}\n---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: default.kept}\nspec: {selector: all()}\n";
+        let parsed = parse_documents(text).unwrap();
+        let names: Vec<&str> = parsed.policies.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["allow-dns", "security.deny-x", "default.kept"]);
+    }
 
     #[test]
     fn parses_ports_protocols_and_unknown_fields() {

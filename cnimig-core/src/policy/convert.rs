@@ -26,8 +26,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::calico::{
-    Action, CalicoPolicy, DEFAULT_TIER_ORDER, EntityRule, ParsedDocuments, PolicyKind, PolicyRef,
-    PolicyType, Port, Protocol, Rule, Tier,
+    Action, CalicoPolicy, DEFAULT_TIER_ORDER, EntityRule, NetworkSet, ParsedDocuments, PolicyKind,
+    PolicyRef, PolicyType, Port, Protocol, Rule, Tier,
 };
 use super::cilium::{
     self, API_VERSION, CidrRule, HttpRule, IcmpField, IcmpRule, K8sService, L7Rules, NAMESPACE_KEY,
@@ -52,6 +52,11 @@ pub struct ConvertOptions {
     pub services: Vec<ServiceInfo>,
     /// Calico tiers, for the evaluation order.
     pub tiers: Vec<Tier>,
+    /// Calico network sets: a rule whose selector selects one (Calico matches selectors against
+    /// network sets' labels too) is reported partial, naming the sets; their nets are not
+    /// converted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_sets: Vec<NetworkSet>,
 }
 
 /// A Kubernetes service, for rules that name it.
@@ -134,6 +139,8 @@ pub fn parse_cidrs<S: AsRef<str>>(list: &[S]) -> Result<Vec<IpNet>, InvalidCidr>
 pub fn convert_documents(parsed: &ParsedDocuments, opts: &ConvertOptions) -> Conversion {
     let mut opts = opts.clone();
     opts.tiers.extend(parsed.tiers.iter().cloned());
+    opts.network_sets
+        .extend(parsed.network_sets.iter().cloned());
     let mut conv = convert(&parsed.policies, &opts);
     conv.report.skipped = parsed.skipped.clone();
     conv
@@ -1167,6 +1174,9 @@ impl<'a> PolicyCx<'a> {
                 None => sp,
             });
         }
+        if remote {
+            self.network_sets_selected(e, dir, index, side, allow);
+        }
         let not_sel = match blank(&e.not_selector) {
             Some(s) => {
                 let field = format!("{side}.notSelector");
@@ -1303,6 +1313,66 @@ impl<'a> PolicyCx<'a> {
             services,
             svc_ports,
         })
+    }
+
+    /// Reports the network sets of the input that a remote peer's selector selects: Calico
+    /// matches their addresses too, this conversion does not (yet) write them as CIDR rules.
+    /// Which sets a selector can see: a namespaced policy's rule without `namespaceSelector`
+    /// sees the `NetworkSet`s of its namespace; with one, any set (namespace labels are not
+    /// known here, and `global()` selects `GlobalNetworkSet`s); a global policy's rule sees
+    /// every set.
+    fn network_sets_selected(
+        &mut self,
+        e: &EntityRule,
+        dir: PolicyType,
+        index: usize,
+        side: &str,
+        allow: bool,
+    ) {
+        let Some(text) = blank(&e.selector) else {
+            return;
+        };
+        if self.opts.network_sets.is_empty() || e.service_accounts.is_some() {
+            return;
+        }
+        let Ok(sel) = Selector::parse(text) else {
+            return;
+        };
+        let not_sel = blank(&e.not_selector).and_then(|t| Selector::parse(t).ok());
+        let own_ns = self.p.namespace.as_deref();
+        let ns_given = blank(&e.namespace_selector).is_some();
+        let hits: Vec<String> = self
+            .opts
+            .network_sets
+            .iter()
+            .filter(|set| match (own_ns, ns_given) {
+                (Some(ns), false) => set.namespace.as_deref() == Some(ns),
+                _ => true,
+            })
+            .filter(|set| {
+                sel.matches(&set.labels)
+                    && !not_sel.as_ref().is_some_and(|n| n.matches(&set.labels))
+            })
+            .map(|set| format!("{set} (nets {})", set.nets.join(", ")))
+            .collect();
+        if hits.is_empty() {
+            return;
+        }
+        self.item(
+            Some(dir),
+            Some(index),
+            ItemKind::NetworkSet,
+            format!(
+                "{side}.selector {text:?} also selects {}: Calico matches those addresses too, the \
+                 converted rule does not ({}); add them as CIDR rules by hand",
+                hits.join("; "),
+                if allow {
+                    "less access"
+                } else {
+                    "the deny is NARROWER: traffic from or to those addresses is not denied"
+                }
+            ),
+        );
     }
 
     fn nets(

@@ -56,6 +56,9 @@ pub enum ItemKind {
     LabelFiltered,
     /// `global()`: host endpoints and global network sets are not converted.
     GlobalNamespace,
+    /// A rule's selector also selects Calico network sets (by their labels), whose addresses
+    /// Calico matches too; their nets are not converted.
+    NetworkSet,
     /// `nets` or `notNets` cover part of the pod CIDRs: Calico matches pods by IP, Cilium's
     /// CIDR rules never match pods.
     NetsPartlyCoverPods,
