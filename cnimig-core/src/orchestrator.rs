@@ -1162,12 +1162,14 @@ impl Orchestrator {
         }
         let name = f.planned.name.clone();
         let store = &self.ports.store;
+        // Folded only when the combined write is known to have gone through: a record found
+        // stored after an error may come from another write of it, so the change is then
+        // applied again (cordon, label and uncordon are idempotent).
         let (result, folded) = match change {
             Some(c) => match store.save_with(&name, &f.record, &next, c).await {
                 Ok(true) => (Ok(()), true),
                 Ok(false) => (store.save(&name, Some(&f.record), &next).await, false),
-                // If this write turns out to have landed, the change landed with it.
-                Err(e) => (Err(e), true),
+                Err(e) => (Err(e), false),
             },
             None => (store.save(&name, Some(&f.record), &next).await, false),
         };
