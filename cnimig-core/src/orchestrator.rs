@@ -42,7 +42,8 @@ use crate::model::{ClusterSnapshot, NodeName, Time};
 use crate::plan::{Plan, PlannedNode, Skipped, in_scope, plan};
 use crate::ports::Verification; // verify (issue #9)
 use crate::ports::{
-    Clock, Cluster, EvictOutcome, LockOutcome, NewCni, OldCni, PortError, StateStore, Verifier,
+    Clock, Cluster, EvictOutcome, LockOutcome, NewCni, NodeChange, OldCni, PortError, StateStore,
+    Verifier,
 };
 use crate::schedule::{InFlightNode, Limits, PendingNode, pick, window};
 
@@ -284,6 +285,16 @@ fn drains(r: &NodeRecord) -> bool {
 /// True for errors after which a write may or may not have been applied.
 fn maybe_applied(e: &PortError) -> bool {
     matches!(e, PortError::Timeout { .. } | PortError::Unavailable { .. })
+}
+
+/// What a save did ([`Orchestrator::persist`]).
+enum Saved {
+    /// Not stored (retried on the next look; never act then).
+    No,
+    /// Stored.
+    Yes,
+    /// Stored, and the node change went with it in the same write.
+    WithChange,
 }
 
 /// Drives a migration.
@@ -1127,11 +1138,42 @@ impl Orchestrator {
         sink: &dyn EventSink,
         now: Time,
     ) -> Result<bool, RunError> {
+        Ok(!matches!(
+            self.persist(f, next, entered, None, sink, now).await?,
+            Saved::No
+        ))
+    }
+
+    /// [`save_via`](Self::save_via), with `change` to the node carried by the same write when
+    /// the store can ([`StateStore::save_with`]): both land or neither, so the record is still
+    /// never behind the cluster. [`Saved::WithChange`] when the change went with the record
+    /// (the caller must not apply it again).
+    async fn persist(
+        &self,
+        f: &mut Flying,
+        next: NodeRecord,
+        entered: &[Phase],
+        change: Option<&NodeChange>,
+        sink: &dyn EventSink,
+        now: Time,
+    ) -> Result<Saved, RunError> {
         if next == f.record {
-            return Ok(true);
+            return Ok(Saved::Yes);
         }
         let name = f.planned.name.clone();
-        let stored = match self.ports.store.save(&name, Some(&f.record), &next).await {
+        let store = &self.ports.store;
+        // Folded only when the combined write is known to have gone through: a record found
+        // stored after an error may come from another write of it, so the change is then
+        // applied again (cordon, label and uncordon are idempotent).
+        let (result, folded) = match change {
+            Some(c) => match store.save_with(&name, &f.record, &next, c).await {
+                Ok(true) => (Ok(()), true),
+                Ok(false) => (store.save(&name, Some(&f.record), &next).await, false),
+                Err(e) => (Err(e), false),
+            },
+            None => (store.save(&name, Some(&f.record), &next).await, false),
+        };
+        let stored = match result {
             Ok(()) => true,
             Err(PortError::Conflict { .. }) => {
                 // A save that failed earlier may have landed after all: if the store holds what
@@ -1142,7 +1184,7 @@ impl Orchestrator {
                         // Adopt it and decide again from it on the next look.
                         f.record = r;
                         f.uncertain.clear();
-                        return Ok(false);
+                        return Ok(Saved::No);
                     }
                     Ok(_) => return Err(RunError::Conflict(name)),
                     Err(e) if e.is_transient() => false,
@@ -1167,7 +1209,7 @@ impl Orchestrator {
             Err(e) => return Err(e.into()),
         };
         if !stored {
-            return Ok(false);
+            return Ok(Saved::No);
         }
         if next.phase != f.record.phase {
             let way: Vec<Phase> = if entered.last() == Some(&next.phase) {
@@ -1188,7 +1230,11 @@ impl Orchestrator {
         }
         f.record = next;
         f.uncertain.clear();
-        Ok(true)
+        Ok(if folded {
+            Saved::WithChange
+        } else {
+            Saved::Yes
+        })
     }
 
     /// Looks at one node and acts, then, while the action took effect at once (a cordon, a
@@ -1264,8 +1310,26 @@ impl Orchestrator {
             cni,
         };
         let d = decide(&f.record, &obs, &self.step, now);
-        if !self.save_via(f, d.record, &d.entered, sink, now).await? {
-            return Ok(None);
+        // A cordon (when admitted now), label, unlabel or uncordon this look will act on goes
+        // with the record's save in one write where the store can.
+        let label = |value: Option<&str>| NodeChange::Label {
+            key: self.cfg.migration_label.clone(),
+            value: value.map(str::to_string),
+        };
+        let change = match &d.action {
+            Action::Cordon if f.admitted == Some(now) => Some(NodeChange::Unschedulable(true)),
+            Action::Uncordon if !cordon_only => Some(NodeChange::Unschedulable(false)),
+            Action::Label if !cordon_only => Some(label(Some("true"))),
+            Action::Unlabel if !cordon_only => Some(label(None)),
+            _ => None,
+        };
+        match self
+            .persist(f, d.record, &d.entered, change.as_ref(), sink, now)
+            .await?
+        {
+            Saved::No => return Ok(None),
+            Saved::WithChange => return Ok(Some(d.action)),
+            Saved::Yes => {}
         }
         if d.action == Action::Cordon && f.admitted != Some(now) {
             // Cordoning starts a drain: it goes through the scheduler first (`admit_cordons`).

@@ -345,6 +345,29 @@ pub trait StateStore: Send + Sync {
         prev: Option<&NodeRecord>,
         next: &NodeRecord,
     ) -> Result<(), PortError>;
+    /// Replaces `node`'s record if it still is `prev`, like [`save`](StateStore::save), and
+    /// applies `change` to the node **in the same write**: both land or neither. `Ok(true)` when
+    /// written; `Ok(false)` when the store cannot carry the change (the default) or refused the
+    /// combined write for a reason other than the record, having written nothing: the caller
+    /// then saves and applies the change separately.
+    ///
+    /// A store on the Kubernetes API saves a request per cordon, label and uncordon this way
+    /// (one JSON Patch that `test`s the record, replaces it and sets the field).
+    ///
+    /// # Errors
+    /// As [`save`](StateStore::save): [`PortError::Conflict`] when the stored record differs
+    /// from `prev`; a failure that may hide a landed write (timeout, 5xx) means the record and
+    /// the change may both have landed.
+    async fn save_with(
+        &self,
+        node: &NodeName,
+        prev: &NodeRecord,
+        next: &NodeRecord,
+        change: &NodeChange,
+    ) -> Result<bool, PortError> {
+        let _ = (node, prev, next, change);
+        Ok(false)
+    }
     /// Takes or renews the run lock for `holder` until `now + ttl`. Returns the current holder
     /// when someone else holds an unexpired lock.
     ///
@@ -361,6 +384,20 @@ pub trait StateStore: Send + Sync {
     /// # Errors
     /// Any write failure.
     async fn release_lock(&self, holder: &str) -> Result<(), PortError>;
+}
+
+/// A change to a Node that a record save can carry ([`StateStore::save_with`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeChange {
+    /// Set `spec.unschedulable` (cordon `true`, uncordon `false`).
+    Unschedulable(bool),
+    /// Set (`Some`) or remove (`None`) a label.
+    Label {
+        /// The label's key.
+        key: String,
+        /// Its value, or `None` to remove it.
+        value: Option<String>,
+    },
 }
 
 /// Result of [`StateStore::acquire_lock`].

@@ -89,7 +89,31 @@ impl KubeCluster {
         })
     }
 
+    /// The Cilium agent pods on `node`: from the node's pod watch while the adapter holds the
+    /// run lock, else one LIST (label and field selector).
     pub(crate) async fn agent_pods(&self, node: &NodeName) -> Result<Vec<core::Pod>, PortError> {
+        if let Some(pods) = self.inner.caches.pods_on(&self.inner.client, node).await? {
+            let (k, v) = CILIUM_AGENT_LABEL
+                .split_once('=')
+                .unwrap_or((CILIUM_AGENT_LABEL, ""));
+            return Ok(pods
+                .into_iter()
+                .filter(|p| {
+                    p.metadata.namespace.as_deref()
+                        == Some(self.inner.opts.cilium_namespace.as_str())
+                        && p.metadata
+                            .labels
+                            .as_ref()
+                            .and_then(|l| l.get(k))
+                            .is_some_and(|x| x == v)
+                })
+                .collect());
+        }
+        self.list_agent_pods(node).await
+    }
+
+    /// The Cilium agent pods on `node`: one LIST (label and field selector).
+    async fn list_agent_pods(&self, node: &NodeName) -> Result<Vec<core::Pod>, PortError> {
         let api: Api<core::Pod> =
             Api::namespaced(self.inner.client.clone(), &self.inner.opts.cilium_namespace);
         let lp = ListParams::default()
@@ -276,8 +300,9 @@ impl NewCni for KubeCluster {
         .map_err(|e| port_error("apply", format!("ciliumnodeconfig {}", config.name), e))
     }
 
-    /// The pod labelled `k8s-app=cilium` on the node (LIST with `fieldSelector=spec.nodeName`),
-    /// preferring one that is not terminating: its UID, Ready, and the node config it resolved.
+    /// The pod labelled `k8s-app=cilium` on the node (LIST with `fieldSelector=spec.nodeName`,
+    /// or the node's pod watch while the adapter holds the run lock), preferring one that is not
+    /// terminating: its UID, Ready, and the node config it resolved.
     ///
     /// The resolved node config is read from the pod annotation
     /// [`AGENT_CONFIG_ANNOTATION`], which the emulator writes. A
@@ -315,8 +340,9 @@ impl NewCni for KubeCluster {
         }))
     }
 
-    /// Deletes the agent pod with this UID (found by listing the node's agent pods), with a UID
-    /// precondition; its DaemonSet recreates it.
+    /// Deletes the agent pod with this UID (found among the node's agent pods: the node's pod
+    /// watch while the adapter holds the run lock, else a LIST), with a UID precondition; its
+    /// DaemonSet recreates it.
     ///
     /// # RBAC
     /// `list pods`, `delete pods`.
@@ -324,11 +350,17 @@ impl NewCni for KubeCluster {
     /// # Errors
     /// Any write failure other than the pod being gone.
     async fn restart_agent(&self, node: &NodeName, pod_uid: &str) -> Result<(), PortError> {
-        let pods = self.agent_pods(node).await?;
-        let Some(pod) = pods
-            .iter()
-            .find(|p| p.metadata.uid.as_deref() == Some(pod_uid))
-        else {
+        let has = |pods: &[core::Pod]| {
+            pods.iter()
+                .find(|p| p.metadata.uid.as_deref() == Some(pod_uid))
+                .cloned()
+        };
+        let mut pod = has(&self.agent_pods(node).await?);
+        if pod.is_none() && self.inner.caches.active() {
+            // Not in the watch (yet): ask the API server before concluding it is gone.
+            pod = has(&self.list_agent_pods(node).await?);
+        }
+        let Some(pod) = pod else {
             return Ok(());
         };
         let r = PodRef {
@@ -347,7 +379,8 @@ impl NewCni for KubeCluster {
     /// agent; the emulator keeps the directory's state in this annotation.
     ///
     /// Answers from the node read by a `node_view` of the last second when there is one (the
-    /// orchestrator reads view, agent and CNI dir in a row), else GETs the node's metadata.
+    /// orchestrator reads view, agent and CNI dir in a row), else from the node watch while the
+    /// adapter holds the run lock, else GETs the node's metadata.
     ///
     /// # RBAC
     /// `get nodes`.
@@ -355,7 +388,15 @@ impl NewCni for KubeCluster {
     /// # Errors
     /// Any read failure; [`PortError::Invalid`] when the annotation does not parse.
     async fn cni_dir(&self, node: &NodeName) -> Result<CniDirState, PortError> {
-        let value = match self.recent_cni_dir(node) {
+        let cached = match self.recent_cni_dir(node) {
+            Some(v) => Some(v),
+            None => self.cached_node(node).await?.map(|n| {
+                n.metadata
+                    .annotations
+                    .and_then(|mut a| a.remove(CNI_DIR_ANNOTATION))
+            }),
+        };
+        let value = match cached {
             Some(v) => v,
             None => self
                 .nodes()

@@ -145,11 +145,13 @@ impl KubeCluster {
         verb_what: &str,
         body: serde_json::Value,
     ) -> Result<(), PortError> {
-        self.nodes()
+        let n = self
+            .nodes()
             .patch(node.as_str(), &PatchParams::default(), &Patch::Merge(&body))
             .await
-            .map(|_| ())
-            .map_err(|e| port_error("patch", format!("node {node} ({verb_what})"), e))
+            .map_err(|e| port_error("patch", format!("node {node} ({verb_what})"), e))?;
+        self.inner.caches.node_written(n);
+        Ok(())
     }
 }
 
@@ -220,12 +222,20 @@ impl Cluster for KubeCluster {
         })
     }
 
+    /// One LIST of node metadata; from the node watch while the adapter holds the run lock.
+    ///
     /// # RBAC
-    /// `list nodes`.
+    /// `list nodes` (and `watch nodes` while holding the run lock).
     ///
     /// # Errors
     /// Any read failure.
     async fn node_names(&self) -> Result<Vec<NodeName>, PortError> {
+        if let Some(nodes) = self.cached_nodes().await? {
+            return Ok(nodes
+                .into_iter()
+                .filter_map(|n| n.metadata.name.and_then(|n| NodeName::new(n).ok()))
+                .collect());
+        }
         let list = self
             .nodes()
             .list_metadata(&self.node_list_params())
@@ -239,19 +249,17 @@ impl Cluster for KubeCluster {
     }
 
     /// One GET of the node and one LIST of its pods (`fieldSelector=spec.nodeName=<node>`, never
-    /// a cluster-wide list).
+    /// a cluster-wide list); while the adapter holds the run lock, both from watches (the
+    /// module `watch`: no request once the node's watches are synced).
     ///
     /// # RBAC
-    /// `get nodes`, `list pods`, `get configmaps` (`cilium-config`, once).
+    /// `get nodes`, `list pods`, `get configmaps` (`cilium-config`, once); while holding the run
+    /// lock, `list` and `watch` `nodes` and `pods`.
     ///
     /// # Errors
     /// [`PortError::NotFound`] naming the node when it is gone.
     async fn node_view(&self, node: &NodeName) -> Result<NodeView, PortError> {
-        let n = self
-            .nodes()
-            .get(node.as_str())
-            .await
-            .map_err(|e| port_error("get", format!("node {node}"), e))?;
+        let n = self.node(node).await?;
         self.remember_cni_dir(node, &n);
         let cidrs = self.cilium_cidrs().await?;
         let pods = Self::model_pods(&self.pods_on(node).await?, &cidrs);
@@ -267,10 +275,11 @@ impl Cluster for KubeCluster {
     }
 
     /// One LIST of pods per node (field selector) and one LIST of all budgets; counts, per node,
-    /// the drainable pods each budget covers.
+    /// the drainable pods each budget covers. While the adapter holds the run lock, both come
+    /// from watches (each node's pods by field selector, the budgets of all namespaces).
     ///
     /// # RBAC
-    /// `list pods`, `list poddisruptionbudgets`.
+    /// `list pods`, `list poddisruptionbudgets`; `watch` both while holding the run lock.
     ///
     /// # Errors
     /// Any read failure.
@@ -279,7 +288,10 @@ impl Cluster for KubeCluster {
         if nodes.is_empty() {
             return Ok(view);
         }
-        let raw = self.list_pdbs(None).await?;
+        let raw = match self.inner.caches.pdbs(&self.inner.client).await? {
+            Some(p) => p,
+            None => self.list_pdbs(None).await?,
+        };
         let pdbs: Vec<(Pdb, u32)> = raw
             .iter()
             .filter_map(|p| convert::pdb(p).map(|m| (m, convert::disruptions_allowed(p))))

@@ -49,6 +49,20 @@
 //! | `save` | JSON PATCH of the node annotation `cnimig.io/migration` with a `test` op (the first save: GET, then a `test` of `resourceVersion`) |
 //! | `acquire_lock` | GET, then CREATE or UPDATE (resourceVersion precondition) of a Lease |
 //!
+//! While the adapter holds the run lock, `node_view`, `node_names`, `budget_view`, `agent`,
+//! `cni_dir`, `verify_cluster`, `verify_node`'s pod read and the first `save`'s read are answered
+//! from watches instead (one of the Nodes, one of the budgets, one per looked-at node of its pods
+//! by field selector; see `watch` below): after each watch's first LIST, a look at a node costs
+//! no request. The Node a write returns goes into the node watch's copy at once.
+//!
+//! ## Watches (`watch`)
+//!
+//! The run's caches are `kube::runtime::watcher` streams: LIST, then WATCH from its
+//! `resourceVersion`, re-listed after 410 Gone. They are started at the first read after the
+//! lock is taken and stopped when it is released (a node's pod watch also after a minute
+//! without a read). A watch that failed is not read until it delivers again (reads go to the
+//! API server meanwhile); one refused by RBAC fails the read with `Forbidden`.
+//!
 //! ## Two clients
 //!
 //! kube's `Config::default_retry` retries 429, 503 and 504 up to 15 times with backoff up to
@@ -103,6 +117,7 @@ pub mod prepare;
 pub mod probe;
 mod state;
 mod verify;
+mod watch;
 
 pub use cilium::{RESTORE_SCRIPT, restore_helper_name, restore_helper_pod};
 pub use clock::SystemClock;
@@ -182,6 +197,8 @@ struct Inner {
         std::collections::HashMap<NodeName, (tokio::time::Instant, Option<String>)>,
     >,
     clock: SystemClock,
+    /// Watch-fed caches, on while this adapter holds the run lock ([`watch`]).
+    caches: watch::Caches,
 }
 
 /// How long `cni_dir` may answer from the annotation the last `node_view` read (the orchestrator
@@ -229,6 +246,7 @@ impl KubeCluster {
                 cilium_cidrs: RwLock::new(None),
                 cni_seen: std::sync::Mutex::default(),
                 clock: SystemClock,
+                caches: watch::Caches::default(),
             }),
         })
     }
@@ -269,11 +287,51 @@ impl KubeCluster {
         Api::all(self.inner.client.clone())
     }
 
-    /// Pods bound to `node`: one LIST with `fieldSelector=spec.nodeName=<node>`.
+    /// The node: from the node watch while the adapter holds the run lock ([`watch`]), else
+    /// (or when the watch does not hold it) one GET.
     ///
     /// # RBAC
-    /// `list pods` (all namespaces).
+    /// `get nodes`; `list`, `watch nodes` while holding the run lock.
+    async fn node(&self, node: &NodeName) -> Result<core::Node, PortError> {
+        if let Some(n) = self.cached_node(node).await? {
+            return Ok(n);
+        }
+        self.nodes()
+            .get(node.as_str())
+            .await
+            .map_err(|e| port_error("get", format!("node {node}"), e))
+    }
+
+    /// The node from the node watch, `None` when there is no answer there (inactive, not
+    /// synced, or the node is not in the watched set).
+    async fn cached_node(&self, node: &NodeName) -> Result<Option<core::Node>, PortError> {
+        self.inner
+            .caches
+            .node(
+                &self.inner.client,
+                self.inner.opts.node_selector.as_deref(),
+                node,
+            )
+            .await
+    }
+
+    /// Every node of the node watch (the selector's), `None` when inactive or not synced.
+    async fn cached_nodes(&self) -> Result<Option<Vec<core::Node>>, PortError> {
+        self.inner
+            .caches
+            .nodes(&self.inner.client, self.inner.opts.node_selector.as_deref())
+            .await
+    }
+
+    /// Pods bound to `node`: from the node's pod watch while the adapter holds the run lock
+    /// ([`watch`]), else one LIST with `fieldSelector=spec.nodeName=<node>`.
+    ///
+    /// # RBAC
+    /// `list pods` (all namespaces); `watch pods` while holding the run lock.
     async fn pods_on(&self, node: &NodeName) -> Result<Vec<core::Pod>, PortError> {
+        if let Some(p) = self.inner.caches.pods_on(&self.inner.client, node).await? {
+            return Ok(p);
+        }
         let pods: Api<core::Pod> = Api::all(self.inner.client.clone());
         let lp = ListParams::default().fields(&format!("spec.nodeName={node}"));
         pods.list(&lp)

@@ -112,20 +112,20 @@ pub fn delta(before: &str, after: &str) -> BTreeMap<String, f64> {
     a
 }
 
-/// Counts the completed requests of `username` in a JSON-lines audit log, by
-/// `verb resource[/subresource]` (watches count once).
+/// Counts the requests of `username` in a JSON-lines audit log, by
+/// `verb resource[/subresource]`: each request once, a watch still open included.
 #[must_use]
 pub fn audit_counts(log: &str, username: &str) -> BTreeMap<String, u64> {
     count_audit(log, |v| v["user"]["username"] == username)
 }
 
-/// Counts the completed requests sent with `User-Agent: user_agent`, like [`audit_counts`].
+/// Counts the requests sent with `User-Agent: user_agent`, like [`audit_counts`].
 #[must_use]
 pub fn audit_counts_by_agent(log: &str, user_agent: &str) -> BTreeMap<String, u64> {
     count_audit(log, |v| v["userAgent"] == user_agent)
 }
 
-/// Counts the completed requests whose `User-Agent` starts with `prefix` (e.g. `kubectl/`, which
+/// Counts the requests whose `User-Agent` starts with `prefix` (e.g. `kubectl/`, which
 /// every kubectl invocation sends followed by its version), like [`audit_counts`].
 #[must_use]
 pub fn audit_counts_by_agent_prefix(log: &str, prefix: &str) -> BTreeMap<String, u64> {
@@ -136,7 +136,7 @@ pub fn audit_counts_by_agent_prefix(log: &str, prefix: &str) -> BTreeMap<String,
     })
 }
 
-/// Completed requests per user (`user.username`) in a JSON-lines audit log.
+/// Requests per user (`user.username`) in a JSON-lines audit log (each once, open watches too).
 #[must_use]
 pub fn audit_users(log: &str) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
@@ -161,20 +161,29 @@ pub fn unfiltered_pod_reads(log: &str, user_agent: &str) -> Vec<String> {
         .collect()
 }
 
-/// The `ResponseComplete` events of a JSON-lines audit log.
+/// One event per request of a JSON-lines audit log: its `ResponseComplete`, or its
+/// `ResponseStarted` (long-running requests: watches) when the log has that first. Requests are
+/// told apart by `auditID`, so a watch still open when the log is read counts too; events without
+/// an `auditID` count at `ResponseComplete` only.
 fn audit_events(log: &str) -> impl Iterator<Item = serde_json::Value> + '_ {
+    let mut seen = std::collections::HashSet::new();
     log.lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|v| v["stage"] == "ResponseComplete")
+        .filter(move |v| match v["auditID"].as_str() {
+            Some(id) => {
+                matches!(
+                    v["stage"].as_str(),
+                    Some("ResponseStarted" | "ResponseComplete")
+                ) && seen.insert(id.to_string())
+            }
+            None => v["stage"] == "ResponseComplete",
+        })
 }
 
 fn count_audit(log: &str, pick: impl Fn(&serde_json::Value) -> bool) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
-    for line in log.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if v["stage"] != "ResponseComplete" || !pick(&v) {
+    for v in audit_events(log) {
+        if !pick(&v) {
             continue;
         }
         let verb = v["verb"].as_str().unwrap_or("");
@@ -232,6 +241,19 @@ apiserver_request_total{code=\"201\",resource=\"pods\",subresource=\"eviction\",
         );
         let users = audit_users(log);
         assert_eq!((users["u"], users["v"]), (3, 1));
+    }
+
+    #[test]
+    fn counts_each_request_once_open_watches_included() {
+        let log = r#"{"auditID":"1","stage":"ResponseStarted","verb":"watch","userAgent":"a","objectRef":{"resource":"pods"}}
+{"auditID":"2","stage":"ResponseComplete","verb":"get","userAgent":"a","objectRef":{"resource":"nodes"}}
+{"auditID":"1","stage":"ResponseComplete","verb":"watch","userAgent":"a","objectRef":{"resource":"pods"}}
+{"auditID":"3","stage":"ResponseStarted","verb":"watch","userAgent":"a","objectRef":{"resource":"nodes"}}"#;
+        let c = audit_counts_by_agent(log, "a");
+        assert_eq!(c["watch pods"], 1, "started and completed: one request");
+        assert_eq!(c["watch nodes"], 1, "still open: counted");
+        assert_eq!(c["get nodes"], 1);
+        assert_eq!(c.len(), 3);
     }
 
     #[test]

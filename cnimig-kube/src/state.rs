@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use cnimig_core::machine::{NodeRecord, STATE_ANNOTATION};
 use cnimig_core::model::{NodeName, Time};
-use cnimig_core::ports::{LockOutcome, PortError, StateStore};
+use cnimig_core::ports::{LockOutcome, NodeChange, PortError, StateStore};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
@@ -57,6 +57,30 @@ pub fn record_patch(
     }
 }
 
+/// The JSON Patch operation of a node change carried by a record save.
+#[must_use]
+pub fn change_op(change: &NodeChange) -> Value {
+    match change {
+        NodeChange::Unschedulable(b) => {
+            json!({"op": "add", "path": "/spec/unschedulable", "value": b})
+        }
+        NodeChange::Label {
+            key,
+            value: Some(v),
+        } => json!({"op": "add", "path": label_path(key), "value": v}),
+        NodeChange::Label { key, value: None } => {
+            json!({"op": "remove", "path": label_path(key)})
+        }
+    }
+}
+
+fn label_path(key: &str) -> String {
+    format!(
+        "/metadata/labels/{}",
+        key.replace('~', "~0").replace('/', "~1")
+    )
+}
+
 fn micro(t: Time) -> Option<MicroTime> {
     Timestamp::from_millisecond(i64::try_from(t.0).ok()?)
         .ok()
@@ -74,19 +98,36 @@ impl KubeCluster {
         next: &NodeRecord,
         what: &str,
     ) -> Result<(), PortError> {
-        for _ in 0..5 {
-            let n = self
-                .nodes()
-                .get_metadata(node.as_str())
-                .await
-                .map_err(|e| port_error("get", format!("node {node}"), e))?;
-            let annotations = n.metadata.annotations.as_ref();
+        for attempt in 0..5 {
+            // The node watch's copy first, when it shows no record (a stale copy fails the
+            // `resourceVersion` test and the next attempt reads the API server); a copy that
+            // shows one is confirmed by a read before refusing.
+            let cached = match attempt {
+                0 => self.cached_node(node).await?.filter(|n| {
+                    !n.metadata
+                        .annotations
+                        .as_ref()
+                        .is_some_and(|a| a.contains_key(STATE_ANNOTATION))
+                }),
+                _ => None,
+            };
+            let meta = match cached {
+                Some(n) => n.metadata,
+                None => {
+                    self.nodes()
+                        .get_metadata(node.as_str())
+                        .await
+                        .map_err(|e| port_error("get", format!("node {node}"), e))?
+                        .metadata
+                }
+            };
+            let annotations = meta.annotations.as_ref();
             if annotations.is_some_and(|a| a.contains_key(STATE_ANNOTATION)) {
                 return Err(PortError::Conflict {
                     what: what.to_string(),
                 });
             }
-            let rv = n.metadata.resource_version.clone().unwrap_or_default();
+            let rv = meta.resource_version.clone().unwrap_or_default();
             let ops = record_patch(None, next, &rv, annotations.is_some());
             match self.json_patch_node(node, ops).await {
                 Ok(()) => return Ok(()),
@@ -101,6 +142,20 @@ impl KubeCluster {
         })
     }
 
+    /// The record stored on the node now (one GET of its metadata).
+    async fn stored_record(&self, node: &NodeName) -> Result<Option<NodeRecord>, PortError> {
+        let n = self
+            .nodes()
+            .get_metadata(node.as_str())
+            .await
+            .map_err(|e| port_error("get", format!("node {node}"), e))?;
+        Ok(n.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(STATE_ANNOTATION))
+            .and_then(|v| NodeRecord::from_annotation(v).ok()))
+    }
+
     pub(crate) fn leases(&self) -> Api<Lease> {
         Api::namespaced(self.inner.client.clone(), &self.inner.opts.system_namespace)
     }
@@ -108,14 +163,16 @@ impl KubeCluster {
     async fn json_patch_node(&self, node: &NodeName, ops: Value) -> Result<(), kube::Error> {
         let patch: json_patch::Patch =
             serde_json::from_value(ops).map_err(kube::Error::SerdeError)?;
-        self.nodes()
+        let n = self
+            .nodes()
             .patch(
                 node.as_str(),
                 &PatchParams::default(),
                 &Patch::Json::<()>(patch),
             )
-            .await
-            .map(|_| ())
+            .await?;
+        self.inner.caches.node_written(n);
+        Ok(())
     }
 }
 
@@ -195,19 +252,47 @@ impl StateStore for KubeCluster {
             Ok(()) => Ok(()),
             Err(e) if maybe_failed_test(&e) => {
                 // Confirm: is the stored record still `prev`? Then the patch itself was bad.
-                let n = self
-                    .nodes()
-                    .get_metadata(node.as_str())
-                    .await
-                    .map_err(|e| port_error("get", format!("node {node}"), e))?;
-                let stored = n
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(STATE_ANNOTATION))
-                    .and_then(|v| NodeRecord::from_annotation(v).ok());
-                if stored.as_ref() == Some(prev) {
+                if self.stored_record(node).await?.as_ref() == Some(prev) {
                     Err(port_error("patch", what, e))
+                } else {
+                    Err(PortError::Conflict { what })
+                }
+            }
+            Err(e) => Err(port_error("patch", what, e)),
+        }
+    }
+
+    /// One JSON PATCH of the node: `test` that the annotation holds `prev`, `replace` it with
+    /// `next`, and the change (`add /spec/unschedulable`, `add` or `remove` of the label). The
+    /// API server applies all operations or none, so the concurrent-writer check of
+    /// [`save`](StateStore::save) holds for the change too.
+    ///
+    /// # RBAC
+    /// `patch nodes`.
+    ///
+    /// A 422 is confirmed by reading the node, as for `save`: the record is not `prev` →
+    /// [`PortError::Conflict`]; it is → the change itself did not apply (say, removing a label
+    /// that is gone), nothing was written, `Ok(false)`, and the caller saves and acts apart.
+    ///
+    /// # Errors
+    /// As [`save`](StateStore::save).
+    async fn save_with(
+        &self,
+        node: &NodeName,
+        prev: &NodeRecord,
+        next: &NodeRecord,
+        change: &NodeChange,
+    ) -> Result<bool, PortError> {
+        let what = format!("annotation {STATE_ANNOTATION} of node {node} ({change:?})");
+        let mut ops = record_patch(Some(prev), next, "", true);
+        if let Some(list) = ops.as_array_mut() {
+            list.push(change_op(change));
+        }
+        match self.json_patch_node(node, ops).await {
+            Ok(()) => Ok(true),
+            Err(e) if maybe_failed_test(&e) => {
+                if self.stored_record(node).await?.as_ref() == Some(prev) {
+                    Ok(false)
                 } else {
                     Err(PortError::Conflict { what })
                 }
@@ -219,6 +304,10 @@ impl StateStore for KubeCluster {
     /// GET the Lease; CREATE it when absent, or UPDATE it (with the read `resourceVersion`) when
     /// we hold it, nobody does, or the holder's `renewTime + leaseDurationSeconds` is before
     /// `now`. A lost race (409) re-reads, up to three times.
+    ///
+    /// Taking the lock turns on the adapter's watch-fed caches (the module `watch`: nodes,
+    /// budgets, each looked-at node's pods) for the run's reads; losing it to another holder or
+    /// releasing it turns them off and closes the watches.
     ///
     /// # RBAC
     /// `get`, `create`, `update leases` (`coordination.k8s.io`) in the system namespace.
@@ -256,7 +345,10 @@ impl StateStore for KubeCluster {
                     }),
                 };
                 match api.create(&PostParams::default(), &lease).await {
-                    Ok(_) => return Ok(LockOutcome::Acquired),
+                    Ok(_) => {
+                        self.inner.caches.activate();
+                        return Ok(LockOutcome::Acquired);
+                    }
                     Err(e) if api_code(&e) == Some(409) => continue,
                     Err(e) => return Err(port_error("create", &what, e)),
                 }
@@ -270,6 +362,7 @@ impl StateStore for KubeCluster {
                 && h != holder
                 && until > now.0
             {
+                self.inner.caches.deactivate();
                 return Ok(LockOutcome::HeldBy {
                     holder: h.clone(),
                     until: Time(until),
@@ -284,7 +377,10 @@ impl StateStore for KubeCluster {
             spec.lease_duration_seconds = Some(secs);
             // `replace` sends the resourceVersion we read: a concurrent writer makes it 409.
             match api.replace(name, &PostParams::default(), &lease).await {
-                Ok(_) => return Ok(LockOutcome::Acquired),
+                Ok(_) => {
+                    self.inner.caches.activate();
+                    return Ok(LockOutcome::Acquired);
+                }
                 Err(e) if api_code(&e) == Some(409) => continue,
                 Err(e) => return Err(port_error("update", &what, e)),
             }
@@ -300,6 +396,8 @@ impl StateStore for KubeCluster {
     /// # Errors
     /// Any read or write failure.
     async fn release_lock(&self, holder: &str) -> Result<(), PortError> {
+        // The watches are the run's: stop them whatever the Lease says.
+        self.inner.caches.deactivate();
         let api = self.leases();
         let name = self.inner.opts.lock_name.as_str();
         let what = format!("lease {}/{name}", self.inner.opts.system_namespace);
@@ -347,6 +445,26 @@ mod tests {
         assert_eq!(p[1]["op"], "add");
         let p = record_patch(None, &next, "42", false);
         assert_eq!(p[1]["path"], "/metadata/annotations");
+    }
+
+    #[test]
+    fn changes_become_patch_operations() {
+        assert_eq!(
+            change_op(&NodeChange::Unschedulable(true)),
+            json!({"op": "add", "path": "/spec/unschedulable", "value": true})
+        );
+        let key = "io.cilium.migration/cilium-default".to_string();
+        assert_eq!(
+            change_op(&NodeChange::Label {
+                key: key.clone(),
+                value: Some("true".into())
+            }),
+            json!({"op": "add", "path": "/metadata/labels/io.cilium.migration~1cilium-default", "value": "true"})
+        );
+        assert_eq!(
+            change_op(&NodeChange::Label { key, value: None })["op"],
+            "remove"
+        );
     }
 
     #[test]

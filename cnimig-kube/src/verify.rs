@@ -22,8 +22,9 @@ impl Verifier for KubeCluster {
     /// of the same name in its namespace, and is Ready. Cross-node connectivity is
     /// [`verify_cluster`](Verifier::verify_cluster)'s job.
     ///
-    /// Calls: one LIST of the node's pods (field selector) and one GET of a `CiliumEndpoint`
-    /// (`cilium.io/v2`) per pod whose IP is already in the pool.
+    /// Calls: one LIST of the node's pods (field selector; from the node's pod watch while the
+    /// adapter holds the run lock) and one GET of a `CiliumEndpoint` (`cilium.io/v2`) per pod
+    /// whose IP is already in the pool.
     ///
     /// # RBAC
     /// `list pods`, `get ciliumendpoints`, `get configmaps` (`cilium-config`, once).
@@ -86,21 +87,26 @@ impl Verifier for KubeCluster {
     }
 
     /// The minimal cluster check until a Goldpinger verifier exists: every node is Ready.
-    /// It does not test pod-to-pod connectivity.
+    /// It does not test pod-to-pod connectivity. One LIST of nodes; from the node watch while the
+    /// adapter holds the run lock.
     ///
     /// # RBAC
-    /// `list nodes`.
+    /// `list nodes` (and `watch nodes` while holding the run lock).
     ///
     /// # Errors
     /// When the nodes cannot be listed.
     async fn verify_cluster(&self) -> Result<Verification, PortError> {
-        let nodes = self
-            .nodes()
-            .list(&self.node_list_params())
-            .await
-            .map_err(|e| port_error("list", "nodes", e))?;
+        let nodes = match self.cached_nodes().await? {
+            Some(n) => n,
+            None => {
+                self.nodes()
+                    .list(&self.node_list_params())
+                    .await
+                    .map_err(|e| port_error("list", "nodes", e))?
+                    .items
+            }
+        };
         let problems: Vec<String> = nodes
-            .items
             .iter()
             .filter_map(convert::node)
             .filter(|n| !n.ready)

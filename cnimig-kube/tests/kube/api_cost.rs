@@ -1,5 +1,5 @@
 //! Issue #5: cnimig reads a node's pods with a field selector (`spec.nodeName`), never by a
-//! cluster-wide pod LIST per node. Counted from the control plane's audit log by the adapter's
+//! cluster-wide pod LIST per node, and by a watch per node rather than a LIST per look. Counted from the control plane's audit log by the adapter's
 //! own User-Agent over a whole plan and run of 6 emulated nodes.
 
 use std::collections::BTreeMap;
@@ -104,6 +104,11 @@ async fn no_cluster_wide_pod_list_per_node() {
             let by_node = format!("fieldSelector=spec.nodeName%3D{n}");
             assert!(window.lines().any(|l| l.contains(&agent) && l.contains(&by_node)), "no pod LIST by node for {n}");
         }
+        // ...once each, to start the node's pod watch, not once per look (polling LISTed them
+        // about twenty times a node): at most a relist each besides, and the inventory.
+        let lists = ours.get("list pods").copied().unwrap_or(0);
+        assert!(lists <= 2 * NODES as u64 + 1, "{lists} pod LISTs for {NODES} nodes: polling again? {ours:?}");
+        assert!(ours.get("watch pods").copied().unwrap_or(0) >= NODES as u64, "no pod watch per node: {ours:?}");
         // ...and the whole cluster's pods at most once (the plan's inventory), not per node.
         let unfiltered = cnimig_kube::metrics::unfiltered_pod_reads(&window, &agent);
         assert!(unfiltered.len() <= 1, "{} cluster-wide pod reads for {NODES} nodes: {unfiltered:?}", unfiltered.len());

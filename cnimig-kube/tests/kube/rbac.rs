@@ -64,6 +64,30 @@ const PROBES: &[Probe] = &[
     },
     Probe {
         group: "",
+        resource: "nodes",
+        verb: "watch",
+        adapter_verb: "watch",
+        what: "nodes",
+        call: "node_names holding the run lock",
+    },
+    Probe {
+        group: "",
+        resource: "pods",
+        verb: "watch",
+        adapter_verb: "watch",
+        what: "pods on node",
+        call: "node_view holding the run lock",
+    },
+    Probe {
+        group: "policy",
+        resource: "poddisruptionbudgets",
+        verb: "watch",
+        adapter_verb: "watch",
+        what: "poddisruptionbudgets",
+        call: "budget_view holding the run lock",
+    },
+    Probe {
+        group: "",
         resource: "pods",
         verb: "get",
         adapter_verb: "get",
@@ -433,6 +457,31 @@ async fn run_probe(
                 .map(drop)
         }
         ("configmaps", "get") => cluster.live_config().await.map(drop),
+        (resource, "watch") => {
+            // Holding the run lock, the adapter reads from watches. A watch's LIST may answer
+            // the first read before its WATCH is refused, so read until the refusal shows.
+            let holder = unique("holder");
+            cluster
+                .acquire_lock(&holder, Time(0), Duration::from_secs(60))
+                .await?;
+            let mut r = Ok(());
+            for _ in 0..15 {
+                r = match resource {
+                    "nodes" => cluster.node_names().await.map(drop),
+                    "pods" => cluster.node_view(node).await.map(drop),
+                    _ => cluster
+                        .budget_view(std::slice::from_ref(node))
+                        .await
+                        .map(drop),
+                };
+                if r.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            cluster.release_lock(&holder).await?;
+            r
+        }
         ("poddisruptionbudgets", "list") => cluster
             .budget_view(std::slice::from_ref(node))
             .await
