@@ -200,7 +200,7 @@ async fn run(args: &Args) -> Result<Outcome, Fail> {
             );
             p
         }
-        Err(e) => return Ok(prepare_failed(&e, plan_json, &args)),
+        Err(e) => return Ok(prepare_failed(&e, plan_json, args)),
     };
 
     let orch = Orchestrator::new(
@@ -270,7 +270,7 @@ async fn run(args: &Args) -> Result<Outcome, Fail> {
     }
     let (code, report) = match result {
         Ok(r) => (summarise(&r), serde_json::to_value(&r).unwrap_or_default()),
-        Err(RunError::Locked { holder: h, until }) => locked(&args, &h, until),
+        Err(RunError::Locked { holder: h, until }) => locked(args, &h, until),
         Err(e @ (RunError::Preflight(_) | RunError::NotInMigrationMode(_))) => {
             eprintln!("{e}");
             (EXIT_PREFLIGHT, serde_json::json!({"error": e.to_string()}))
