@@ -414,6 +414,22 @@ pub enum LockOutcome {
     },
 }
 
+/// The lock decision every [`StateStore`] makes the same way: `holder` asks at `now`, `current`
+/// is the stored holder (if any) and when its hold expires. A different holder whose hold has
+/// not expired keeps the lock ([`LockOutcome::HeldBy`]); otherwise (no holder, an expired one,
+/// or `holder` itself renewing) `holder` gets it ([`LockOutcome::Acquired`]) and the store then
+/// records it with its new expiry.
+#[must_use]
+pub fn lock_decision(current: Option<(&str, Time)>, holder: &str, now: Time) -> LockOutcome {
+    match current {
+        Some((h, until)) if h != holder && until > now => LockOutcome::HeldBy {
+            holder: h.to_string(),
+            until,
+        },
+        _ => LockOutcome::Acquired,
+    }
+}
+
 /// Time, for the orchestrator. The pure core never reads the clock itself.
 #[async_trait]
 pub trait Clock: Send + Sync {
@@ -421,4 +437,31 @@ pub trait Clock: Send + Sync {
     fn now(&self) -> Time;
     /// Returns at or after `t` (a simulation advances its virtual time to `t`).
     async fn sleep_until(&self, t: Time);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_decision_keeps_a_live_other_holder_only() {
+        let now = Time(1_000);
+        let held = |until| lock_decision(Some(("a", Time(until))), "b", now);
+        assert_eq!(
+            held(1_001),
+            LockOutcome::HeldBy {
+                holder: "a".into(),
+                until: Time(1_001)
+            }
+        );
+        // Expired (at or before now): taken over.
+        assert_eq!(held(1_000), LockOutcome::Acquired);
+        assert_eq!(held(10), LockOutcome::Acquired);
+        // No holder, or the same holder renewing before expiry.
+        assert_eq!(lock_decision(None, "b", now), LockOutcome::Acquired);
+        assert_eq!(
+            lock_decision(Some(("b", Time(5_000))), "b", now),
+            LockOutcome::Acquired
+        );
+    }
 }

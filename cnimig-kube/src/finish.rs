@@ -338,15 +338,11 @@ impl fmt::Display for FinalizePlan {
 /// # RBAC
 /// The verbs of the run itself; a missing one shows as a 403 here.
 pub async fn probe_finalize(config: &Config, k: &KubeCluster, plan: &FinalizePlan) -> Vec<Probe> {
-    let client = match no_retry(config) {
-        Ok(c) => c,
+    let (client, mut out) = match probe_leases(config, k).await {
+        Ok(opened) => opened,
         Err(p) => return vec![p],
     };
     let o = k.options();
-    let mut out = vec![
-        probe_lease(&client, o).await,
-        probe_final_lease(&client, &o.system_namespace).await,
-    ];
     let restarted: BTreeSet<&String> = plan.restarted.iter().collect();
     if plan.step.is_none_or(|s| s < FinalStep::AgentsRestarted) {
         let pods: Api<core::Pod> = Api::namespaced(client.clone(), &o.cilium_namespace);
@@ -598,15 +594,11 @@ impl fmt::Display for CleanupPlan {
 /// # RBAC
 /// The verbs of the run itself; a missing one shows as a 403 here.
 pub async fn probe_cleanup(config: &Config, k: &KubeCluster, plan: &CleanupPlan) -> Vec<Probe> {
-    let client = match no_retry(config) {
-        Ok(c) => c,
+    let (client, mut out) = match probe_leases(config, k).await {
+        Ok(opened) => opened,
         Err(p) => return vec![p],
     };
     let o = k.options();
-    let mut out = vec![
-        probe_lease(&client, o).await,
-        probe_final_lease(&client, &o.system_namespace).await,
-    ];
     for t in &plan.objects {
         out.push(probe_delete(&client, t).await);
     }
@@ -652,6 +644,19 @@ pub async fn probe_cleanup(config: &Config, k: &KubeCluster, plan: &CleanupPlan)
         });
     }
     out
+}
+
+/// What both probes open with: a client that does not retry (a refusal shows at once) and the
+/// dry runs of the two Lease writes (the run's lock and finalize's record); `Err` is the probe
+/// saying the client could not be built.
+async fn probe_leases(config: &Config, k: &KubeCluster) -> Result<(Client, Vec<Probe>), Probe> {
+    let client = no_retry(config)?;
+    let o = k.options();
+    let leases = vec![
+        probe_lease(&client, o).await,
+        probe_final_lease(&client, &o.system_namespace).await,
+    ];
+    Ok((client, leases))
 }
 
 fn no_retry(config: &Config) -> Result<Client, Probe> {

@@ -358,15 +358,12 @@ impl StateStore for KubeCluster {
             let until = spec.renew_time.as_ref().map_or(0, millis).saturating_add(
                 u64::try_from(spec.lease_duration_seconds.unwrap_or(0)).unwrap_or(0) * 1000,
             );
-            if let Some(h) = &current_holder
-                && h != holder
-                && until > now.0
+            let current = current_holder.as_deref().map(|h| (h, Time(until)));
+            if let held @ LockOutcome::HeldBy { .. } =
+                cnimig_core::ports::lock_decision(current, holder, now)
             {
                 self.inner.caches.deactivate();
-                return Ok(LockOutcome::HeldBy {
-                    holder: h.clone(),
-                    until: Time(until),
-                });
+                return Ok(held);
             }
             if current_holder.as_deref() != Some(holder) {
                 spec.acquire_time = micro(now);

@@ -498,16 +498,11 @@ impl StateStore for SimCluster {
         if let Some(e) = inj.before() {
             return Err(e);
         }
-        let out = match &s.lock {
-            Some((h, until)) if h != holder && *until > now => LockOutcome::HeldBy {
-                holder: h.clone(),
-                until: *until,
-            },
-            _ => {
-                s.lock = Some((holder.to_string(), now.after(ttl)));
-                LockOutcome::Acquired
-            }
-        };
+        let current = s.lock.as_ref().map(|(h, until)| (h.as_str(), *until));
+        let out = cnimig_core::ports::lock_decision(current, holder, now);
+        if out == LockOutcome::Acquired {
+            s.lock = Some((holder.to_string(), now.after(ttl)));
+        }
         inj.after(Ok(out))
     }
 
