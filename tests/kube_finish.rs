@@ -100,13 +100,6 @@ async fn run(example: &str, args: &[String], extra: &[&str]) -> Run {
     r
 }
 
-fn ready(p: &Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
 fn dynamic(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
 }
@@ -236,29 +229,12 @@ async fn finalize_and_clean_up_examples_dry_run_act_and_repeat() {
                             "spec": {"nodeSelector": {"cnimig.io/e2e": ns}, "terminationGracePeriodSeconds": 1,
                                      "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10"}]}}}}),
         ];
-        for label in ["cilium", "calico-node"] {
-            objs.push(json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
-                "metadata": {"name": label, "namespace": ns},
-                "spec": {"selector": {"matchLabels": {"k8s-app": label}},
-                         "template": {"metadata": {"labels": {"k8s-app": label}},
-                            "spec": {"hostNetwork": true, "nodeSelector": {"cnimig.io/e2e": ns},
-                                     "terminationGracePeriodSeconds": 1,
-                                     "tolerations": [{"operator": "Exists"}],
-                                     "containers": [{"name": label, "image": "quay.io/cilium/cilium:v1.17.0"}]}}}}));
-        }
+        objs.extend(cnimig_emu::setup::agent_daemon_sets(&ns, "quay.io/cilium/cilium:v1.17.0", &json!([])));
         for o in objs {
             cnimig_emu::setup::apply(&admin, &o).await.unwrap();
         }
+        cnimig_emu::setup::wait_ready_pods(&admin, &ns, 2 + 2 * NODES, Duration::from_secs(120)).await.unwrap();
         let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
-        let expected = 2 + 2 * NODES;
-        wait_until(&format!("{expected} pods Ready"), Duration::from_secs(120), || {
-            let pods = pods.clone();
-            async move {
-                let Ok(l) = pods.list(&ListParams::default()).await else { return false };
-                l.items.iter().filter(|p| ready(p) && p.metadata.deletion_timestamp.is_none()).count() == expected
-            }
-        })
-        .await;
 
         let dir = std::env::temp_dir().join(format!("cnimig-finish-{ns}"));
         std::fs::create_dir_all(&dir).unwrap();

@@ -258,42 +258,22 @@ impl Cluster {
             "spec": {"minAvailable": 2, "selector": {"matchLabels": {"app": "db"}}}}),
         );
         expected += 3;
-        for label in ["cilium", "calico-node"] {
-            objs.push(json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
-                "metadata": {"name": label, "namespace": ns},
-                "spec": {"selector": {"matchLabels": {"k8s-app": label}},
-                         "template": {"metadata": {"labels": {"k8s-app": label}},
-                            "spec": {"hostNetwork": true, "nodeSelector": {"cnimig.io/e2e": ns},
-                                     "terminationGracePeriodSeconds": 1,
-                                     "tolerations": [{"operator": "Exists"}],
-                                     "containers": [{"name": label, "image": "registry.k8s.io/pause:3.10",
-                                        // Prepared already: Calico uses each node's InternalIP
-                                        // (the run checks it before the first node).
-                                        "env": [{"name": "IP_AUTODETECTION_METHOD", "value": "kubernetes-internal-ip"}]}]}}}}));
-            expected += total;
-        }
+        // Prepared already: Calico uses each node's InternalIP (the run checks it before the
+        // first node).
+        let agent_env =
+            json!([{"name": "IP_AUTODETECTION_METHOD", "value": "kubernetes-internal-ip"}]);
+        objs.extend(cnimig_emu::setup::agent_daemon_sets(
+            &ns,
+            "registry.k8s.io/pause:3.10",
+            &agent_env,
+        ));
+        expected += 2 * total;
         for o in objs {
             cnimig_emu::setup::apply(&admin, &o).await.unwrap();
         }
-        let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
-        wait_until(
-            &format!("{expected} pods Ready"),
-            Duration::from_secs(240),
-            || {
-                let pods = pods.clone();
-                async move {
-                    let Ok(l) = pods.list(&ListParams::default()).await else {
-                        return false;
-                    };
-                    l.items
-                        .iter()
-                        .filter(|p| ready(p) && p.metadata.deletion_timestamp.is_none())
-                        .count()
-                        == expected
-                }
-            },
-        )
-        .await;
+        cnimig_emu::setup::wait_ready_pods(&admin, &ns, expected, Duration::from_secs(240))
+            .await
+            .unwrap();
         let pdbs: Api<PodDisruptionBudget> = Api::namespaced(admin.clone(), &ns);
         wait_until("budgets allow disruptions", Duration::from_secs(60), || {
             let pdbs = pdbs.clone();

@@ -176,3 +176,58 @@ pub async fn service_account_config(
     };
     Ok(config)
 }
+
+/// The agents' DaemonSets as the emulator runs them: `cilium` and `calico-node` in `ns` (label
+/// `k8s-app=<name>`, host network, every taint tolerated, a 1 s grace period) on the nodes
+/// labelled `cnimig.io/e2e=<ns>`, one container named after each with `image` and `env` (a
+/// JSON array of `EnvVar`s).
+#[must_use]
+pub fn agent_daemon_sets(ns: &str, image: &str, env: &Value) -> Vec<Value> {
+    ["cilium", "calico-node"]
+        .into_iter()
+        .map(|label| {
+            serde_json::json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+                "metadata": {"name": label, "namespace": ns},
+                "spec": {"selector": {"matchLabels": {"k8s-app": label}},
+                         "template": {"metadata": {"labels": {"k8s-app": label}},
+                            "spec": {"hostNetwork": true, "nodeSelector": {"cnimig.io/e2e": ns},
+                                     "terminationGracePeriodSeconds": 1,
+                                     "tolerations": [{"operator": "Exists"}],
+                                     "containers": [{"name": label, "image": image, "env": env}]}}}})
+        })
+        .collect()
+}
+
+/// Waits until exactly `n` pods of `ns` are Ready and not being deleted.
+///
+/// # Errors
+/// After `timeout`, naming how many were Ready at the last look.
+pub async fn wait_ready_pods(client: &Client, ns: &str, n: usize, timeout: Duration) -> Result<()> {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut seen = 0;
+    loop {
+        if let Ok(l) = pods.list(&kube::api::ListParams::default()).await {
+            seen = l
+                .items
+                .iter()
+                .filter(|p| {
+                    p.metadata.deletion_timestamp.is_none()
+                        && p.status
+                            .as_ref()
+                            .and_then(|s| s.conditions.as_ref())
+                            .is_some_and(|c| {
+                                c.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                            })
+                })
+                .count();
+            if seen == n {
+                return Ok(());
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("{seen} of the {n} pods expected in namespace {ns} are Ready after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

@@ -62,13 +62,6 @@ async fn calico_objects(client: &Client) {
     }
 }
 
-fn ready(p: &Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
 async fn agent_uids(pods: &Api<Pod>) -> BTreeMap<String, String> {
     pods.list(&ListParams::default().labels("k8s-app=cilium"))
         .await
@@ -131,29 +124,12 @@ async fn migrate_finalize_and_clean_up_five_emulated_nodes() {
                 "metadata": {"name": "web", "namespace": ns},
                 "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {"app": "web"}}}}),
         ];
-        for label in ["cilium", "calico-node"] {
-            objs.push(json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
-                "metadata": {"name": label, "namespace": ns},
-                "spec": {"selector": {"matchLabels": {"k8s-app": label}},
-                         "template": {"metadata": {"labels": {"k8s-app": label}},
-                            "spec": {"hostNetwork": true, "nodeSelector": {"cnimig.io/e2e": ns},
-                                     "terminationGracePeriodSeconds": 1,
-                                     "tolerations": [{"operator": "Exists"}],
-                                     "containers": [{"name": label, "image": "quay.io/cilium/cilium:v1.17.0"}]}}}}));
-        }
+        objs.extend(cnimig_emu::setup::agent_daemon_sets(&ns, "quay.io/cilium/cilium:v1.17.0", &json!([])));
         for o in objs {
             cnimig_emu::setup::apply(&admin, &o).await.unwrap();
         }
+        cnimig_emu::setup::wait_ready_pods(&admin, &ns, 4 + 2 * NODES, Duration::from_secs(120)).await.unwrap();
         let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
-        let expected = 4 + 2 * NODES;
-        wait_until(&format!("{expected} pods Running and Ready"), Duration::from_secs(120), || {
-            let pods = pods.clone();
-            async move {
-                let Ok(l) = pods.list(&ListParams::default()).await else { return false };
-                l.items.iter().filter(|p| ready(p) && p.metadata.deletion_timestamp.is_none()).count() == expected
-            }
-        })
-        .await;
 
         // Migrate, as cnimig's ServiceAccount.
         let mut opts = common::opts(&ns);

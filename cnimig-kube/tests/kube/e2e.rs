@@ -79,13 +79,6 @@ async fn workloads(admin: &Client, ns: &str) -> usize {
     expected
 }
 
-fn ready(p: &Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
 /// Watches the budgets every 200 ms: the lowest `currentHealthy - desiredHealthy` seen.
 pub(crate) fn watch_budgets(
     admin: Client,
@@ -153,15 +146,8 @@ async fn migrates_twenty_two_emulated_nodes() {
         let emu = cnimig_emu::start(admin.clone(), ecfg).await.unwrap();
 
         let expected = workloads(&admin, &ns).await;
+        cnimig_emu::setup::wait_ready_pods(&admin, &ns, expected, Duration::from_secs(240)).await.unwrap();
         let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
-        wait_until(&format!("{expected} pods Running and Ready"), Duration::from_secs(240), || {
-            let pods = pods.clone();
-            async move {
-                let Ok(l) = pods.list(&ListParams::default()).await else { return false };
-                l.items.iter().filter(|p| ready(p) && p.metadata.deletion_timestamp.is_none()).count() == expected
-            }
-        })
-        .await;
         let pdbs: Api<PodDisruptionBudget> = Api::namespaced(admin.clone(), &ns);
         wait_until("budgets observed with disruptions allowed", Duration::from_secs(60), || {
             let pdbs = pdbs.clone();
@@ -322,28 +308,18 @@ async fn a_failing_node_rolls_back_to_calico() {
                 "metadata": {"name": "web", "namespace": ns},
                 "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {"app": "web"}}}}),
         ];
-        for label in ["cilium", "calico-node"] {
-            objs.push(json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
-                "metadata": {"name": label, "namespace": ns},
-                "spec": {"selector": {"matchLabels": {"k8s-app": label}},
-                         "template": {"metadata": {"labels": {"k8s-app": label}},
-                            "spec": {"hostNetwork": true, "nodeSelector": {"cnimig.io/e2e": ns},
-                                     "terminationGracePeriodSeconds": 1,
-                                     "tolerations": [{"operator": "Exists"}],
-                                     "containers": [{"name": label, "image": "registry.k8s.io/pause:3.10"}]}}}}));
-        }
+        objs.extend(cnimig_emu::setup::agent_daemon_sets(
+            &ns,
+            "registry.k8s.io/pause:3.10",
+            &json!([]),
+        ));
         for o in objs {
             cnimig_emu::setup::apply(&admin, &o).await.unwrap();
         }
+        cnimig_emu::setup::wait_ready_pods(&admin, &ns, 9, Duration::from_secs(120))
+            .await
+            .unwrap();
         let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
-        wait_until("9 pods Running and Ready", Duration::from_secs(120), || {
-            let pods = pods.clone();
-            async move {
-                let Ok(l) = pods.list(&ListParams::default()).await else { return false };
-                l.items.iter().filter(|p| ready(p) && p.metadata.deletion_timestamp.is_none()).count() == 9
-            }
-        })
-        .await;
 
         let mut opts = common::opts(&ns);
         opts.node_selector = Some(format!("cnimig.io/e2e={ns}"));
@@ -351,32 +327,77 @@ async fn a_failing_node_rolls_back_to_calico() {
         let orch = Orchestrator::new(
             Ports::from_one(cluster.clone()),
             cfg.clone(),
-            RunOptions { holder: format!("rollback-{ns}"), ..RunOptions::default() },
+            RunOptions {
+                holder: format!("rollback-{ns}"),
+                ..RunOptions::default()
+            },
         );
         let (_, plan) = orch.plan().await.unwrap();
-        let report = tokio::time::timeout(Duration::from_secs(300), orch.run(&plan, &cnimig_core::events::Discard))
-            .await
-            .expect("the run ends")
-            .unwrap();
-        assert!(report.stopped.is_some(), "RollbackAndStop stops the run: {report:?}");
-        let failed: Vec<_> = report.nodes.iter().filter(|n| n.phase == Phase::RolledBack).collect();
+        let report = tokio::time::timeout(
+            Duration::from_secs(300),
+            orch.run(&plan, &cnimig_core::events::Discard),
+        )
+        .await
+        .expect("the run ends")
+        .unwrap();
+        assert!(
+            report.stopped.is_some(),
+            "RollbackAndStop stops the run: {report:?}"
+        );
+        let failed: Vec<_> = report
+            .nodes
+            .iter()
+            .filter(|n| n.phase == Phase::RolledBack)
+            .collect();
         assert_eq!(failed.len(), 1, "{report:#?}");
-        assert!(failed[0].cause.as_deref().unwrap_or("").contains("AgentReady"), "{:?}", failed[0].cause);
+        assert!(
+            failed[0]
+                .cause
+                .as_deref()
+                .unwrap_or("")
+                .contains("AgentReady"),
+            "{:?}",
+            failed[0].cause
+        );
         assert_eq!(report.count(Phase::Done), 0);
         let name = failed[0].node.as_str().to_string();
         let nodes: Api<Node> = Api::all(admin.clone());
         let node = nodes.get(&name).await.unwrap();
-        assert!(!node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false), "uncordoned");
-        assert!(!node.labels().contains_key(&cfg.migration_label), "label removed");
+        assert!(
+            !node
+                .spec
+                .as_ref()
+                .and_then(|s| s.unschedulable)
+                .unwrap_or(false),
+            "uncordoned"
+        );
+        assert!(
+            !node.labels().contains_key(&cfg.migration_label),
+            "label removed"
+        );
         assert_eq!(
-            node.annotations().get(cnimig_kube::CNI_DIR_ANNOTATION).map(String::as_str),
-            Some(serde_json::to_string(&cnimig_core::ports::CniDirState::CALICO).unwrap().as_str()),
+            node.annotations()
+                .get(cnimig_kube::CNI_DIR_ANNOTATION)
+                .map(String::as_str),
+            Some(
+                serde_json::to_string(&cnimig_core::ports::CniDirState::CALICO)
+                    .unwrap()
+                    .as_str()
+            ),
             "Calico's CNI config restored"
         );
         let pool: ipnet::Ipv4Net = "10.245.0.0/16".parse().unwrap();
         for p in pods.list(&ListParams::default()).await.unwrap().items {
-            let ip: Option<std::net::Ipv4Addr> = p.status.as_ref().and_then(|s| s.pod_ip.as_deref()).and_then(|s| s.parse().ok());
-            assert!(!ip.is_some_and(|ip| pool.contains(&ip)), "pod {} still on Cilium after the rollback", p.name_any());
+            let ip: Option<std::net::Ipv4Addr> = p
+                .status
+                .as_ref()
+                .and_then(|s| s.pod_ip.as_deref())
+                .and_then(|s| s.parse().ok());
+            assert!(
+                !ip.is_some_and(|ip| pool.contains(&ip)),
+                "pod {} still on Cilium after the rollback",
+                p.name_any()
+            );
         }
         emu.stop();
         for n in &node_names {

@@ -21,14 +21,6 @@ use serde_json::json;
 
 use crate::common::{self, wait_until};
 
-fn ready(p: &Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        && p.metadata.deletion_timestamp.is_none()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_firewall_break_is_caught_by_goldpinger_and_the_node_rolls_back() {
     let env = crate::env_or_skip!();
@@ -54,7 +46,12 @@ async fn a_firewall_break_is_caught_by_goldpinger_and_the_node_rolls_back() {
             ..GoldpingerOptions::default()
         };
         let mut m = manifests(&gopts);
-        if let Some(spec) = m.daemon_set.spec.as_mut().and_then(|s| s.template.spec.as_mut()) {
+        if let Some(spec) = m
+            .daemon_set
+            .spec
+            .as_mut()
+            .and_then(|s| s.template.spec.as_mut())
+        {
             spec.node_selector = Some(BTreeMap::from([("cnimig.io/e2e".to_string(), ns.clone())]));
         }
         // Deployed as cnimig's ServiceAccount with deploy/rbac-verify.yaml.
@@ -63,36 +60,36 @@ async fn a_firewall_break_is_caught_by_goldpinger_and_the_node_rolls_back() {
             .unwrap();
         let sa = kube::Client::try_from(env.sa_config.clone()).unwrap();
         // (RBAC changes reach the authorizer through an informer: allow it a moment.)
-        wait_until("Goldpinger applied as the ServiceAccount", Duration::from_secs(10), || {
-            let (m, sa) = (m.clone(), sa.clone());
-            async move { m.apply(&sa).await.map_err(|e| eprintln!("apply: {e}")).is_ok() }
-        })
+        wait_until(
+            "Goldpinger applied as the ServiceAccount",
+            Duration::from_secs(10),
+            || {
+                let (m, sa) = (m.clone(), sa.clone());
+                async move {
+                    m.apply(&sa)
+                        .await
+                        .map_err(|e| eprintln!("apply: {e}"))
+                        .is_ok()
+                }
+            },
+        )
         .await;
-        for label in ["cilium", "calico-node"] {
-            let ds = json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
-                "metadata": {"name": label, "namespace": ns},
-                "spec": {"selector": {"matchLabels": {"k8s-app": label}},
-                         "template": {"metadata": {"labels": {"k8s-app": label}},
-                            "spec": {"hostNetwork": true, "nodeSelector": {"cnimig.io/e2e": ns},
-                                     "terminationGracePeriodSeconds": 1,
-                                     "tolerations": [{"operator": "Exists"}],
-                                     "containers": [{"name": label, "image": "registry.k8s.io/pause:3.10"}]}}}});
+        for ds in
+            cnimig_emu::setup::agent_daemon_sets(&ns, "registry.k8s.io/pause:3.10", &json!([]))
+        {
             cnimig_emu::setup::apply(&admin, &ds).await.unwrap();
         }
         let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
-        wait_until("9 pods Running and Ready", Duration::from_secs(120), || {
-            let pods = pods.clone();
-            async move {
-                let Ok(l) = pods.list(&ListParams::default()).await else { return false };
-                l.items.iter().filter(|p| ready(p)).count() == 9
-            }
-        })
-        .await;
+        cnimig_emu::setup::wait_ready_pods(&admin, &ns, 9, Duration::from_secs(120))
+            .await
+            .unwrap();
 
         let mut gcfg = cnimig_emu::goldpinger::GoldpingerEmuConfig::new(&ns);
         gcfg.selector = format!("app=gp-{ns}");
         gcfg.cilium_namespace = ns.clone();
-        let gp = cnimig_emu::goldpinger::serve(admin.clone(), gcfg).await.unwrap();
+        let gp = cnimig_emu::goldpinger::serve(admin.clone(), gcfg)
+            .await
+            .unwrap();
 
         let mut opts = common::opts(&ns);
         opts.node_selector = Some(format!("cnimig.io/e2e={ns}"));
@@ -109,44 +106,83 @@ async fn a_firewall_break_is_caught_by_goldpinger_and_the_node_rolls_back() {
         .unwrap();
         let r = verifier.check_all().await.unwrap();
         assert_eq!(r.hosts.len(), 3, "one Goldpinger pod per node: {r:?}");
-        assert_eq!(verifier.verify_cluster().await.unwrap(), Verification::Healthy);
+        assert_eq!(
+            verifier.verify_cluster().await.unwrap(),
+            Verification::Healthy
+        );
 
         // A security group that does not open Cilium's tunnel port between the nodes: harmless
         // while every pod is on Calico, so the check before the first node passes.
         let port = cnimig_sim::pairs::tunnel_port(&live);
         gp.firewall.lock().unwrap().blocked_udp_ports.insert(port);
-        assert_eq!(verifier.verify_cluster().await.unwrap(), Verification::Healthy);
+        assert_eq!(
+            verifier.verify_cluster().await.unwrap(),
+            Verification::Healthy
+        );
 
         let mut ports = Ports::from_one(cluster.clone());
         ports.verifier = Arc::new(verifier.clone());
         let orch = Orchestrator::new(
             ports,
             cfg.clone(),
-            RunOptions { holder: format!("gp-{ns}"), ..RunOptions::default() },
+            RunOptions {
+                holder: format!("gp-{ns}"),
+                ..RunOptions::default()
+            },
         );
         let (_, plan) = orch.plan().await.unwrap();
-        let report = tokio::time::timeout(Duration::from_secs(300), orch.run(&plan, &cnimig_core::events::Discard))
-            .await
-            .expect("the run ends")
-            .unwrap();
-        assert!(report.stopped.is_some(), "RollbackAndStop stops the run: {report:?}");
-        let failed: Vec<_> = report.nodes.iter().filter(|n| n.phase == Phase::RolledBack).collect();
+        let report = tokio::time::timeout(
+            Duration::from_secs(300),
+            orch.run(&plan, &cnimig_core::events::Discard),
+        )
+        .await
+        .expect("the run ends")
+        .unwrap();
+        assert!(
+            report.stopped.is_some(),
+            "RollbackAndStop stops the run: {report:?}"
+        );
+        let failed: Vec<_> = report
+            .nodes
+            .iter()
+            .filter(|n| n.phase == Phase::RolledBack)
+            .collect();
         assert_eq!(failed.len(), 1, "{report:#?}");
         assert_eq!(report.count(Phase::Done), 0, "{report:#?}");
         let cause = failed[0].cause.clone().unwrap_or_default();
         assert!(cause.contains("step Verify"), "{cause}");
-        assert!(cause.contains("cannot reach"), "the failing pairs are named: {cause}");
+        assert!(
+            cause.contains("cannot reach"),
+            "the failing pairs are named: {cause}"
+        );
         assert!(cause.contains(&format!("UDP port {port}")), "{cause}");
-        assert!(cause.contains(failed[0].node.as_str()), "the migrated node is named: {cause}");
+        assert!(
+            cause.contains(failed[0].node.as_str()),
+            "the migrated node is named: {cause}"
+        );
 
         // Back on Calico everywhere, the same break is latent again; without it, healthy.
-        assert_eq!(verifier.verify_cluster().await.unwrap(), Verification::Healthy);
+        assert_eq!(
+            verifier.verify_cluster().await.unwrap(),
+            Verification::Healthy
+        );
         gp.firewall.lock().unwrap().blocked_udp_ports.clear();
-        assert_eq!(verifier.verify_cluster().await.unwrap(), Verification::Healthy);
+        assert_eq!(
+            verifier.verify_cluster().await.unwrap(),
+            Verification::Healthy
+        );
         let pool: ipnet::Ipv4Net = "10.245.0.0/16".parse().unwrap();
         for p in pods.list(&ListParams::default()).await.unwrap().items {
-            let ip: Option<std::net::Ipv4Addr> = p.status.as_ref().and_then(|s| s.pod_ip.as_deref()).and_then(|s| s.parse().ok());
-            assert!(!ip.is_some_and(|ip| pool.contains(&ip)), "pod {} still on Cilium after the rollback", p.name_any());
+            let ip: Option<std::net::Ipv4Addr> = p
+                .status
+                .as_ref()
+                .and_then(|s| s.pod_ip.as_deref())
+                .and_then(|s| s.parse().ok());
+            assert!(
+                !ip.is_some_and(|ip| pool.contains(&ip)),
+                "pod {} still on Cilium after the rollback",
+                p.name_any()
+            );
         }
         drop(gp);
         emu.stop();

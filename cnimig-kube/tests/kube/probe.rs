@@ -18,15 +18,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use serde_json::json;
 
-use crate::common::{self, wait_until};
-
-fn ready(p: &Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        && p.metadata.deletion_timestamp.is_none()
-}
+use crate::common;
 
 /// Three emulated nodes with Cilium's and Calico's DaemonSets, a cluster DNS Deployment and a
 /// web Deployment; runs a migration with the probe and returns its report.
@@ -58,30 +50,18 @@ async fn run(env: &common::Env, ns: &str, firewall: SharedFirewall) -> RunReport
                                  "terminationGracePeriodSeconds": 1,
                                  "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10"}]}}}}));
     }
-    for label in ["cilium", "calico-node"] {
-        objs.push(json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
-            "metadata": {"name": label, "namespace": ns},
-            "spec": {"selector": {"matchLabels": {"k8s-app": label}},
-                     "template": {"metadata": {"labels": {"k8s-app": label}},
-                        "spec": {"hostNetwork": true, "nodeSelector": {"cnimig.io/e2e": ns},
-                                 "terminationGracePeriodSeconds": 1,
-                                 "tolerations": [{"operator": "Exists"}],
-                                 "containers": [{"name": label, "image": "registry.k8s.io/pause:3.10"}]}}}}));
-    }
+    objs.extend(cnimig_emu::setup::agent_daemon_sets(
+        ns,
+        "registry.k8s.io/pause:3.10",
+        &json!([]),
+    ));
     for o in objs {
         cnimig_emu::setup::apply(&admin, &o).await.unwrap();
     }
+    cnimig_emu::setup::wait_ready_pods(&admin, ns, 9, Duration::from_secs(120))
+        .await
+        .unwrap();
     let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
-    wait_until("9 pods Running and Ready", Duration::from_secs(120), || {
-        let pods = pods.clone();
-        async move {
-            let Ok(l) = pods.list(&ListParams::default()).await else {
-                return false;
-            };
-            l.items.iter().filter(|p| ready(p)).count() == 9
-        }
-    })
-    .await;
     let mut opts = common::opts(ns);
     opts.node_selector = Some(format!("cnimig.io/e2e={ns}"));
     let cluster = env.cluster(opts);
