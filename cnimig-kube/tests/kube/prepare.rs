@@ -45,6 +45,16 @@ async fn wait_ready(pods: &Api<Pod>, label: &str, n: usize) {
     .await;
 }
 
+/// What a write of ours changes on a DaemonSet: its generation (any spec change) and its
+/// annotations (the undo record). Not its `resourceVersion`, which the DaemonSet controller moves
+/// whenever it updates the status (CI saw that between two reads of an unchanged DaemonSet).
+fn written(d: &DaemonSet) -> (Option<i64>, BTreeMap<String, String>) {
+    (
+        d.metadata.generation,
+        d.metadata.annotations.clone().unwrap_or_default(),
+    )
+}
+
 fn daemon_set(ns: &str, label: &str, env: serde_json::Value) -> serde_json::Value {
     json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
         "metadata": {"name": label, "namespace": ns},
@@ -101,10 +111,7 @@ async fn autodetection_fix_is_needed_applied_checked_and_undone() {
             assert!(line.contains("not its InternalIP (172.31."), "{line}");
         }
         let unchanged = dss.get("calico-node").await.unwrap();
-        assert_eq!(
-            unchanged.metadata.resource_version,
-            before.metadata.resource_version
-        );
+        assert_eq!(written(&unchanged), written(&before));
 
         // The plan line, then the change with consent.
         let facts = CalicoFacts {
@@ -147,12 +154,8 @@ async fn autodetection_fix_is_needed_applied_checked_and_undone() {
             .await
             .unwrap();
         assert_eq!(
-            dss.get("calico-node")
-                .await
-                .unwrap()
-                .metadata
-                .resource_version,
-            applied.metadata.resource_version
+            written(&dss.get("calico-node").await.unwrap()),
+            written(&applied)
         );
 
         // The run is abandoned: undo restores the DaemonSet exactly.
@@ -264,7 +267,7 @@ async fn a_run_prepares_and_undoes_the_fix_when_abandoned() {
         let cluster = env.cluster(opts);
         let dss: Api<DaemonSet> = Api::namespaced(admin.clone(), &ns);
         let before = dss.get("calico-node").await.unwrap();
-        let rv = |d: &DaemonSet| d.metadata.resource_version.clone();
+        let rv = written;
         let facts = CalicoFacts {
             install: CalicoInstall::Manifest,
             autodetection: Autodetection::FirstFound,
