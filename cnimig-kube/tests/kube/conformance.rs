@@ -322,9 +322,12 @@ impl KubeHarness {
         )
         .await;
         let pdbs: Api<PodDisruptionBudget> = Api::namespaced(admin.clone(), ns);
+        // Set-up, not the behaviour under test: the disruption controller observes the
+        // budgets once the ReplicaSets' pods exist, which took over 60 s in a full parallel
+        // kube suite on the loaded 2-core CI machine.
         wait_until(
             &format!("{budgets} budgets observed"),
-            Duration::from_secs(60),
+            Duration::from_secs(180),
             || {
                 let pdbs = pdbs.clone();
                 async move {
