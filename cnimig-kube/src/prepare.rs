@@ -314,7 +314,30 @@ impl KubeCluster {
         fix: &AutodetectionFix,
         timeout: Duration,
     ) -> Result<bool, PortError> {
+        let wrote = self.write_autodetection_fix(fix, false).await?;
+        let (ns, ds, container) = match &fix.target {
+            AutodetectChange::ManifestEnv {
+                namespace,
+                daemon_set,
+                container,
+            } => (namespace.as_str(), daemon_set.as_str(), container.as_str()),
+            AutodetectChange::OperatorInstallation { .. } => {
+                (OPERATOR_DS.0, OPERATOR_DS.1, "calico-node")
+            }
+        };
         let method = manifest_value(&fix.after);
+        self.wait_calico_rollout(ns, ds, container, Some(&method), timeout)
+            .await?;
+        Ok(wrote)
+    }
+
+    /// Reads the target of `fix` and sends its JSON patch (with `dryRun=All` when `dry_run`);
+    /// `Ok(false)` when the method is already set, so nothing is sent.
+    async fn write_autodetection_fix(
+        &self,
+        fix: &AutodetectionFix,
+        dry_run: bool,
+    ) -> Result<bool, PortError> {
         match &fix.target {
             AutodetectChange::ManifestEnv {
                 namespace,
@@ -322,33 +345,27 @@ impl KubeCluster {
                 container,
             } => {
                 let ds = self.get_ds_json(namespace, daemon_set).await?;
-                let ops = manifest_apply_ops(&ds, container, &method)
+                let ops = manifest_apply_ops(&ds, container, &manifest_value(&fix.after))
                     .map_err(|d| invalid(&format!("DaemonSet {namespace}/{daemon_set}"), d))?;
-                let wrote = !ops.is_empty();
-                if wrote {
-                    self.json_patch_ds(namespace, daemon_set, ops, false)
-                        .await?;
+                if ops.is_empty() {
+                    return Ok(false);
                 }
-                self.wait_calico_rollout(namespace, daemon_set, container, Some(&method), timeout)
+                self.json_patch_ds(namespace, daemon_set, ops, dry_run)
                     .await?;
-                Ok(wrote)
             }
             AutodetectChange::OperatorInstallation { name } => {
                 let (api, inst) = self.installation(name).await?;
                 let what = format!("Installation {name}");
                 let ops = operator_apply_ops(&inst, &operator_value(&fix.after))
                     .map_err(|d| invalid(&what, d))?;
-                let wrote = !ops.is_empty();
-                if wrote {
-                    self.json_patch_dynamic(&api, name, &what, ops, false)
-                        .await?;
+                if ops.is_empty() {
+                    return Ok(false);
                 }
-                let (ns, ds) = OPERATOR_DS;
-                self.wait_calico_rollout(ns, ds, "calico-node", Some(&method), timeout)
+                self.json_patch_dynamic(&api, name, &what, ops, dry_run)
                     .await?;
-                Ok(wrote)
             }
         }
+        Ok(true)
     }
 
     async fn json_patch_dynamic(
@@ -654,34 +671,7 @@ impl KubeCluster {
         &self,
         fix: &AutodetectionFix,
     ) -> Result<bool, PortError> {
-        match &fix.target {
-            AutodetectChange::ManifestEnv {
-                namespace,
-                daemon_set,
-                container,
-            } => {
-                let ds = self.get_ds_json(namespace, daemon_set).await?;
-                let ops = manifest_apply_ops(&ds, container, &manifest_value(&fix.after))
-                    .map_err(|d| invalid(&format!("DaemonSet {namespace}/{daemon_set}"), d))?;
-                if ops.is_empty() {
-                    return Ok(false);
-                }
-                self.json_patch_ds(namespace, daemon_set, ops, true).await?;
-                Ok(true)
-            }
-            AutodetectChange::OperatorInstallation { name } => {
-                let (api, inst) = self.installation(name).await?;
-                let what = format!("Installation {name}");
-                let ops = operator_apply_ops(&inst, &operator_value(&fix.after))
-                    .map_err(|d| invalid(&what, d))?;
-                if ops.is_empty() {
-                    return Ok(false);
-                }
-                self.json_patch_dynamic(&api, name, &what, ops, true)
-                    .await?;
-                Ok(true)
-            }
-        }
+        self.write_autodetection_fix(fix, true).await
     }
 
     /// Prepares the cluster for a run, before the first node is touched, in this order:
