@@ -625,6 +625,11 @@ pub struct ClusterSnapshot {
     pub connectivity_checker: bool,
     /// The Cilium agent's resource requests (from the chart or the live DaemonSet).
     pub cilium_agent_requests: Resources,
+    /// The migration records on the nodes, left by an earlier run that stopped or was killed
+    /// (empty before the first run). Preflight reads them to tell that run's own effects (nodes
+    /// it cordoned, pods it evicted that are still being replaced) from problems.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub records: BTreeMap<NodeName, crate::machine::NodeRecord>,
 }
 
 impl ClusterSnapshot {

@@ -321,7 +321,8 @@ impl Orchestrator {
         }
     }
 
-    /// Reads the cluster and computes the plan. Changes nothing.
+    /// Reads the cluster (with the migration records an earlier run left on the nodes) and
+    /// computes the plan. Changes nothing.
     ///
     /// # Errors
     /// Any read failure.
@@ -338,7 +339,14 @@ impl Orchestrator {
                 calico.facts()
             })
             .await?;
-        let snapshot = inv.with_calico(calico);
+        let store = &self.ports.store;
+        let records = self
+            .retry("read the nodes' migration records", &Discard, move || {
+                store.load()
+            })
+            .await?;
+        let mut snapshot = inv.with_calico(calico);
+        snapshot.records = records;
         let p = plan(&snapshot, &self.cfg);
         Ok((snapshot, p))
     }

@@ -158,6 +158,7 @@ impl Inventory {
             other_routed: Vec::new(),
             connectivity_checker: self.connectivity_checker,
             cilium_agent_requests: self.cilium_agent_requests,
+            records: BTreeMap::new(),
         }
     }
 }

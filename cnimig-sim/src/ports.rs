@@ -70,7 +70,7 @@ impl Cluster for SimCluster {
         Ok(Inventory {
             nodes: s.nodes.iter().map(|n| n.node.clone()).collect(),
             pods: s.pods.values().map(|p| s.model_pod(p)).collect(),
-            pdbs: s.pdbs.iter().map(|p| p.pdb.clone()).collect(),
+            pdbs: s.pdbs.iter().map(crate::state::SimPdb::observed).collect(),
             service_cidr: s.scenario.service_cidr,
             cluster_cidr: s.scenario.cluster_cidr,
             connectivity_checker: s.scenario.connectivity_checker,

@@ -10,8 +10,8 @@ use std::time::Duration;
 use cnimig_core::cilium::CiliumNodeConfig;
 use cnimig_core::machine::{NodeRecord, Phase, RollbackStep};
 use cnimig_core::model::{
-    Budget, CalicoFacts, LabelSelector, Node, NodeName, NodeRole, OwnerKind, Pdb, Pod, PodNetwork,
-    PodPhase, PodRef, Resources, Taint, Time,
+    Budget, CalicoFacts, IntOrPercent, LabelSelector, Node, NodeName, NodeRole, OwnerKind, Pdb,
+    Pod, PodNetwork, PodPhase, PodRef, Resources, Taint, Time,
 };
 use cnimig_core::ports::{AgentObservation, CniDirState, EvictOutcome};
 use ipnet::Ipv4Net;
@@ -212,6 +212,17 @@ pub(crate) struct SimPdb {
 impl SimPdb {
     pub(crate) fn allowed(&self) -> u32 {
         self.pdb.disruptions_allowed(self.healthy)
+    }
+    /// The budget as the disruption controller reports it: for an integer `minAvailable` its
+    /// `expectedPods` is the number of matching pods that exist now (a pod being replaced lowers
+    /// it), for the other forms the controllers' scale. (Confirmed on the real control plane by
+    /// cnimig-kube's `integer_min_available_expects_the_pods_that_exist_not_the_scale`.)
+    pub(crate) fn observed(&self) -> Pdb {
+        let mut pdb = self.pdb.clone();
+        if matches!(pdb.budget, Budget::MinAvailable(IntOrPercent::Int(_))) {
+            pdb.expected_pods = u32::try_from(self.members.len()).unwrap_or(u32::MAX);
+        }
+        pdb
     }
 }
 

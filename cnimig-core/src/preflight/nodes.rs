@@ -132,13 +132,32 @@ pub(super) fn nodes_not_ready(ctx: &Ctx<'_>) -> Vec<Check> {
 
 /// Rule `nodes-cordoned`: nodes a person cordoned stay cordoned after their migration.
 pub(super) fn nodes_cordoned(ctx: &Ctx<'_>) -> Vec<Check> {
-    let cordoned: Vec<&NodeName> = ctx
+    // Nodes an interrupted run cordoned itself (its record says they were schedulable before):
+    // it uncordons them when they finish, so they are no person's cordon.
+    let ours = |n: &NodeName| {
+        ctx.snap
+            .records
+            .get(n)
+            .is_some_and(|r| r.pre_cordoned == Some(false) && !r.phase.is_terminal())
+    };
+    let (by_run, cordoned): (Vec<&NodeName>, Vec<&NodeName>) = ctx
         .scope_nodes()
         .filter(|n| n.unschedulable)
         .map(|n| &n.name)
-        .collect();
+        .partition(|n| ours(n));
     if cordoned.is_empty() {
-        return vec![Check::pass(NODES_CORDONED, "No node in scope is cordoned.")];
+        if by_run.is_empty() {
+            return vec![Check::pass(NODES_CORDONED, "No node in scope is cordoned.")];
+        }
+        return vec![Check::pass(
+            NODES_CORDONED,
+            format!(
+                "No node in scope is cordoned but the {} an interrupted run cordoned ({}); the run \
+                 uncordons them when they are migrated.",
+                count(by_run.len(), "node"),
+                bounded(by_run)
+            ),
+        )];
     }
     vec![Check::warn(
         NODES_CORDONED,
@@ -320,6 +339,49 @@ mod tests {
         let c = expect(&f.run(), NODES_CORDONED, Severity::Warn);
         assert!(
             c[0].message.contains("worker-2") && c[0].message.contains("leaves them cordoned"),
+            "{c:?}"
+        );
+    }
+
+    #[test]
+    fn nodes_an_interrupted_run_cordoned_are_not_reported_as_a_persons_cordon() {
+        use crate::machine::{NodeRecord, Phase};
+        use crate::model::Time;
+        let record = |phase, pre_cordoned| NodeRecord {
+            phase,
+            pre_cordoned,
+            ..NodeRecord::new(Time(1))
+        };
+        let mut f = Fixture::healthy();
+        f.node_mut("worker-2").unschedulable = true;
+        // The run cordoned it (it was schedulable before) and was killed mid-node.
+        f.snap
+            .records
+            .insert(name("worker-2"), record(Phase::Drained, Some(false)));
+        let c = expect(&f.run(), NODES_CORDONED, Severity::Pass);
+        assert!(
+            c[0].message.contains("worker-2") && c[0].message.contains("interrupted run"),
+            "{c:?}"
+        );
+        // A person cordoned it before that run: it stays theirs.
+        f.snap
+            .records
+            .insert(name("worker-2"), record(Phase::Drained, Some(true)));
+        let c = expect(&f.run(), NODES_CORDONED, Severity::Warn);
+        assert!(c[0].message.contains("leaves them cordoned"), "{c:?}");
+        // Migrated and uncordoned by the run, cordoned again since: a person's cordon.
+        f.snap
+            .records
+            .insert(name("worker-2"), record(Phase::Done, Some(false)));
+        expect(&f.run(), NODES_CORDONED, Severity::Warn);
+        // The run's node next to a person's: only the person's is warned about.
+        f.snap
+            .records
+            .insert(name("worker-2"), record(Phase::Cordoned, Some(false)));
+        f.node_mut("worker-1").unschedulable = true;
+        let c = expect(&f.run(), NODES_CORDONED, Severity::Warn);
+        assert!(
+            c[0].message.contains("worker-1") && !c[0].message.contains("worker-2"),
             "{c:?}"
         );
     }

@@ -20,6 +20,11 @@ fn pod_on_node(p: &Pod) -> String {
     }
 }
 
+/// `1 node has` / `3 nodes have`.
+fn count_nodes_with(n: usize) -> String {
+    format!("{} {}", count(n, "node"), verb(n, "has", "have"))
+}
+
 /// `minAvailable: 2` / `maxUnavailable: 10%`.
 fn budget_text(b: Budget) -> String {
     let v = |v: IntOrPercent| match v {
@@ -104,10 +109,44 @@ pub(super) fn pdb_blocking(ctx: &Ctx<'_>) -> Vec<Check> {
             pdb.key(),
             budget_text(pdb.budget)
         );
+        // For an integer `minAvailable` the disruption controller's `expectedPods` is the number
+        // of matching pods that exist now, not the controllers' scale: while a pod is being
+        // replaced (evicted or deleted by an interrupted run of ours, or a StatefulSet rollout)
+        // it is one lower, and the budget looks as if it could never allow an eviction.
+        let counts_existing_pods = matches!(pdb.budget, Budget::MinAvailable(IntOrPercent::Int(_)));
+        if expected.saturating_sub(desired) == 0
+            && expected > 0
+            && counts_existing_pods
+            && !ctx.snap.records.is_empty()
+        {
+            out.push(Check::warn(
+                PDB_BLOCKING,
+                format!(
+                    "{what} allows no eviction with the pods that exist now. A migration is under way \
+                     ({} a record): for an integer minAvailable the disruption controller counts only the \
+                     pods that exist, so a pod that run evicted or restarted and that is still being \
+                     replaced lowers the count. Once the replacement exists, drains go on; if it does not \
+                     come back, the drain of node(s) {} (running its pods {}) fails after the drain timeout \
+                     ({}s) and the node rolls back. If the budget really requires every pod, let it allow one \
+                     disruption (e.g. maxUnavailable: 1).",
+                    count_nodes_with(ctx.snap.records.len()),
+                    bounded(&nodes),
+                    bounded(&pods),
+                    ctx.cfg.drain_timeout.as_secs()
+                ),
+            ));
+            continue;
+        }
         if expected.saturating_sub(desired) == 0 {
             let why = if expected == 0 {
                 "expects no pods (the disruption controller found no controller scale for them)"
                     .to_string()
+            } else if counts_existing_pods {
+                format!(
+                    "requires {desired} healthy pods (for an integer minAvailable the disruption controller \
+                     counts the pods that exist now: if one of them is being replaced, e.g. by a rollout, run \
+                     again once it is back)"
+                )
             } else {
                 format!("requires {desired} healthy pods")
             };
@@ -368,6 +407,51 @@ mod tests {
             c[0].message.contains("worker-1") && !c[0].message.contains("worker-2"),
             "{c:?}"
         );
+    }
+
+    #[test]
+    fn integer_min_available_short_of_a_pod_during_an_interrupted_run_warns() {
+        use crate::machine::{NodeRecord, Phase};
+        use crate::model::Time;
+        // minAvailable: 2 over the two pods that exist now. For an integer minAvailable the
+        // disruption controller's expectedPods counts existing pods, so while a third replica
+        // evicted by a killed run is being replaced, the budget looks like this.
+        let mut f = Fixture::healthy();
+        f.snap.pdbs[0].budget = Budget::MinAvailable(IntOrPercent::Int(2));
+        let c = expect(&f.run(), PDB_BLOCKING, Severity::Fail);
+        assert!(
+            c[0].message.contains("counts the pods that exist now"),
+            "{c:?}"
+        );
+        f.snap.records.insert(
+            super::super::fixture::name("worker-1"),
+            NodeRecord {
+                phase: Phase::Drained,
+                ..NodeRecord::new(Time(1))
+            },
+        );
+        let c = expect(&f.run(), PDB_BLOCKING, Severity::Warn);
+        let m = &c[0].message;
+        assert!(
+            m.contains("shop/web")
+                && m.contains("migration is under way")
+                && m.contains("1 node has a record"),
+            "{m}"
+        );
+        assert!(f.run().ok(), "{:?}", f.run());
+        // Budgets whose expectedPods is the controllers' scale (maxUnavailable, percentages)
+        // are structural whatever the records say: still refused.
+        for budget in [
+            Budget::MinAvailable(IntOrPercent::Percent(100)),
+            Budget::MaxUnavailable(IntOrPercent::Int(0)),
+        ] {
+            f.snap.pdbs[0].budget = budget;
+            expect(&f.run(), PDB_BLOCKING, Severity::Fail);
+        }
+        // A budget expecting no pod at all is no replacement in progress.
+        f.snap.pdbs[0].budget = Budget::MinAvailable(IntOrPercent::Int(0));
+        f.snap.pdbs[0].expected_pods = 0;
+        expect(&f.run(), PDB_BLOCKING, Severity::Fail);
     }
 
     #[test]
