@@ -178,3 +178,77 @@ async fn eviction_honours_and_names_budgets() {
     })
     .await;
 }
+
+/// Confirms what preflight's `pdb-blocking` rule relies on: for an integer `minAvailable` the
+/// disruption controller's `expectedPods` is the number of matching pods that exist, not the
+/// controller's scale (which it uses for `maxUnavailable`). A StatefulSet of 3 whose first pod
+/// can never start (OrderedReady creates the next only once it is Ready) has one pod: the
+/// `minAvailable: 1` budget expects 1 pod, the `maxUnavailable: 1` budget over the same pods 3.
+/// So while a pod is being replaced an integer-minAvailable budget reads one lower.
+#[tokio::test]
+async fn integer_min_available_expects_the_pods_that_exist_not_the_scale() {
+    let env = crate::env_or_skip!();
+    let admin = env.admin.clone();
+    common::with_temp_ns(admin.clone(), "expected", |ns| async move {
+        cnimig_emu::setup::apply(
+            &admin,
+            &json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
+                    "metadata": {"name": "db", "namespace": ns},
+                    "spec": {"replicas": 3, "serviceName": "db",
+                             "selector": {"matchLabels": {"app": "db"}},
+                             "template": {"metadata": {"labels": {"app": "db"}},
+                                          "spec": {"nodeSelector": {"cnimig.io/no-such-node": "x"},
+                                                   "containers": [{"name": "c", "image": "busybox:1.36"}]}}}}),
+        )
+        .await
+        .unwrap();
+        pdb(&admin, &ns, "db-min", "db", 1).await;
+        cnimig_emu::setup::apply(
+            &admin,
+            &json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+                    "metadata": {"name": "db-max", "namespace": ns},
+                    "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {"app": "db"}}}}),
+        )
+        .await
+        .unwrap();
+        let api: Api<PodDisruptionBudget> = Api::namespaced(admin.clone(), &ns);
+        let expected = |name: &'static str, want: i32| {
+            let api = api.clone();
+            async move {
+                wait_until(
+                    &format!("PDB {name} observed with expectedPods {want}"),
+                    Duration::from_secs(120),
+                    || {
+                        let api = api.clone();
+                        async move {
+                            api.get(name)
+                                .await
+                                .ok()
+                                .and_then(|p| p.status)
+                                .is_some_and(|s| s.expected_pods == want)
+                        }
+                    },
+                )
+                .await;
+            }
+        };
+        expected("db-min", 1).await;
+        expected("db-max", 3).await;
+        let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
+        let existing = pods.list(&Default::default()).await.unwrap().items.len();
+        assert_eq!(existing, 1, "OrderedReady made only db-0");
+
+        // The adapter reads the same numbers into the model preflight judges.
+        let cluster = env.cluster(common::opts(&ns));
+        let inv = cluster.inventory().await.unwrap();
+        let read = |name: &str| {
+            inv.pdbs
+                .iter()
+                .find(|p| p.namespace == ns && p.name == name)
+                .map(|p| p.expected_pods)
+        };
+        assert_eq!(read("db-min"), Some(1));
+        assert_eq!(read("db-max"), Some(3));
+    })
+    .await;
+}
