@@ -168,7 +168,11 @@ pub fn cilium_cidrs(value: &str) -> Vec<Ipv4Net> {
         .collect()
 }
 
-/// The kind of the pod's controlling owner reference.
+/// The kind of the pod's controlling owner reference. cnimig's own helper pods (label
+/// [`RESTORE_HELPER_LABEL`](crate::RESTORE_HELPER_LABEL): the per-node probe, the CNI restore
+/// and clean-up helpers) have none but are managed by cnimig, which deletes them itself: they are
+/// `Other("cnimig")`, so that one left by a killed run is not taken for an unmanaged workload
+/// (preflight refuses those) when the run resumes.
 #[must_use]
 pub fn owner_kind(meta: &meta::ObjectMeta) -> OwnerKind {
     let Some(owner) = meta
@@ -178,7 +182,15 @@ pub fn owner_kind(meta: &meta::ObjectMeta) -> OwnerKind {
         .iter()
         .find(|o| o.controller == Some(true))
     else {
-        return OwnerKind::None;
+        let ours = meta
+            .labels
+            .as_ref()
+            .is_some_and(|l| l.contains_key(crate::RESTORE_HELPER_LABEL));
+        return if ours {
+            OwnerKind::Other("cnimig".to_string())
+        } else {
+            OwnerKind::None
+        };
     };
     match owner.kind.as_str() {
         "ReplicaSet" => OwnerKind::ReplicaSet,
@@ -435,6 +447,32 @@ mod tests {
         assert_eq!(pod_network(false, calico, &cidr()), PodNetwork::Calico);
         assert_eq!(pod_network(true, calico, &cidr()), PodNetwork::Host);
         assert_eq!(pod_network(false, None, &cidr()), PodNetwork::None);
+    }
+
+    #[test]
+    fn owner_of_bare_pods_and_of_cnimigs_helpers() {
+        let meta =
+            |v: serde_json::Value| -> meta::ObjectMeta { serde_json::from_value(v).unwrap() };
+        assert_eq!(owner_kind(&meta(json!({"name": "bare"}))), OwnerKind::None);
+        assert_eq!(
+            owner_kind(&meta(json!({"name": "bare", "labels": {"app": "x"}}))),
+            OwnerKind::None
+        );
+        // A probe pod a killed run left behind: cnimig's, not an unmanaged workload.
+        assert_eq!(
+            owner_kind(&meta(json!({"name": "cnimig-probe-w1",
+                                    "labels": {crate::RESTORE_HELPER_LABEL: crate::probe::PROBE_LABEL_VALUE}}))),
+            OwnerKind::Other("cnimig".into())
+        );
+        // A controller reference wins.
+        assert_eq!(
+            owner_kind(&meta(
+                json!({"name": "p", "labels": {crate::RESTORE_HELPER_LABEL: "x"},
+                "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "j",
+                    "uid": "o", "controller": true}]})
+            )),
+            OwnerKind::Job
+        );
     }
 
     #[test]
