@@ -130,6 +130,12 @@ async fn autodetection_fix_is_needed_applied_checked_and_undone() {
             line.contains("IP_AUTODETECTION_METHOD=kubernetes-internal-ip (was first-found)"),
             "{line}"
         );
+        // The dry run (what `kube_migrate` without --yes sends): admitted, nothing persisted.
+        assert!(cluster.dry_run_autodetection_fix(&fix).await.unwrap());
+        assert_eq!(
+            written(&dss.get("calico-node").await.unwrap()),
+            written(&before)
+        );
         cluster
             .apply_autodetection_fix(&fix, Duration::from_secs(180))
             .await
@@ -148,7 +154,8 @@ async fn autodetection_fix_is_needed_applied_checked_and_undone() {
         );
         let problems = cluster.calico_address_check(Some(&selector)).await.unwrap();
         assert!(problems.is_empty(), "{problems:#?}");
-        // Applying again writes nothing.
+        // Applying again writes nothing, and a dry run says there is nothing to send.
+        assert!(!cluster.dry_run_autodetection_fix(&fix).await.unwrap());
         cluster
             .apply_autodetection_fix(&fix, Duration::from_secs(30))
             .await
