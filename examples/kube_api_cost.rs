@@ -237,7 +237,7 @@ async fn measure(
 ) -> Result<()> {
     cnimig_emu::setup::install_crds(admin).await?;
     cnimig_emu::setup::apply_yaml(admin, cnimig_emu::setup::RBAC).await?;
-    calico_objects(admin).await?;
+    cnimig_emu::setup::calico_objects(admin).await?;
     let mut cfg = MigrationConfig::new("10.245.0.0/16".parse()?);
     cfg.scope = NodeScope::Selector(LabelSelector {
         match_labels: BTreeMap::from([("cnimig.io/e2e".to_string(), ns.to_string())]),
@@ -541,27 +541,6 @@ fn ready(p: &Pod) -> bool {
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
-/// Calico's cluster-scoped objects as the kube tests install them (operator, VXLAN pool).
-async fn calico_objects(admin: &Client) -> Result<()> {
-    for obj in [
-        json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "IPPool",
-               "metadata": {"name": "default-ipv4-ippool"},
-               "spec": {"cidr": "10.42.0.0/16", "vxlanMode": "Always", "ipipMode": "Never",
-                        "natOutgoing": true, "blockSize": 26}}),
-        json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "FelixConfiguration",
-               "metadata": {"name": "default"},
-               "spec": {"vxlanPort": 4789, "vxlanVNI": 4096, "vxlanEnabled": true}}),
-        json!({"apiVersion": "operator.tigera.io/v1", "kind": "Installation",
-               "metadata": {"name": "default"},
-               "spec": {"calicoNetwork": {"linuxDataplane": "Iptables", "bgp": "Disabled",
-                   "nodeAddressAutodetectionV4": {"kubernetes": "NodeInternalIP"},
-                   "ipPools": [{"cidr": "10.42.0.0/16", "encapsulation": "VXLAN"}]}}}),
-    ] {
-        cnimig_emu::setup::apply(admin, &obj).await?;
-    }
-    Ok(())
 }
 
 /// The workloads: about two pods a node in Deployments and a StatefulSet, each under a budget,

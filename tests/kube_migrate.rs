@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::config::KubeConfigOptions;
@@ -74,38 +74,12 @@ async fn env() -> Option<Env> {
     cnimig_emu::setup::apply_yaml(&admin, cnimig_emu::setup::RBAC)
         .await
         .expect("deploy/rbac.yaml");
-    for obj in [
-        json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "IPPool",
-               "metadata": {"name": "default-ipv4-ippool"},
-               "spec": {"cidr": "10.42.0.0/16", "vxlanMode": "Always", "ipipMode": "Never",
-                        "natOutgoing": true, "blockSize": 26}}),
-        json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "FelixConfiguration",
-               "metadata": {"name": "default"},
-               "spec": {"vxlanPort": 4789, "vxlanVNI": 4096, "vxlanEnabled": true}}),
-        json!({"apiVersion": "operator.tigera.io/v1", "kind": "Installation",
-               "metadata": {"name": "default"},
-               "spec": {"calicoNetwork": {"linuxDataplane": "Iptables", "bgp": "Disabled",
-                   "nodeAddressAutodetectionV4": {"kubernetes": "NodeInternalIP"},
-                   "ipPools": [{"cidr": "10.42.0.0/16", "encapsulation": "VXLAN"}]}}}),
-    ] {
-        cnimig_emu::setup::apply(&admin, &obj)
-            .await
-            .expect("calico objects");
-    }
-    let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), "kube-system");
-    let req: k8s_openapi::api::authentication::v1::TokenRequest =
-        serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 3600}}))
-            .unwrap();
-    let resp = sas
-        .create_subresource::<_, k8s_openapi::api::authentication::v1::TokenRequest>(
-            "token",
-            "cnimig",
-            &PostParams::default(),
-            &req,
-        )
+    cnimig_emu::setup::calico_objects(&admin)
+        .await
+        .expect("calico objects");
+    let token = cnimig_emu::setup::service_account_token(&admin, "kube-system", "cnimig")
         .await
         .expect("token for kube-system/cnimig");
-    let token = resp.status.expect("token status").token;
     Some(Env {
         admin,
         admin_config,

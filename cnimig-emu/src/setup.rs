@@ -144,17 +144,38 @@ pub async fn install_crds(client: &Client) -> Result<()> {
     Ok(())
 }
 
-/// A client config that authenticates as ServiceAccount `namespace/name` with a fresh token
-/// (TokenRequest API, one hour), keeping `admin`'s server and CA.
+/// The cluster-scoped Calico objects the tests on the shared control plane install (identical
+/// everywhere, so tests running in parallel agree): an operator install (`Installation default`,
+/// Iptables dataplane, no BGP, node addresses by the node's InternalIP) with the VXLAN pool
+/// `default-ipv4-ippool` (10.42.0.0/16, natOutgoing, /26 blocks) and Felix's VXLAN on port 4789.
+///
+/// # Errors
+/// When an apply fails (the Calico and operator CRDs must be installed: [`install_crds`]).
+pub async fn calico_objects(client: &Client) -> Result<()> {
+    for obj in [
+        serde_json::json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "IPPool",
+               "metadata": {"name": "default-ipv4-ippool"},
+               "spec": {"cidr": "10.42.0.0/16", "vxlanMode": "Always", "ipipMode": "Never",
+                        "natOutgoing": true, "blockSize": 26}}),
+        serde_json::json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "FelixConfiguration",
+               "metadata": {"name": "default"},
+               "spec": {"vxlanPort": 4789, "vxlanVNI": 4096, "vxlanEnabled": true}}),
+        serde_json::json!({"apiVersion": "operator.tigera.io/v1", "kind": "Installation",
+               "metadata": {"name": "default"},
+               "spec": {"calicoNetwork": {"linuxDataplane": "Iptables", "bgp": "Disabled",
+                   "nodeAddressAutodetectionV4": {"kubernetes": "NodeInternalIP"},
+                   "ipPools": [{"cidr": "10.42.0.0/16", "encapsulation": "VXLAN"}]}}}),
+    ] {
+        apply(client, &obj).await?;
+    }
+    Ok(())
+}
+
+/// A fresh token (TokenRequest API, one hour) for ServiceAccount `namespace/name`.
 ///
 /// # Errors
 /// When the token request fails.
-pub async fn service_account_config(
-    admin: &Client,
-    admin_config: &Config,
-    namespace: &str,
-    name: &str,
-) -> Result<Config> {
+pub async fn service_account_token(admin: &Client, namespace: &str, name: &str) -> Result<String> {
     let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), namespace);
     let req = TokenRequest {
         spec: TokenRequestSpec {
@@ -168,7 +189,21 @@ pub async fn service_account_config(
         .create_subresource("token", name, &PostParams::default(), &req)
         .await
         .with_context(|| format!("request a token for serviceaccount {namespace}/{name}"))?;
-    let token = resp.status.context("token request without status")?.token;
+    Ok(resp.status.context("token request without status")?.token)
+}
+
+/// A client config that authenticates as ServiceAccount `namespace/name` with a fresh token
+/// ([`service_account_token`]), keeping `admin`'s server and CA.
+///
+/// # Errors
+/// When the token request fails.
+pub async fn service_account_config(
+    admin: &Client,
+    admin_config: &Config,
+    namespace: &str,
+    name: &str,
+) -> Result<Config> {
+    let token = service_account_token(admin, namespace, name).await?;
     let mut config = admin_config.clone();
     config.auth_info = kube::config::AuthInfo {
         token: Some(secrecy::SecretString::from(token)),

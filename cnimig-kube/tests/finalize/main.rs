@@ -34,33 +34,14 @@ use cnimig_kube::cleanup::{CALICO_CRD_GROUPS, FLUSH_HELPER_LABEL, FLUSH_HELPER_V
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::ResourceExt;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, ResourceExt};
 use serde_json::json;
 
 use crate::common::wait_until;
 
 const NODES: usize = 5;
-
-async fn calico_objects(client: &Client) {
-    for obj in [
-        json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "IPPool",
-               "metadata": {"name": "default-ipv4-ippool"},
-               "spec": {"cidr": "10.42.0.0/16", "vxlanMode": "Always", "ipipMode": "Never",
-                        "natOutgoing": true, "blockSize": 26}}),
-        json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "FelixConfiguration",
-               "metadata": {"name": "default"},
-               "spec": {"vxlanPort": 4789, "vxlanVNI": 4096, "vxlanEnabled": true}}),
-        json!({"apiVersion": "operator.tigera.io/v1", "kind": "Installation",
-               "metadata": {"name": "default"},
-               "spec": {"calicoNetwork": {"linuxDataplane": "Iptables", "bgp": "Disabled",
-                   "nodeAddressAutodetectionV4": {"kubernetes": "NodeInternalIP"},
-                   "ipPools": [{"cidr": "10.42.0.0/16", "encapsulation": "VXLAN"}]}}}),
-    ] {
-        cnimig_emu::setup::apply(client, &obj).await.unwrap();
-    }
-}
 
 async fn agent_uids(pods: &Api<Pod>) -> BTreeMap<String, String> {
     pods.list(&ListParams::default().labels("k8s-app=cilium"))
@@ -90,7 +71,9 @@ async fn migrate_finalize_and_clean_up_five_emulated_nodes() {
         .expect("apply deploy/rbac-finalize.yaml");
     common::with_temp_ns(admin.clone(), "final", |ns| async move {
         assert_eq!(cnimig_emu::emulator::HELPER_LABEL, FLUSH_HELPER_LABEL);
-        calico_objects(&admin).await;
+        cnimig_emu::setup::calico_objects(&admin)
+            .await
+            .expect("Calico objects");
         let mut cfg = MigrationConfig::new("10.245.0.0/16".parse().unwrap());
         cfg.scope = NodeScope::Selector(LabelSelector {
             match_labels: BTreeMap::from([("cnimig.io/e2e".to_string(), ns.clone())]),

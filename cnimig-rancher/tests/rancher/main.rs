@@ -78,20 +78,7 @@ pub async fn rancher_rbac(admin: &Client, ns: &str) {
 /// parallel agree): an operator install with a VXLAN pool, Felix on port 4789, autodetection by
 /// the node's InternalIP.
 pub async fn calico_objects(client: &Client) {
-    for obj in [
-        serde_json::json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "IPPool",
-               "metadata": {"name": "default-ipv4-ippool"},
-               "spec": {"cidr": "10.42.0.0/16", "vxlanMode": "Always", "ipipMode": "Never",
-                        "natOutgoing": true, "blockSize": 26}}),
-        serde_json::json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "FelixConfiguration",
-               "metadata": {"name": "default"},
-               "spec": {"vxlanPort": 4789, "vxlanVNI": 4096, "vxlanEnabled": true}}),
-        serde_json::json!({"apiVersion": "operator.tigera.io/v1", "kind": "Installation",
-               "metadata": {"name": "default"},
-               "spec": {"calicoNetwork": {"linuxDataplane": "Iptables", "bgp": "Disabled",
-                   "nodeAddressAutodetectionV4": {"kubernetes": "NodeInternalIP"},
-                   "ipPools": [{"cidr": "10.42.0.0/16", "encapsulation": "VXLAN"}]}}}),
-    ] {
-        cnimig_emu::setup::apply(client, &obj).await.unwrap();
-    }
+    cnimig_emu::setup::calico_objects(client)
+        .await
+        .expect("Calico objects");
 }
