@@ -467,10 +467,18 @@ fn step(rec: &mut NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, now: Time
     }
 }
 
+/// Evicts the node's drainable pods, as `kubectl drain` does: those there when the node was
+/// cordoned (the record entered `Cordoned` at `rec.since`, just after the cordon was seen). A pod
+/// created later (it tolerates the cordon, or names the node) is not chased, which would only
+/// evict each replacement in turn until the drain timed out: it starts on Calico and is moved
+/// with the node's other Calico pods after the agent restart (`PodsRestarted`, budgets
+/// honoured). A pod whose creation time is unknown is evicted.
 fn drain(rec: &mut NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, now: Time) -> Step {
     let mut to_evict = Vec::new();
     let mut remaining = 0usize;
-    for p in obs.drainable() {
+    let cordoned_at = rec.since;
+    let present = |p: &&Pod| p.created.is_none_or(|c| c <= cordoned_at);
+    for p in obs.drainable().filter(present) {
         remaining += 1;
         if p.terminating {
             continue;
@@ -695,11 +703,13 @@ fn rollback_step(rec: &mut NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, 
         }
         // A pod already terminating counts as gone in a rollback: it is leaving the node, its
         // budget already paid for it, and one that ignores its grace period must not keep the
-        // node from getting back to Calico.
+        // node from getting back to Calico. As in the drain, a pod created after this step
+        // began is not chased: the Recycle step moves it once Calico's config is back.
         RollbackStep::DrainCilium => {
             let evict: Vec<PodRef> = obs
                 .drainable()
                 .filter(|p| p.network == PodNetwork::Cilium && !p.terminating)
+                .filter(|p| p.created.is_none_or(|c| c <= rb.step_since))
                 .map(|p| p.pod.clone())
                 .collect();
             if evict.is_empty() {

@@ -302,6 +302,11 @@ pub struct Pod {
     pub tolerates_unschedulable: bool,
     /// Resource requests.
     pub requests: Resources,
+    /// When the pod was created (`metadata.creationTimestamp`, whole seconds on a real
+    /// cluster), on the [`Clock`](crate::ports::Clock)'s time line; `None` when unknown. The
+    /// drain evicts only the pods created before the node was cordoned, as `kubectl drain` does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<Time>,
 }
 
 impl Pod {

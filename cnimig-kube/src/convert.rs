@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 
 use cnimig_core::model::{
     Budget, IntOrPercent, LabelSelector, Node, NodeName, NodeRole, OwnerKind, Pdb, Pod, PodNetwork,
-    PodPhase, PodRef, Resources, SelectorOp, SelectorRequirement, Taint,
+    PodPhase, PodRef, Resources, SelectorOp, SelectorRequirement, Taint, Time,
 };
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1 as core;
@@ -289,6 +289,11 @@ pub fn pod(p: &core::Pod, cilium: &[Ipv4Net]) -> Option<Pod> {
             .iter()
             .any(tolerates_unschedulable),
         requests,
+        created: md
+            .creation_timestamp
+            .as_ref()
+            .and_then(|t| u64::try_from(t.0.as_millisecond()).ok())
+            .map(Time),
     })
 }
 

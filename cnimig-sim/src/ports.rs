@@ -196,7 +196,8 @@ impl Cluster for SimCluster {
             Some(v) => {
                 if v == "true" && s.is_migration_label(key) {
                     let schedulable = s.nodes.get(n).is_some_and(|x| !x.node.unschedulable);
-                    let left: Vec<String> = s.drainable_on(n).map(|(_, p)| p.key()).collect();
+                    let left: Vec<String> =
+                        s.drainable_since_cordon(n).map(|(_, p)| p.key()).collect();
                     if schedulable || !left.is_empty() {
                         let why = if schedulable {
                             "it is schedulable".to_string()

@@ -113,6 +113,8 @@ pub(crate) struct SimPod {
     pub(crate) portmap: bool,
     awaiting_node: bool,
     gone_blocked: bool,
+    /// When it was created.
+    created: Time,
 }
 
 impl SimPod {
@@ -193,6 +195,8 @@ pub(crate) struct SimNode {
     in_ready: bool,
     restore_pending: bool,
     pub(crate) annotation: Option<String>,
+    /// When the node was last cordoned (zero for a node cordoned from the start).
+    pub(crate) cordoned_at: Time,
 }
 
 impl SimNode {
@@ -692,6 +696,7 @@ impl State {
             in_ready: false,
             restore_pending: false,
             annotation: None,
+            cordoned_at: Time(0),
         });
         self.reach.calico_per_node.resize(self.nodes.len(), 0);
         self.reach.cilium_per_node.resize(self.nodes.len(), 0);
@@ -1070,6 +1075,7 @@ impl State {
             portmap: false,
             awaiting_node: false,
             gone_blocked: false,
+            created: self.now,
         };
         for &i in &pod.pdbs {
             if let Some(p) = self.pdbs.get_mut(i) {
@@ -1509,6 +1515,7 @@ impl State {
     }
 
     pub(crate) fn set_unschedulable(&mut self, n: usize, on: bool) {
+        let now = self.now;
         let Some(node) = self.nodes.get_mut(n) else {
             return;
         };
@@ -1516,6 +1523,9 @@ impl State {
             return;
         }
         node.node.unschedulable = on;
+        if on {
+            node.cordoned_at = now;
+        }
         node.node.taints.retain(|t| t.key != UNSCHEDULABLE_TAINT);
         if on {
             node.node.taints.push(Taint {
@@ -1856,6 +1866,17 @@ impl State {
         })
     }
 
+    /// The drainable pods on node `n` that were there when it was cordoned: what a finished
+    /// drain has evicted (`kubectl drain` semantics: pods arriving on the cordoned node later,
+    /// because they tolerate the cordon, are not chased and move after the agent restart).
+    pub(crate) fn drainable_since_cordon(
+        &self,
+        n: usize,
+    ) -> impl Iterator<Item = (PodId, &SimPod)> {
+        let at = self.nodes.get(n).map_or(Time(0), |x| x.cordoned_at);
+        self.drainable_on(n).filter(move |(_, p)| p.created <= at)
+    }
+
     pub(crate) fn drainable_on(&self, n: usize) -> impl Iterator<Item = (PodId, &SimPod)> {
         self.nodes
             .get(n)
@@ -2020,6 +2041,7 @@ impl State {
             mirror: p.mirror,
             tolerates_unschedulable: p.tolerates,
             requests: p.requests,
+            created: Some(p.created),
         }
     }
 

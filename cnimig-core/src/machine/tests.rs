@@ -54,6 +54,7 @@ fn pod(name: &str, owner: OwnerKind, network: PodNetwork) -> Pod {
         empty_dir: false,
         mirror: false,
         tolerates_unschedulable: false,
+        created: None,
         requests: Resources::default(),
     }
 }
@@ -247,6 +248,90 @@ fn a_blocked_drain_times_out_into_rollback_naming_the_budget() {
     let d = run(&d.record, &view, Some(&a), CniDirState::CALICO, 602_000);
     assert_eq!(d.record.phase, Phase::RolledBack);
     assert_eq!(d.action, Action::Finished);
+}
+
+#[test]
+fn pods_arriving_after_the_cordon_are_not_chased_and_move_after_the_agent_restart() {
+    let created = |name: &str, at: Option<u64>| {
+        let mut p = pod(name, OwnerKind::ReplicaSet, PodNetwork::Calico);
+        p.created = at.map(Time);
+        p.tolerates_unschedulable = true;
+        p
+    };
+    let before = created("web-old", Some(500));
+    let unknown = created("web-unknown", None);
+    let late = created("web-late", Some(1_500));
+    let mut view = NodeView {
+        node: node(true, false),
+        pods: vec![before.clone(), unknown.clone(), late.clone()],
+    };
+    // Cordoned at 1 s: the pods there then (and one whose age is unknown) are evicted, not the
+    // replacement that arrived on the cordoned node at 1.5 s.
+    let mut rec = NodeRecord::new(Time(0));
+    rec.phase = Phase::Cordoned;
+    rec.since = Time(1_000);
+    rec.pre_cordoned = Some(false);
+    let a0 = agent("a0", true, None);
+    let d = run(&rec, &view, Some(&a0), CniDirState::CALICO, 2_000);
+    assert_eq!(
+        d.action,
+        Action::Evict(vec![before.pod.clone(), unknown.pod.clone()])
+    );
+    // Their replacements arrive too (tolerating the cordon): the drain ends once the pods
+    // present at the cordon are gone.
+    view.pods = vec![late.clone(), created("web-later", Some(2_500))];
+    let d = run(&d.record, &view, Some(&a0), CniDirState::CALICO, 3_000);
+    assert_eq!(d.record.phase, Phase::Drained);
+    assert_eq!(d.action, Action::Label);
+    // After the agent restart the late pods, still on Calico, are moved like any other.
+    let mut rec = d.record;
+    rec.phase = Phase::AgentReady;
+    view.node.unschedulable = false;
+    view.node.labels.insert(cfg().label, "true".into());
+    let a1 = agent("a1", true, Some("cilium-default"));
+    let d = run(&rec, &view, Some(&a1), CniDirState::CILIUM, 4_000);
+    assert_eq!(d.record.phase, Phase::Uncordoned);
+    let Action::Recycle { evict, .. } = &d.action else {
+        panic!("{:?}", d.action);
+    };
+    assert_eq!(evict.len(), 2, "{evict:?}");
+    assert!(evict.contains(&late.pod), "{evict:?}");
+}
+
+#[test]
+fn a_rollback_drain_does_not_chase_pods_arriving_after_it_began() {
+    let on_cilium = |name: &str, at: u64| {
+        let mut p = pod(name, OwnerKind::ReplicaSet, PodNetwork::Cilium);
+        p.created = Some(Time(at));
+        p
+    };
+    let old = on_cilium("web-old", 500);
+    let late = on_cilium("web-late", 1_500);
+    let mut view = NodeView {
+        node: node(true, true),
+        pods: vec![old.clone(), late.clone()],
+    };
+    let mut rec = NodeRecord::new(Time(0));
+    rec.phase = Phase::RollingBack;
+    rec.pre_cordoned = Some(false);
+    rec.rollback = Some(Rollback {
+        failed_after: Phase::PodsRestarted,
+        cause: "verification failed".into(),
+        step: RollbackStep::DrainCilium,
+        step_since: Time(1_000),
+        agent_restarted_from: None,
+        not_ready_since: None,
+    });
+    let a = agent("a1", true, Some("cilium-default"));
+    let d = run(&rec, &view, Some(&a), CniDirState::CILIUM, 2_000);
+    assert_eq!(d.action, Action::Evict(vec![old.pod.clone()]));
+    view.pods = vec![late];
+    let d = run(&d.record, &view, Some(&a), CniDirState::CILIUM, 3_000);
+    assert_eq!(
+        d.action,
+        Action::RestoreCni,
+        "the late pod is left for Recycle"
+    );
 }
 
 #[test]

@@ -172,6 +172,7 @@ impl Fixture {
             empty_dir: false,
             mirror: false,
             tolerates_unschedulable: false,
+            created: None,
             requests: Resources {
                 cpu_millis: 100,
                 memory_bytes: 64 * MI,
