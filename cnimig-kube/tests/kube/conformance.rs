@@ -183,12 +183,20 @@ fn pod_template(
     labels: &BTreeMap<String, String>,
     ns: &str,
     host_network: bool,
+    tolerates_unschedulable: bool,
 ) -> serde_json::Value {
+    let tolerations = if host_network {
+        json!([{"operator": "Exists"}])
+    } else if tolerates_unschedulable {
+        json!([{"key": "node.kubernetes.io/unschedulable", "operator": "Exists", "effect": "NoSchedule"}])
+    } else {
+        json!([])
+    };
     json!({"metadata": {"labels": labels},
            "spec": {"nodeSelector": {SCOPE_LABEL: ns},
                     "hostNetwork": host_network,
                     "terminationGracePeriodSeconds": 5,
-                    "tolerations": if host_network { json!([{"operator": "Exists"}]) } else { json!([]) },
+                    "tolerations": tolerations,
                     "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10"}]}})
 }
 
@@ -243,7 +251,7 @@ impl KubeHarness {
         let cilium = BTreeMap::from([("k8s-app".to_string(), "cilium".to_string())]);
         objs.push(json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
             "metadata": {"name": "cilium", "namespace": ns},
-            "spec": {"selector": {"matchLabels": cilium}, "template": pod_template(&cilium, ns, true)}}));
+            "spec": {"selector": {"matchLabels": cilium}, "template": pod_template(&cilium, ns, true, false)}}));
         expected += names.len();
         for w in &scenario.workloads {
             assert_eq!(
@@ -251,7 +259,7 @@ impl KubeHarness {
                 "scenario workloads live in the test namespace"
             );
             let labels = w.pod_labels();
-            let template = pod_template(&labels, ns, w.host_network);
+            let template = pod_template(&labels, ns, w.host_network, w.tolerates_unschedulable);
             let replicas = w.replica_count();
             let obj = match w.kind {
                 WorkloadKind::Deployment => {
@@ -577,6 +585,23 @@ async fn pre_cordoned(h: &dyn Harness, scenario: &Scenario, cfg: &MigrationConfi
     assert_migrated(h, scenario, &out).await;
 }
 
+const TOLERATING: &str = r"
+nodes:
+  - {name: '{ns}-n-00'}
+workloads:
+  - {kind: DaemonSet, name: calico-node, namespace: '{ns}', hostNetwork: true, labels: {k8s-app: calico-node}}
+  - {kind: Deployment, name: sticky, namespace: '{ns}', replicas: 2, toleratesUnschedulable: true}
+";
+
+/// A Deployment whose pods tolerate the cordon, on a single node: each evicted pod's
+/// replacement lands on the cordoned node again. The drain evicts the pods there when the node
+/// was cordoned, as `kubectl drain` does, and does not chase the replacements until its timeout
+/// (which rolled the node back); they are moved to Cilium after the agent restart.
+async fn tolerating(h: &dyn Harness, scenario: &Scenario, cfg: &MigrationConfig) {
+    let out = h.run(cfg).await;
+    assert_migrated(h, scenario, &out).await;
+}
+
 const ZERO_BUDGET: &str = r"
 nodes:
   - {name: '{ns}-n-00'}
@@ -752,6 +777,14 @@ async fn conformance_pre_cordoned_node_stays_cordoned() {
     conformance!(PRE_CORDONED, "conf-cordon", |h, s, cfg, ns| {
         let _ = ns;
         pre_cordoned(h, &s, &cfg)
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_pods_tolerating_the_cordon_are_not_chased() {
+    conformance!(TOLERATING, "conf-tol", |h, s, cfg, ns| {
+        let _ = ns;
+        tolerating(h, &s, &cfg)
     });
 }
 
