@@ -609,6 +609,50 @@ pub struct NetworkSet {
     pub nets: Vec<String>,
 }
 
+impl NetworkSet {
+    /// The labels Calico's rule selectors see on the set: its own labels and, for a namespaced
+    /// `NetworkSet`, `projectcalico.org/namespace` and its namespace's labels as `pcns.<key>`
+    /// (with `pcns.projectcalico.org/name`), as on a pod of that namespace (libcalico-go gives
+    /// a namespaced set the namespace's profile, whose labels it inherits). A
+    /// `GlobalNetworkSet` has its own labels only. `namespace_labels`: the labels of the set's
+    /// namespace (ignored for a `GlobalNetworkSet`).
+    #[must_use]
+    pub fn selector_labels(
+        &self,
+        namespace_labels: &BTreeMap<String, String>,
+    ) -> BTreeMap<String, String> {
+        let mut out = self.labels.clone();
+        if let Some(ns) = &self.namespace {
+            out.insert("projectcalico.org/namespace".into(), ns.clone());
+            for (k, v) in namespace_labels {
+                out.insert(format!("pcns.{k}"), v.clone());
+            }
+            out.insert("pcns.projectcalico.org/name".into(), ns.clone());
+        }
+        out
+    }
+
+    /// `spec.nets` parsed (host bits masked; a bare address is a /32 or /128), and the entries
+    /// that are not CIDRs or addresses (Calico rejects such a set).
+    #[must_use]
+    pub fn parsed_nets(&self) -> (Vec<ipnet::IpNet>, Vec<String>) {
+        let mut ok = Vec::new();
+        let mut bad = Vec::new();
+        for s in &self.nets {
+            match s
+                .trim()
+                .parse::<ipnet::IpNet>()
+                .map(|n| n.trunc())
+                .or_else(|_| s.trim().parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            {
+                Ok(n) => ok.push(n),
+                Err(_) => bad.push(s.clone()),
+            }
+        }
+        (ok, bad)
+    }
+}
+
 impl fmt::Display for NetworkSet {
     /// `NetworkSet ns/name` or `GlobalNetworkSet name`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -748,9 +792,9 @@ pub fn parse_value(value: &Value, index: &mut usize, out: &mut ParsedDocuments) 
                 .pointer("/spec/nets")
                 .and_then(Value::as_array)
                 .map(|a| {
+                    // A non-string entry is kept as written, so the conversion reports it.
                     a.iter()
-                        .filter_map(Value::as_str)
-                        .map(str::to_string)
+                        .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
                         .collect()
                 })
                 .unwrap_or_default();
