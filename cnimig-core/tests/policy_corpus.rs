@@ -52,7 +52,7 @@ fn options() -> ConvertOptions {
         tiers: Vec::new(),
         network_sets: Vec::new(),
         // Not known: network sets selected through namespace labels are reported.
-        namespace_labels: None,
+        namespace_labels: BTreeMap::new(),
     }
 }
 

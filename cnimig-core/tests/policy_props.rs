@@ -342,6 +342,7 @@ fn namespaces() -> BTreeMap<String, BTreeMap<String, String>> {
     BTreeMap::from([
         (s("a"), BTreeMap::from([(s("team"), s("red"))])),
         (s("b"), BTreeMap::from([(s("team"), s("blue"))])),
+        (s("c"), BTreeMap::new()),
     ])
 }
 
@@ -425,7 +426,11 @@ fn options() -> ConvertOptions {
 fn options_for(sets: &[NetworkSet], ns_known: bool) -> ConvertOptions {
     ConvertOptions {
         network_sets: sets.to_vec(),
-        namespace_labels: ns_known.then(namespaces),
+        namespace_labels: if ns_known {
+            namespaces()
+        } else {
+            BTreeMap::new()
+        },
         ..options()
     }
 }

@@ -593,6 +593,10 @@ pub struct SkippedDocument {
     pub name: String,
     /// Why it was skipped.
     pub reason: String,
+    /// True for a Calico policy that does not fit the schema (bad input, which a caller
+    /// should refuse); false for objects that are simply not converted.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub invalid: bool,
 }
 
 /// A Calico `NetworkSet` (namespaced) or `GlobalNetworkSet`: addresses that rule selectors
@@ -673,6 +677,10 @@ pub struct ParsedDocuments {
     /// Calico `NetworkSet` and `GlobalNetworkSet` objects.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub network_sets: Vec<NetworkSet>,
+    /// Labels of the Kubernetes `Namespace` objects in the input, by name (for network sets
+    /// selected through namespace labels; see [`super::convert::ConvertOptions::namespace_labels`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     /// Everything else, with the reason.
     pub skipped: Vec<SkippedDocument>,
     /// Kubernetes `NetworkPolicy` objects found in the input (also listed in `skipped`), for
@@ -689,6 +697,7 @@ impl ParsedDocuments {
         self.policies.extend(other.policies);
         self.tiers.extend(other.tiers);
         self.network_sets.extend(other.network_sets);
+        self.namespaces.extend(other.namespaces);
         self.kubernetes_network_policies
             .extend(other.kubernetes_network_policies);
         self.skipped.extend(other.skipped.into_iter().map(|mut s| {
@@ -711,8 +720,9 @@ pub struct PolicyInputError {
 }
 
 /// Parses a multi-document YAML (or JSON) text of Calico objects, as `kubectl get -o yaml` or
-/// `calicoctl get -o yaml` print them (`List` objects are unpacked). Documents that are not
-/// Calico policies or tiers, or that do not fit the schema, are listed in
+/// `calicoctl get -o yaml` print them (`List` objects are unpacked): Calico policies, tiers and
+/// network sets, and the labels of Kubernetes `Namespace` objects. Other documents, and Calico
+/// policies that do not fit the schema ([`SkippedDocument::invalid`]), are listed in
 /// [`ParsedDocuments::skipped`] with the reason.
 ///
 /// # Errors
@@ -759,7 +769,21 @@ pub fn parse_value(value: &Value, index: &mut usize, out: &mut ParsedDocuments) 
         kind: format!("{api}/{kind}"),
         name: name.clone(),
         reason,
+        invalid: false,
     };
+    let invalid = |reason: String| SkippedDocument {
+        invalid: true,
+        ..skip(reason)
+    };
+    if api == "v1" && kind == "Namespace" && !name.is_empty() {
+        let labels = value
+            .pointer("/metadata/labels")
+            .cloned()
+            .and_then(|l| serde_json::from_value(l).ok())
+            .unwrap_or_default();
+        out.namespaces.insert(name, labels);
+        return;
+    }
     let calico = matches!(api, "projectcalico.org/v3" | "crd.projectcalico.org/v1");
     if !calico {
         let reason = if api == "networking.k8s.io/v1" && kind == "NetworkPolicy" {
@@ -825,7 +849,7 @@ pub fn parse_value(value: &Value, index: &mut usize, out: &mut ParsedDocuments) 
         }
     };
     if name.is_empty() {
-        out.skipped.push(skip("metadata.name is missing".into()));
+        out.skipped.push(invalid("metadata.name is missing".into()));
         return;
     }
     let spec_value = value
@@ -836,7 +860,7 @@ pub fn parse_value(value: &Value, index: &mut usize, out: &mut ParsedDocuments) 
         Ok(spec) => spec,
         Err(e) => {
             out.skipped
-                .push(skip(format!("spec does not fit the Calico schema: {e}")));
+                .push(invalid(format!("spec does not fit the Calico schema: {e}")));
             return;
         }
     };

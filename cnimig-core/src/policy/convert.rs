@@ -58,11 +58,12 @@ pub struct ConvertOptions {
     /// as `except` entries). See [`convert`](fn@convert) for which sets a rule sees.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub network_sets: Vec<NetworkSet>,
-    /// Namespace labels by namespace name (a namespace missing from the map has none), for
-    /// namespaced network sets selected through a rule's `namespaceSelector` or by `pcns.`
-    /// label keys. `None`: not known; a selection that depends on them is reported partial.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace_labels: Option<BTreeMap<String, BTreeMap<String, String>>>,
+    /// Namespace labels by namespace name, for namespaced network sets selected through a
+    /// rule's `namespaceSelector` or by `pcns.` label keys. The labels of a namespace missing
+    /// here are not known: a selection that depends on them is reported partial.
+    /// [`convert_documents`] adds the `Namespace` objects of the input.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// A Kubernetes service, for rules that name it.
@@ -147,6 +148,11 @@ pub fn convert_documents(parsed: &ParsedDocuments, opts: &ConvertOptions) -> Con
     opts.tiers.extend(parsed.tiers.iter().cloned());
     opts.network_sets
         .extend(parsed.network_sets.iter().cloned());
+    for (ns, labels) in &parsed.namespaces {
+        opts.namespace_labels
+            .entry(ns.clone())
+            .or_insert_with(|| labels.clone());
+    }
     let mut conv = convert(&parsed.policies, &opts);
     conv.report.skipped = parsed.skipped.clone();
     conv
@@ -1430,7 +1436,7 @@ impl<'a> PolicyCx<'a> {
             return out;
         }
         let own_ns = self.p.namespace.clone();
-        let known = self.opts.namespace_labels.as_ref();
+        let known = &self.opts.namespace_labels;
         let empty = BTreeMap::new();
         // Does a selector over the set's labels need the namespace's labels (other than its
         // name, which is known)?
@@ -1440,10 +1446,7 @@ impl<'a> PolicyCx<'a> {
         let (mut pos_names, mut neg_names, mut unsure, mut bad) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for set in &self.opts.network_sets {
-            let ns_labels = set
-                .namespace
-                .as_ref()
-                .and_then(|ns| known.map(|k| k.get(ns).unwrap_or(&empty)));
+            let ns_labels = set.namespace.as_ref().and_then(|ns| known.get(ns));
             let labels_known = set.namespace.is_none() || ns_labels.is_some();
             let labels = set.selector_labels(ns_labels.unwrap_or(&empty));
             let visible = match (&ns_sel, &set.namespace) {
@@ -2410,6 +2413,65 @@ mod tests {
             subtract(&[FULL], &[(1, 1), (65535, 65535)]),
             vec![(2, 65534)]
         );
+    }
+
+    #[test]
+    fn cidr_intersection_and_carving() {
+        let n = |s: &str| s.parse::<IpNet>().unwrap();
+        assert_eq!(
+            intersect(
+                &[n("10.0.0.0/8"), n("192.168.1.0/24")],
+                &[n("10.1.0.0/16"), n("192.168.0.0/16")]
+            ),
+            vec![n("10.1.0.0/16"), n("192.168.1.0/24")]
+        );
+        assert_eq!(intersect(&[n("10.0.0.0/8")], &[]), vec![n("10.0.0.0/8")]);
+        assert_eq!(intersect(&[n("10.0.0.0/8")], &[n("11.0.0.0/8")]), vec![]);
+        assert_eq!(
+            carve(
+                &[n("10.0.0.0/8"), n("11.0.0.0/16")],
+                &[n("10.1.0.0/16"), n("11.0.0.0/8")]
+            ),
+            vec![(n("10.0.0.0/8"), vec![n("10.1.0.0/16")])]
+        );
+    }
+
+    #[test]
+    fn network_sets_through_namespace_labels_need_the_namespaces() {
+        let policy = "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: p, namespace: web}\nspec:\n  selector: all()\n  egress:\n  - action: Allow\n    destination: {namespaceSelector: env == 'prod', selector: role == 'db'}\n---\napiVersion: projectcalico.org/v3\nkind: NetworkSet\nmetadata: {name: dbs, namespace: data, labels: {role: db}}\nspec: {nets: [192.0.2.0/24]}\n";
+        let opts = ConvertOptions {
+            pod_cidrs: vec!["10.42.0.0/16".parse().unwrap()],
+            ..ConvertOptions::default()
+        };
+        let unknown = convert_documents(
+            &super::super::calico::parse_documents(policy).unwrap(),
+            &opts,
+        );
+        assert!(!unknown.report.all_exact());
+        assert!(unknown.report.items().any(|i| i.kind == ItemKind::NetworkSet && i.detail.contains("NetworkSet data/dbs")));
+        // The allow leaves the set out (less access).
+        assert!(
+            !unknown.objects[0]
+                .object
+                .to_string()
+                .contains("192.0.2.0/24")
+        );
+        let ns =
+            "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: data, labels: {env: prod}}\n";
+        let parsed = super::super::calico::parse_documents(&format!("{policy}{ns}")).unwrap();
+        assert!(parsed.skipped.is_empty());
+        let known = convert_documents(&parsed, &opts);
+        assert!(known.report.all_exact(), "{}", known.report);
+        assert_eq!(
+            known.objects[0].object["spec"]["egress"][1]["toCIDRSet"],
+            serde_json::json!([{"cidr": "192.0.2.0/24"}])
+        );
+        // A namespace without those labels: the set is not selected, exactly.
+        let other = ns.replace("env: prod", "env: dev");
+        let parsed = super::super::calico::parse_documents(&format!("{policy}{other}")).unwrap();
+        let dev = convert_documents(&parsed, &opts);
+        assert!(dev.report.all_exact(), "{}", dev.report);
+        assert!(!dev.objects[0].object.to_string().contains("192.0.2.0/24"));
     }
 
     #[test]
