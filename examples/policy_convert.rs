@@ -2,7 +2,9 @@
 //!
 //! ```sh
 //! kubectl get networkpolicies.crd.projectcalico.org,globalnetworkpolicies.crd.projectcalico.org,\
-//! tiers.crd.projectcalico.org,networkpolicies.networking.k8s.io -A -o yaml > calico.yaml
+//! tiers.crd.projectcalico.org,networksets.crd.projectcalico.org,\
+//! globalnetworksets.crd.projectcalico.org,networkpolicies.networking.k8s.io,namespaces \
+//! -A -o yaml > calico.yaml
 //! cargo run --example policy_convert -- --pod-cidr 10.42.0.0/16 --pod-cidr 10.245.0.0/16 \
 //!     --service-cidr 10.43.0.0/16 calico.yaml > cilium.yaml 2> report.md
 //! cargo run --example policy_convert -- --report-json calico.yaml > cilium.yaml 2> report.json
@@ -16,6 +18,16 @@
 //! converted exactly), and the report on stderr: Markdown-ish text, or JSON with
 //! `--report-json`. Kubernetes `NetworkPolicy` objects in the input are not converted (Cilium
 //! enforces them) but audited for the constructs that behave differently under Cilium.
+//!
+//! Network sets: a rule whose selector selects `NetworkSet`s or `GlobalNetworkSet`s of the input
+//! gets their nets as `fromCIDRSet` / `toCIDRSet` rules (the report notes which). Which
+//! namespaced sets a `namespaceSelector` selects depends on the namespaces' labels: include the
+//! `Namespace` objects in the input (as above), otherwise such rules are reported partial.
+//! (`--from-cluster` does not read namespaces: add a file of them.)
+//!
+//! Bad input changes nothing and prints no policy: a file that is not YAML, or a Calico policy in a file
+//! that does not fit the schema (an unknown `action`, `protocol`, a missing name, …), is
+//! refused with exit code 1 and a message naming the document and the problem.
 //!
 //! With `--apply` every converted object is sent to the cluster with server-side `dryRun=All`
 //! first (schema, admission and RBAC checked, nothing stored); if the server refuses any, none
@@ -32,7 +44,8 @@
 //!     --pod-cidr 10.245.0.0/16 --apply --yes      # create / update them
 //! ```
 //!
-//! Exit code: 0; 1 when an input cannot be read or the cluster cannot be reached; 2 with
+//! Exit code: 0; 1 when an input cannot be read, is not valid (see above) or the cluster cannot
+//! be reached; 2 with
 //! `--fail-on-partial` (or `--apply` without `--allow-partial`) when some policy did not convert
 //! exactly (nothing applied); 3 when the dry run refused some policy (nothing created); 4 when a
 //! write failed after the dry run passed (the output says which were written; run again).
@@ -170,6 +183,26 @@ async fn run() -> anyhow::Result<i32> {
     for f in &args.files {
         let text = read(f)?;
         let docs = parse_documents(&text).with_context(|| format!("parsing {}", f.display()))?;
+        let bad: Vec<String> = docs
+            .skipped
+            .iter()
+            .filter(|d| d.invalid)
+            .map(|d| {
+                let name = if d.name.is_empty() {
+                    "(no name)"
+                } else {
+                    &d.name
+                };
+                format!("document {} ({} {name}): {}", d.index, d.kind, d.reason)
+            })
+            .collect();
+        if !bad.is_empty() {
+            bail!(
+                "{}: {}; fix the input (nothing was converted)",
+                f.display(),
+                bad.join("; ")
+            );
+        }
         parsed.extend(docs);
     }
     if parsed.policies.is_empty() && parsed.kubernetes_network_policies.is_empty() {

@@ -51,6 +51,8 @@ fn options() -> ConvertOptions {
         services: services(),
         tiers: Vec::new(),
         network_sets: Vec::new(),
+        // Not known: network sets selected through namespace labels are reported.
+        namespace_labels: BTreeMap::new(),
     }
 }
 
@@ -161,9 +163,14 @@ fn expected() -> Vec<(&'static str, &'static str, &'static [ItemKind])> {
             ],
         ),
         ("12-selectors-and-input", "too-complex", &[K::TooComplex]),
-        ("13-network-sets", "partners-in", &[K::NetworkSet]),
-        ("13-network-sets", "office-in", &[K::NetworkSet]),
+        ("13-network-sets", "partners-in", &[]),
+        ("13-network-sets", "office-in", &[]),
         ("13-network-sets", "office-elsewhere", &[]),
+        ("13-network-sets", "not-partners-out", &[]),
+        ("13-network-sets", "deny-partners", &[K::GlobalNamespace]),
+        ("13-network-sets", "office-by-namespace", &[K::NetworkSet]),
+        ("13-network-sets", "legacy-in", &[K::NetsPartlyCoverPods]),
+        ("13-network-sets", "broken-in", &[K::NetworkSet]),
     ]
 }
 
@@ -264,6 +271,7 @@ fn policy_corpus_covers_every_item_kind() {
         K::HttpProxy,
         K::IcmpAllTypes,
         K::MatchesNothing,
+        K::NetworkSetNets,
     ]
     .into_iter()
     .filter(|k| !seen.contains(k))
@@ -301,14 +309,45 @@ fn policy_corpus_skips_what_is_not_calico_policy() {
         .collect();
     assert_eq!(
         sets,
-        ["GlobalNetworkSet partners", "NetworkSet shop/office"]
+        [
+            "GlobalNetworkSet partners",
+            "NetworkSet shop/office",
+            "GlobalNetworkSet legacy",
+            "GlobalNetworkSet broken"
+        ]
     );
     assert!(parsed.skipped.is_empty(), "{:?}", parsed.skipped);
     let text = conv.report.to_string();
     assert!(
-        text.contains("GlobalNetworkSet partners (nets 198.51.100.0/24)")
-            && text.contains("NetworkSet shop/office (nets 203.0.113.0/24)"),
+        text.contains("GlobalNetworkSet partners (198.51.100.0/24)")
+            && text.contains("NetworkSet shop/office (203.0.113.0/24)"),
         "{text}"
+    );
+    // The sets' nets are CIDR peers, in rules of their own (Cilium rejects a rule that
+    // combines fromEndpoints and fromCIDRSet).
+    let obj = |name: &str| {
+        conv.objects
+            .iter()
+            .find(|o| o.policy.name == name)
+            .map(|o| o.object.clone())
+            .unwrap()
+    };
+    assert_eq!(
+        obj("partners-in")["spec"]["ingress"],
+        serde_json::json!([
+            {"fromEndpoints": [{"matchLabels": {"role": "partner"}, "matchExpressions": [{"key": "k8s:io.kubernetes.pod.namespace", "operator": "Exists"}]}],
+             "toPorts": [{"ports": [{"port": "443", "protocol": "TCP"}]}]},
+            {"fromCIDRSet": [{"cidr": "198.51.100.0/24"}],
+             "toPorts": [{"ports": [{"port": "443", "protocol": "TCP"}]}]}
+        ])
+    );
+    assert_eq!(
+        obj("not-partners-out")["spec"]["egress"][0]["toCIDRSet"],
+        serde_json::json!([{"cidr": "198.51.0.0/16", "except": ["198.51.100.0/24"]}])
+    );
+    assert_eq!(
+        obj("office-elsewhere")["spec"]["ingress"][0].get("fromCIDRSet"),
+        None
     );
 }
 
@@ -401,6 +440,7 @@ fn world() -> World {
             ),
         ]),
         services: services(),
+        network_sets: Vec::new(),
     }
 }
 
@@ -483,7 +523,12 @@ fn policy_corpus_exact_policies_agree_with_both_evaluators() {
         let subset = ParsedDocuments {
             policies: keep,
             tiers: parsed.tiers.clone(),
+            network_sets: parsed.network_sets.clone(),
             ..ParsedDocuments::default()
+        };
+        let w = World {
+            network_sets: parsed.network_sets.clone(),
+            ..w.clone()
         };
         let conv = convert_documents(&subset, &options());
         if !conv.report.pod_verdicts_preserved() {
@@ -493,6 +538,7 @@ fn policy_corpus_exact_policies_agree_with_both_evaluators() {
         let cilium = CiliumEvaluator::new(&conv.values()).unwrap();
         for c in &conns {
             let (a, b) = (calico.verdict(&w, c), cilium.verdict(&w, c));
+            // (`w` holds this file's network sets.)
             assert_eq!(a, b, "{file}: {c:?}\n{}", render_yaml(&conv));
             match a {
                 Verdict::Allow => allowed += 1,

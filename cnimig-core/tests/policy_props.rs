@@ -1,5 +1,5 @@
-//! Property tests for the Calico to Cilium policy conversion: for generated Calico policies and
-//! pods, whenever the report says no item changes a pod-traffic verdict (in particular when
+//! Property tests for the Calico to Cilium policy conversion: for generated Calico policies,
+//! pods and network sets (namespace labels known to the conversion or not), whenever the report says no item changes a pod-traffic verdict (in particular when
 //! every policy converted exactly), Calico's evaluation of the input and Cilium's evaluation of
 //! the output agree on every sampled connection.
 //!
@@ -10,11 +10,12 @@
 use std::collections::BTreeMap;
 
 use cnimig_core::policy::calico::{
-    Action, CalicoPolicy, EntityRule, HttpMatch, HttpPath, IcmpMatch, PolicyKind, PolicySpec,
-    PolicyType, Port, Protocol, Rule, ServiceAccountMatch,
+    Action, CalicoPolicy, EntityRule, HttpMatch, HttpPath, IcmpMatch, NetworkSet, PolicyKind,
+    PolicySpec, PolicyType, Port, Protocol, Rule, ServiceAccountMatch,
 };
 use cnimig_core::policy::calico::{ParsedDocuments, parse_value};
 use cnimig_core::policy::eval::HttpRequest;
+use cnimig_core::policy::report::ItemKind;
 use cnimig_core::policy::{
     CalicoEvaluator, CiliumEvaluator, Connection, ConvertOptions, Endpoint, Pod, Selector, Verdict,
     World, convert, convert_documents, render_yaml,
@@ -24,7 +25,7 @@ use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, RngSeed, TestRunner};
 
 const POD_CIDR: &str = "10.42.0.0/16";
-const EXTERNALS: [&str; 3] = ["8.8.8.8", "10.0.0.5", "192.168.1.10"];
+const EXTERNALS: [&str; 4] = ["8.8.8.8", "10.0.0.5", "192.168.1.10", "198.51.100.7"];
 
 fn s(x: &str) -> String {
     x.to_string()
@@ -44,6 +45,10 @@ fn pod_selector() -> impl Strategy<Value = String> {
             Just(s("projectcalico.org/namespace == 'a'")),
             Just(s("pcns.team == 'red'")),
             Just(s("projectcalico.org/serviceaccount == 'robot'")),
+            // Labels of the generated network sets.
+            Just(s("role == 'partner'")),
+            Just(s("has(role)")),
+            Just(s("role in {'partner', 'office'}")),
         ],
         // Not expressible in Cilium: reported, so the property skips these cases.
         1 => prop_oneof![
@@ -68,7 +73,63 @@ fn ns_selector() -> impl Strategy<Value = String> {
         Just(s("projectcalico.org/name == 'b'")),
         Just(s("all()")),
         Just(s("team == 'red' || projectcalico.org/name == 'c'")),
+        // Global network sets (and host endpoints): no pod.
+        Just(s("global()")),
+        Just(s("global() || team == 'blue'")),
     ]
+}
+
+/// Calico network sets: namespaced (in a namespace of the pods) or global, labelled like pods
+/// or not, with nets outside the pod CIDR (and rarely inside it, which must be reported).
+fn network_sets() -> impl Strategy<Value = Vec<NetworkSet>> {
+    let one = (
+        prop_oneof![
+            Just(None),
+            Just(Some("a")),
+            Just(Some("b")),
+            Just(Some("c"))
+        ],
+        prop_oneof![
+            Just(vec![("role", "partner")]),
+            Just(vec![("role", "office")]),
+            Just(vec![("app", "web")]),
+            Just(vec![("role", "partner"), ("tier", "fe")]),
+        ],
+        prop::collection::vec(
+            prop_oneof![
+                6 => Just("198.51.100.0/24"),
+                4 => Just("8.8.8.0/24"),
+                3 => Just("192.168.1.10"),
+                2 => Just("10.0.0.0/16"),
+                2 => Just("10.42.0.0/24"),
+            ],
+            1..3,
+        ),
+    );
+    prop::collection::vec(one, 0..4).prop_map(|v| {
+        v.into_iter()
+            .enumerate()
+            .map(|(i, (ns, labels, nets))| NetworkSet {
+                namespace: ns.map(s),
+                name: format!("set{i}"),
+                labels: labels.into_iter().map(|(k, v)| (s(k), s(v))).collect(),
+                nets: nets.into_iter().map(s).collect(),
+            })
+            .collect()
+    })
+}
+
+/// One generated case: policies, pods, network sets, and whether the conversion is told the
+/// namespace labels.
+type Case = (Vec<CalicoPolicy>, Vec<Pod>, Vec<NetworkSet>, bool);
+
+fn case() -> impl Strategy<Value = Case> {
+    (
+        policies(),
+        pods(),
+        network_sets(),
+        prop::bool::weighted(0.75),
+    )
 }
 
 fn nets() -> impl Strategy<Value = Vec<String>> {
@@ -277,14 +338,20 @@ fn pods() -> impl Strategy<Value = Vec<Pod>> {
     })
 }
 
-fn world(pods: Vec<Pod>) -> World {
+fn namespaces() -> BTreeMap<String, BTreeMap<String, String>> {
+    BTreeMap::from([
+        (s("a"), BTreeMap::from([(s("team"), s("red"))])),
+        (s("b"), BTreeMap::from([(s("team"), s("blue"))])),
+        (s("c"), BTreeMap::new()),
+    ])
+}
+
+fn world(pods: Vec<Pod>, network_sets: Vec<NetworkSet>) -> World {
     World {
         pods,
-        namespaces: BTreeMap::from([
-            (s("a"), BTreeMap::from([(s("team"), s("red"))])),
-            (s("b"), BTreeMap::from([(s("team"), s("blue"))])),
-        ]),
+        namespaces: namespaces(),
         services: Vec::new(),
+        network_sets,
     }
 }
 
@@ -356,13 +423,26 @@ fn options() -> ConvertOptions {
     }
 }
 
+fn options_for(sets: &[NetworkSet], ns_known: bool) -> ConvertOptions {
+    ConvertOptions {
+        network_sets: sets.to_vec(),
+        namespace_labels: if ns_known {
+            namespaces()
+        } else {
+            BTreeMap::new()
+        },
+        ..options()
+    }
+}
+
 /// Returns a description of the first disagreement, if any.
-fn disagreement(policies: &[CalicoPolicy], pods: Vec<Pod>) -> Option<String> {
-    let conv = convert(policies, &options());
+fn disagreement((policies, pods, sets, ns_known): Case) -> Option<String> {
+    let policies = &policies;
+    let conv = convert(policies, &options_for(&sets, ns_known));
     if !conv.report.pod_verdicts_preserved() {
         return None;
     }
-    let w = world(pods);
+    let w = world(pods, sets);
     let calico = CalicoEvaluator::new(policies, &[]);
     let cilium = match CiliumEvaluator::new(&conv.values()) {
         Ok(c) => c,
@@ -377,8 +457,9 @@ fn disagreement(policies: &[CalicoPolicy], pods: Vec<Pod>) -> Option<String> {
         let (a, b) = (calico.verdict(&w, &c), cilium.verdict(&w, &c));
         if a != b {
             return Some(format!(
-                "Calico {a:?}, Cilium {b:?} for {c:?}\npods: {:#?}\ncalico: {}\ncilium:\n{}\nreport:\n{}",
+                "Calico {a:?}, Cilium {b:?} for {c:?}\npods: {:#?}\nsets: {:#?}\ncalico: {}\ncilium:\n{}\nreport:\n{}",
                 w.pods,
+                w.network_sets,
                 serde_json::to_string_pretty(policies).unwrap_or_default(),
                 render_yaml(&conv),
                 conv.report
@@ -461,6 +542,14 @@ fn any_document() -> impl Strategy<Value = serde_json::Value> {
         })
 }
 
+/// `CNIMIG_CASES=N` (as for the other property tests) runs N cases instead of `default`.
+fn cases(default: u32) -> u32 {
+    std::env::var("CNIMIG_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 fn config(cases: u32) -> Config {
     Config {
         cases,
@@ -471,7 +560,7 @@ fn config(cases: u32) -> Config {
 }
 
 proptest! {
-    #![proptest_config(config(300))]
+    #![proptest_config(config(cases(300)))]
 
     /// Any text: the selector parser returns a value or an error, never panics, and what it
     /// prints parses back to the same selector.
@@ -495,8 +584,8 @@ proptest! {
     }
 
     #[test]
-    fn policy_props_exact_conversions_agree(policies in policies(), pods in pods()) {
-        if let Some(d) = disagreement(&policies, pods) {
+    fn policy_props_exact_conversions_agree(case in case()) {
+        if let Some(d) = disagreement(case) {
             prop_assert!(false, "{}", d);
         }
     }
@@ -507,14 +596,17 @@ proptest! {
 #[test]
 fn policy_props_cover_exact_and_partial_cases() {
     let mut runner = TestRunner::new(config(1));
-    let strategy = (policies(), pods());
+    let strategy = case();
     let (mut exact, mut preserved, mut partial, mut allows, mut denies) = (0, 0, 0, 0, 0);
+    // Verdict-preserving cases whose output holds network sets' nets as CIDR peers, and
+    // connections to or from a set's address that Calico allows / denies in them.
+    let (mut with_sets, mut set_allows, mut set_denies) = (0, 0, 0);
     for _ in 0..300 {
         let Ok(tree) = strategy.new_tree(&mut runner) else {
             continue;
         };
-        let (policies, pods) = tree.current();
-        let conv = convert(&policies, &options());
+        let (policies, pods, sets, ns_known) = tree.current();
+        let conv = convert(&policies, &options_for(&sets, ns_known));
         if conv.report.all_exact() {
             exact += 1;
         } else {
@@ -522,16 +614,46 @@ fn policy_props_cover_exact_and_partial_cases() {
         }
         if conv.report.pod_verdicts_preserved() {
             preserved += 1;
-            let w = world(pods);
+            let uses_sets = conv
+                .report
+                .items()
+                .any(|i| i.kind == ItemKind::NetworkSetNets);
+            with_sets += usize::from(uses_sets);
+            let set_ips: Vec<std::net::IpAddr> = sets
+                .iter()
+                .flat_map(|set| set.parsed_nets().0)
+                .flat_map(|n| {
+                    EXTERNALS
+                        .iter()
+                        .map(|ip| ip.parse().unwrap())
+                        .filter(move |ip| n.contains(ip))
+                })
+                .collect();
+            let w = world(pods, sets);
             let calico = CalicoEvaluator::new(&policies, &[]);
             for c in connections(&w) {
-                match calico.verdict(&w, &c) {
+                let v = calico.verdict(&w, &c);
+                match v {
                     Verdict::Allow => allows += 1,
                     Verdict::Deny => denies += 1,
+                }
+                let in_set = [c.src, c.dst]
+                    .iter()
+                    .any(|e| matches!(e, Endpoint::External(ip) if set_ips.contains(ip)));
+                if uses_sets && in_set {
+                    match v {
+                        Verdict::Allow => set_allows += 1,
+                        Verdict::Deny => set_denies += 1,
+                    }
                 }
             }
         }
     }
+    assert!(
+        with_sets >= 20 && set_allows > 100 && set_denies > 100,
+        "network sets are not exercised: {with_sets} verdict-preserving cases with set nets, \
+         {set_allows} allowed and {set_denies} denied connections with a set's address"
+    );
     assert!(
         exact >= 60,
         "only {exact} of 300 cases were exact ({partial} partial)"
@@ -553,14 +675,14 @@ fn policy_props_cover_exact_and_partial_cases() {
 #[ignore]
 fn policy_props_histogram() {
     let mut runner = TestRunner::new(config(1));
-    let strategy = (policies(), pods());
+    let strategy = case();
     let mut h: BTreeMap<String, usize> = BTreeMap::new();
     for _ in 0..300 {
         let Ok(tree) = strategy.new_tree(&mut runner) else {
             continue;
         };
-        let (policies, _) = tree.current();
-        let conv = convert(&policies, &options());
+        let (policies, _, sets, ns_known) = tree.current();
+        let conv = convert(&policies, &options_for(&sets, ns_known));
         let mut kinds: Vec<String> = conv
             .report
             .items()

@@ -593,6 +593,10 @@ pub struct SkippedDocument {
     pub name: String,
     /// Why it was skipped.
     pub reason: String,
+    /// True for a Calico policy that does not fit the schema (bad input, which a caller
+    /// should refuse); false for objects that are simply not converted.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub invalid: bool,
 }
 
 /// A Calico `NetworkSet` (namespaced) or `GlobalNetworkSet`: addresses that rule selectors
@@ -607,6 +611,50 @@ pub struct NetworkSet {
     pub labels: BTreeMap<String, String>,
     /// `spec.nets`.
     pub nets: Vec<String>,
+}
+
+impl NetworkSet {
+    /// The labels Calico's rule selectors see on the set: its own labels and, for a namespaced
+    /// `NetworkSet`, `projectcalico.org/namespace` and its namespace's labels as `pcns.<key>`
+    /// (with `pcns.projectcalico.org/name`), as on a pod of that namespace (libcalico-go gives
+    /// a namespaced set the namespace's profile, whose labels it inherits). A
+    /// `GlobalNetworkSet` has its own labels only. `namespace_labels`: the labels of the set's
+    /// namespace (ignored for a `GlobalNetworkSet`).
+    #[must_use]
+    pub fn selector_labels(
+        &self,
+        namespace_labels: &BTreeMap<String, String>,
+    ) -> BTreeMap<String, String> {
+        let mut out = self.labels.clone();
+        if let Some(ns) = &self.namespace {
+            out.insert("projectcalico.org/namespace".into(), ns.clone());
+            for (k, v) in namespace_labels {
+                out.insert(format!("pcns.{k}"), v.clone());
+            }
+            out.insert("pcns.projectcalico.org/name".into(), ns.clone());
+        }
+        out
+    }
+
+    /// `spec.nets` parsed (host bits masked; a bare address is a /32 or /128), and the entries
+    /// that are not CIDRs or addresses (Calico rejects such a set).
+    #[must_use]
+    pub fn parsed_nets(&self) -> (Vec<ipnet::IpNet>, Vec<String>) {
+        let mut ok = Vec::new();
+        let mut bad = Vec::new();
+        for s in &self.nets {
+            match s
+                .trim()
+                .parse::<ipnet::IpNet>()
+                .map(|n| n.trunc())
+                .or_else(|_| s.trim().parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            {
+                Ok(n) => ok.push(n),
+                Err(_) => bad.push(s.clone()),
+            }
+        }
+        (ok, bad)
+    }
 }
 
 impl fmt::Display for NetworkSet {
@@ -629,6 +677,10 @@ pub struct ParsedDocuments {
     /// Calico `NetworkSet` and `GlobalNetworkSet` objects.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub network_sets: Vec<NetworkSet>,
+    /// Labels of the Kubernetes `Namespace` objects in the input, by name (for network sets
+    /// selected through namespace labels; see [`super::convert::ConvertOptions::namespace_labels`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     /// Everything else, with the reason.
     pub skipped: Vec<SkippedDocument>,
     /// Kubernetes `NetworkPolicy` objects found in the input (also listed in `skipped`), for
@@ -645,6 +697,7 @@ impl ParsedDocuments {
         self.policies.extend(other.policies);
         self.tiers.extend(other.tiers);
         self.network_sets.extend(other.network_sets);
+        self.namespaces.extend(other.namespaces);
         self.kubernetes_network_policies
             .extend(other.kubernetes_network_policies);
         self.skipped.extend(other.skipped.into_iter().map(|mut s| {
@@ -667,8 +720,9 @@ pub struct PolicyInputError {
 }
 
 /// Parses a multi-document YAML (or JSON) text of Calico objects, as `kubectl get -o yaml` or
-/// `calicoctl get -o yaml` print them (`List` objects are unpacked). Documents that are not
-/// Calico policies or tiers, or that do not fit the schema, are listed in
+/// `calicoctl get -o yaml` print them (`List` objects are unpacked): Calico policies, tiers and
+/// network sets, and the labels of Kubernetes `Namespace` objects. Other documents, and Calico
+/// policies that do not fit the schema ([`SkippedDocument::invalid`]), are listed in
 /// [`ParsedDocuments::skipped`] with the reason.
 ///
 /// # Errors
@@ -715,7 +769,21 @@ pub fn parse_value(value: &Value, index: &mut usize, out: &mut ParsedDocuments) 
         kind: format!("{api}/{kind}"),
         name: name.clone(),
         reason,
+        invalid: false,
     };
+    let invalid = |reason: String| SkippedDocument {
+        invalid: true,
+        ..skip(reason)
+    };
+    if api == "v1" && kind == "Namespace" && !name.is_empty() {
+        let labels = value
+            .pointer("/metadata/labels")
+            .cloned()
+            .and_then(|l| serde_json::from_value(l).ok())
+            .unwrap_or_default();
+        out.namespaces.insert(name, labels);
+        return;
+    }
     let calico = matches!(api, "projectcalico.org/v3" | "crd.projectcalico.org/v1");
     if !calico {
         let reason = if api == "networking.k8s.io/v1" && kind == "NetworkPolicy" {
@@ -748,9 +816,9 @@ pub fn parse_value(value: &Value, index: &mut usize, out: &mut ParsedDocuments) 
                 .pointer("/spec/nets")
                 .and_then(Value::as_array)
                 .map(|a| {
+                    // A non-string entry is kept as written, so the conversion reports it.
                     a.iter()
-                        .filter_map(Value::as_str)
-                        .map(str::to_string)
+                        .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
                         .collect()
                 })
                 .unwrap_or_default();
@@ -781,7 +849,7 @@ pub fn parse_value(value: &Value, index: &mut usize, out: &mut ParsedDocuments) 
         }
     };
     if name.is_empty() {
-        out.skipped.push(skip("metadata.name is missing".into()));
+        out.skipped.push(invalid("metadata.name is missing".into()));
         return;
     }
     let spec_value = value
@@ -792,7 +860,7 @@ pub fn parse_value(value: &Value, index: &mut usize, out: &mut ParsedDocuments) 
         Ok(spec) => spec,
         Err(e) => {
             out.skipped
-                .push(skip(format!("spec does not fit the Calico schema: {e}")));
+                .push(invalid(format!("spec does not fit the Calico schema: {e}")));
             return;
         }
     };

@@ -13,11 +13,11 @@
 //! (conservatively: when disjointness cannot be shown, the pair is reported).
 //!
 //! # Caveats
-//! Only pods are converted: a `GlobalNetworkPolicy` that also selects host endpoints or network
-//! sets loses that part (Cilium's host firewall is a separate, node-selected policy), and
-//! `GlobalNetworkSet`/`NetworkSet` objects are not read, so a rule selector meant for them matches
-//! no pod in the output. Service target ports are taken as numbers from
-//! [`ConvertOptions::services`].
+//! Only pods are converted as policy subjects: a `GlobalNetworkPolicy` that also selects host
+//! endpoints loses that part (Cilium's host firewall is a separate, node-selected policy). Rule
+//! selectors that select network sets get the sets' nets as CIDR peers, from the sets given in
+//! [`ConvertOptions::network_sets`] (sets that exist in the cluster but not in the input are not
+//! known). Service target ports are taken as numbers from [`ConvertOptions::services`].
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
@@ -52,11 +52,18 @@ pub struct ConvertOptions {
     pub services: Vec<ServiceInfo>,
     /// Calico tiers, for the evaluation order.
     pub tiers: Vec<Tier>,
-    /// Calico network sets: a rule whose selector selects one (Calico matches selectors against
-    /// network sets' labels too) is reported partial, naming the sets; their nets are not
-    /// converted.
+    /// Calico `NetworkSet` and `GlobalNetworkSet` objects. Calico matches a rule's selectors
+    /// against their labels as against pods', so the nets of the sets a remote selector
+    /// selects are written as `fromCIDRSet` / `toCIDRSet` (and those a `notSelector` selects
+    /// as `except` entries). See [`convert`](fn@convert) for which sets a rule sees.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub network_sets: Vec<NetworkSet>,
+    /// Namespace labels by namespace name, for namespaced network sets selected through a
+    /// rule's `namespaceSelector` or by `pcns.` label keys. The labels of a namespace missing
+    /// here are not known: a selection that depends on them is reported partial.
+    /// [`convert_documents`] adds the `Namespace` objects of the input.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// A Kubernetes service, for rules that name it.
@@ -141,12 +148,31 @@ pub fn convert_documents(parsed: &ParsedDocuments, opts: &ConvertOptions) -> Con
     opts.tiers.extend(parsed.tiers.iter().cloned());
     opts.network_sets
         .extend(parsed.network_sets.iter().cloned());
+    for (ns, labels) in &parsed.namespaces {
+        opts.namespace_labels
+            .entry(ns.clone())
+            .or_insert_with(|| labels.clone());
+    }
     let mut conv = convert(&parsed.policies, &opts);
     conv.report.skipped = parsed.skipped.clone();
     conv
 }
 
 /// Converts Calico policies into Cilium policies and a report.
+///
+/// # Network sets
+/// Which [`ConvertOptions::network_sets`] a rule's `selector` and `notSelector` see follows
+/// Calico's documentation (resources "NetworkSet" and "GlobalNetworkSet", and "Calico automatic
+/// labels"): a `NetworkPolicy`'s rule without `namespaceSelector` sees the `NetworkSet`s of
+/// the policy's namespace; a rule with one sees the `NetworkSet`s of the namespaces it selects
+/// and, when it selects non-namespaced objects (`global()`), the `GlobalNetworkSet`s; a
+/// `GlobalNetworkPolicy`'s rule without `namespaceSelector` sees every set. As for pods, a rule
+/// side that uses only `namespaceSelector` (or, in a `NetworkPolicy`, only `notSelector`)
+/// selects every set it sees; `serviceAccounts` and `services` select no set. Calico matches
+/// the sets' addresses, so: the nets of the selected sets (intersected with the rule's `nets`,
+/// less its `notNets` and the nets of the sets its `notSelector` selects) become CIDR peers
+/// next to the endpoint selectors, exact as long as the sets' nets do not overlap the pod CIDRs
+/// (Calico would then match those pods by IP, which Cilium's CIDR rules never do: reported).
 #[must_use]
 pub fn convert(policies: &[CalicoPolicy], opts: &ConvertOptions) -> Conversion {
     let mut states: Vec<PolicyState> = policies
@@ -201,6 +227,36 @@ enum Externals {
     All,
     /// These blocks, each with its exceptions.
     Cidrs(Vec<(IpNet, Vec<IpNet>)>),
+}
+
+/// Whether a network set is selected: yes, no, or not known (namespace labels not given).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tri {
+    Yes,
+    No,
+    Unknown,
+}
+
+impl Tri {
+    fn and(self, other: Tri) -> Tri {
+        match (self, other) {
+            (Tri::No, _) | (_, Tri::No) => Tri::No,
+            (Tri::Yes, Tri::Yes) => Tri::Yes,
+            _ => Tri::Unknown,
+        }
+    }
+    fn of(b: bool) -> Tri {
+        if b { Tri::Yes } else { Tri::No }
+    }
+}
+
+/// The network sets one side of a rule selects, as nets.
+#[derive(Debug, Clone, Default)]
+struct SetNets {
+    /// Nets of the sets the positive selector selects (already intersected with `nets`).
+    pos: Vec<IpNet>,
+    /// Nets of the sets the `notSelector` selects.
+    neg: Vec<IpNet>,
 }
 
 /// The other end of a rule (or, for the local side, a constraint on the policy's own pod).
@@ -440,8 +496,8 @@ impl<'a> PolicyCx<'a> {
                 rule,
                 ItemKind::GlobalNamespace,
                 format!(
-                    "{field} `{sel}`: global() selects host endpoints and global network sets, which are not \
-                     converted; it selects no pod"
+                    "{field} `{sel}`: global() selects host endpoints, which are not converted (global \
+                     network sets are, from the input's GlobalNetworkSets); it selects no pod"
                 ),
             );
         }
@@ -1174,9 +1230,6 @@ impl<'a> PolicyCx<'a> {
                 None => sp,
             });
         }
-        if remote {
-            self.network_sets_selected(e, dir, index, side, allow);
-        }
         let not_sel = match blank(&e.not_selector) {
             Some(s) => {
                 let field = format!("{side}.notSelector");
@@ -1193,6 +1246,7 @@ impl<'a> PolicyCx<'a> {
         };
         let nets = self.nets(&e.nets, d, r, &format!("{side}.nets"))?;
         let not_nets = self.nets(&e.not_nets, d, r, &format!("{side}.notNets"))?;
+        let sets = self.network_sets(e, dir, index, side, remote, allow, pos.is_some(), &nets);
         let mut pods = pos.clone().unwrap_or_else(Dnf::top);
         if let Some(n) = &not_sel {
             pods = self.and(&pods, n)?;
@@ -1273,10 +1327,54 @@ impl<'a> PolicyCx<'a> {
                 }
             }
         }
+        // Network sets whose nets overlap the pod CIDRs: Calico matches those pods by IP.
+        let pos_pods = overlapping(&sets.pos, &self.opts.pod_cidrs);
+        let neg_pods = overlapping(&sets.neg, &self.opts.pod_cidrs);
+        for (list, neg) in [(pos_pods, false), (neg_pods, true)] {
+            if list.is_empty() {
+                continue;
+            }
+            let field = if neg { "notSelector" } else { "selector" };
+            let effect = match (neg, allow) {
+                (false, true) => "those pods are not matched by address (less access)",
+                (false, false) => "every pod is matched (wider)",
+                (true, true) => "no pod is matched (less access)",
+                (true, false) => "those pods are not excluded (wider)",
+            };
+            self.item(
+                d,
+                r,
+                ItemKind::NetsPartlyCoverPods,
+                format!(
+                    "{side}.{field} selects network sets whose nets ({}) overlap the pod CIDRs: Calico \
+                     matches those pods by IP, Cilium's CIDR rules never match pods; {effect}",
+                    list.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                ),
+            );
+            match (neg, allow) {
+                (false, false) => pods = Dnf::top(),
+                (true, true) => pods = Dnf::bottom(),
+                _ => {}
+            }
+        }
+        if self.opts.pod_cidrs.is_empty() && !(sets.pos.is_empty() && sets.neg.is_empty()) {
+            self.item(
+                d,
+                r,
+                ItemKind::PodCidrsUnknown,
+                format!(
+                    "{side}: pod CIDRs were not given, so the selected network sets' nets are assumed not \
+                     to contain pods (Calico matches pods by IP, Cilium's CIDR rules never do)"
+                ),
+            );
+        }
         let what = format!("{side} selector");
         pods = self.resolve_lossy(pods, loss, d, r, &what);
-        let externals = if remote && pos.is_none() && !services_only {
-            let ext = if nets.is_empty() && not_nets.is_empty() {
+        let externals = if remote && !services_only && (pos.is_none() || !sets.pos.is_empty()) {
+            let minus: Vec<IpNet> = not_nets.iter().chain(&sets.neg).copied().collect();
+            let ext = if pos.is_some() {
+                Externals::Cidrs(carve(&sets.pos, &minus))
+            } else if nets.is_empty() && minus.is_empty() {
                 Externals::All
             } else {
                 let bases: Vec<IpNet> = if nets.is_empty() {
@@ -1287,22 +1385,13 @@ impl<'a> PolicyCx<'a> {
                 } else {
                     nets.clone()
                 };
-                let mut out = Vec::new();
-                for n in bases {
-                    if not_nets.iter().any(|x| x.contains(&n)) {
-                        continue;
-                    }
-                    let except: Vec<IpNet> = not_nets
-                        .iter()
-                        .filter(|x| n.contains(*x) && **x != n)
-                        .copied()
-                        .collect();
-                    out.push((n, except));
-                }
-                Externals::Cidrs(out)
+                Externals::Cidrs(carve(&bases, &minus))
             };
             self.check_infra(&ext, d, r, side);
-            ext
+            match ext {
+                Externals::Cidrs(c) if c.is_empty() => Externals::None,
+                other => other,
+            }
         } else {
             Externals::None
         };
@@ -1315,64 +1404,187 @@ impl<'a> PolicyCx<'a> {
         })
     }
 
-    /// Reports the network sets of the input that a remote peer's selector selects: Calico
-    /// matches their addresses too, this conversion does not (yet) write them as CIDR rules.
-    /// Which sets a selector can see: a namespaced policy's rule without `namespaceSelector`
-    /// sees the `NetworkSet`s of its namespace; with one, any set (namespace labels are not
-    /// known here, and `global()` selects `GlobalNetworkSet`s); a global policy's rule sees
-    /// every set.
-    fn network_sets_selected(
+    /// The network sets one side of a rule selects (see [`convert`](fn@convert) for which sets a
+    /// rule sees), with report items: a note naming the sets whose nets are written, and
+    /// partial items for selections that depend on unknown namespace labels or sets whose nets
+    /// do not parse. `scope`: whether the side's positive selector applies (a selector field
+    /// is used); otherwise only `notSelector` takes sets away. `nets`: the rule's nets, which
+    /// the selected sets' nets are intersected with.
+    #[allow(clippy::too_many_arguments)]
+    fn network_sets(
         &mut self,
         e: &EntityRule,
         dir: PolicyType,
         index: usize,
         side: &str,
+        remote: bool,
         allow: bool,
-    ) {
-        let Some(text) = blank(&e.selector) else {
-            return;
-        };
-        if self.opts.network_sets.is_empty() || e.service_accounts.is_some() {
-            return;
+        scope: bool,
+        nets: &[IpNet],
+    ) -> SetNets {
+        let (d, r) = (Some(dir), Some(index));
+        let mut out = SetNets::default();
+        if self.opts.network_sets.is_empty() || e.services.is_some() {
+            return out;
         }
-        let Ok(sel) = Selector::parse(text) else {
-            return;
-        };
-        let not_sel = blank(&e.not_selector).and_then(|t| Selector::parse(t).ok());
-        let own_ns = self.p.namespace.as_deref();
-        let ns_given = blank(&e.namespace_selector).is_some();
-        let hits: Vec<String> = self
-            .opts
-            .network_sets
-            .iter()
-            .filter(|set| match (own_ns, ns_given) {
-                (Some(ns), false) => set.namespace.as_deref() == Some(ns),
-                _ => true,
-            })
-            .filter(|set| {
-                sel.matches(&set.labels)
-                    && !not_sel.as_ref().is_some_and(|n| n.matches(&set.labels))
-            })
-            .map(|set| format!("{set} (nets {})", set.nets.join(", ")))
-            .collect();
-        if hits.is_empty() {
-            return;
+        let parse = |t: Option<&str>| t.and_then(|t| Selector::parse(t).ok());
+        let sel = parse(blank(&e.selector));
+        let not_sel = parse(blank(&e.not_selector));
+        let ns_sel = parse(blank(&e.namespace_selector));
+        let positive = scope && e.service_accounts.is_none();
+        if !positive && not_sel.is_none() {
+            return out;
         }
-        self.item(
-            Some(dir),
-            Some(index),
-            ItemKind::NetworkSet,
-            format!(
-                "{side}.selector {text:?} also selects {}: Calico matches those addresses too, the \
-                 converted rule does not ({}); add them as CIDR rules by hand",
-                hits.join("; "),
-                if allow {
-                    "less access"
+        let own_ns = self.p.namespace.clone();
+        let known = &self.opts.namespace_labels;
+        let empty = BTreeMap::new();
+        // Does a selector over the set's labels need the namespace's labels (other than its
+        // name, which is known)?
+        let needs_ns = |s: &Selector| {
+            s.tests_key(&|k| k.starts_with("pcns.") && k != "pcns.projectcalico.org/name")
+        };
+        let (mut pos_names, mut neg_names, mut unsure, mut bad) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for set in &self.opts.network_sets {
+            let ns_labels = set.namespace.as_ref().and_then(|ns| known.get(ns));
+            let labels_known = set.namespace.is_none() || ns_labels.is_some();
+            let labels = set.selector_labels(ns_labels.unwrap_or(&empty));
+            let visible = match (&ns_sel, &set.namespace) {
+                (Some(n), None) => Tri::of(n.matches_with_global(&empty, true)),
+                (Some(n), Some(ns)) => match ns_labels {
+                    Some(l) => {
+                        let mut l = l.clone();
+                        l.insert("projectcalico.org/name".into(), ns.clone());
+                        Tri::of(n.matches(&l))
+                    }
+                    None if !n.tests_key(&|k| k != "projectcalico.org/name") => {
+                        let l =
+                            BTreeMap::from([("projectcalico.org/name".to_string(), ns.clone())]);
+                        Tri::of(n.matches(&l))
+                    }
+                    None => Tri::Unknown,
+                },
+                (None, _) => match &own_ns {
+                    Some(own) => Tri::of(set.namespace.as_ref() == Some(own)),
+                    None => Tri::Yes,
+                },
+            };
+            let eval = |s: &Selector| {
+                if !labels_known && needs_ns(s) {
+                    Tri::Unknown
                 } else {
-                    "the deny is NARROWER: traffic from or to those addresses is not denied"
+                    Tri::of(s.matches(&labels))
                 }
-            ),
-        );
+            };
+            let pos_t = if positive {
+                visible.and(sel.as_ref().map_or(Tri::Yes, eval))
+            } else {
+                Tri::No
+            };
+            let neg_t = not_sel.as_ref().map_or(Tri::No, |n| visible.and(eval(n)));
+            if pos_t == Tri::No && neg_t == Tri::No {
+                continue;
+            }
+            let (set_nets, bad_nets) = set.parsed_nets();
+            if !bad_nets.is_empty() {
+                bad.push(format!("{set} ({})", bad_nets.join(", ")));
+            }
+            // Unknown: an allow rule leaves the set out of its peers and in its exceptions (less
+            // access), a deny rule the other way round (wider).
+            let take_pos = pos_t == Tri::Yes || (pos_t == Tri::Unknown && !allow);
+            let take_neg = neg_t == Tri::Yes || (neg_t == Tri::Unknown && allow);
+            if pos_t == Tri::Unknown || neg_t == Tri::Unknown {
+                unsure.push(set.to_string());
+            }
+            if take_pos {
+                let mine = intersect(&set_nets, nets);
+                if !mine.is_empty() {
+                    pos_names.push(format!(
+                        "{set} ({})",
+                        mine.iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                    out.pos.extend(mine);
+                }
+            }
+            if take_neg && !set_nets.is_empty() {
+                neg_names.push(format!(
+                    "{set} ({})",
+                    set_nets
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+                out.neg.extend(set_nets);
+            }
+        }
+        out.pos.sort();
+        out.pos.dedup();
+        out.neg.sort();
+        out.neg.dedup();
+        if !bad.is_empty() {
+            self.item(
+                d,
+                r,
+                ItemKind::NetworkSet,
+                format!(
+                    "{side}: selected network sets have nets that are not CIDRs or addresses (Calico \
+                     rejects such a set): {}; those entries are ignored",
+                    bad.join("; ")
+                ),
+            );
+        }
+        if !unsure.is_empty() {
+            self.item(
+                d,
+                r,
+                ItemKind::NetworkSet,
+                format!(
+                    "{side}: whether the selectors select {} depends on namespace labels, which were not \
+                     given (ConvertOptions::namespace_labels); {}",
+                    unsure.join(", "),
+                    if allow {
+                        "taken as not selected by selector and selected by notSelector (less access)"
+                    } else {
+                        "taken as selected by selector and not by notSelector (wider)"
+                    }
+                ),
+            );
+        }
+        if remote {
+            let field = if dir == PolicyType::Ingress {
+                "fromCIDRSet"
+            } else {
+                "toCIDRSet"
+            };
+            if !pos_names.is_empty() {
+                self.item(
+                    d,
+                    r,
+                    ItemKind::NetworkSetNets,
+                    format!(
+                        "{side} selects network sets, written as {field}: {}",
+                        pos_names.join("; ")
+                    ),
+                );
+            }
+            if !neg_names.is_empty() {
+                self.item(
+                    d,
+                    r,
+                    ItemKind::NetworkSetNets,
+                    format!(
+                        "{side}.notSelector selects network sets, whose nets are excepted from the CIDR \
+                         peers: {}",
+                        neg_names.join("; ")
+                    ),
+                );
+            }
+        }
+        out
     }
 
     fn nets(
@@ -1478,6 +1690,57 @@ enum Cover {
 
 fn overlaps(a: &IpNet, b: &IpNet) -> bool {
     a.contains(b) || b.contains(a)
+}
+
+/// The nets of `a` that overlap some net of `b`.
+fn overlapping(a: &[IpNet], b: &[IpNet]) -> Vec<IpNet> {
+    a.iter()
+        .filter(|x| b.iter().any(|y| overlaps(x, y)))
+        .copied()
+        .collect()
+}
+
+/// The intersection of two unions of CIDRs (`within` empty: no limit). Two CIDRs either nest
+/// or are disjoint, so each piece is the smaller of a nesting pair.
+fn intersect(nets: &[IpNet], within: &[IpNet]) -> Vec<IpNet> {
+    if within.is_empty() {
+        return nets.to_vec();
+    }
+    let mut out = Vec::new();
+    for n in nets {
+        for w in within {
+            if w.contains(n) {
+                out.push(*n);
+            } else if n.contains(w) {
+                out.push(*w);
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Each block with the nets of `minus` inside it as exceptions; blocks wholly inside one of
+/// `minus` are dropped.
+fn carve(blocks: &[IpNet], minus: &[IpNet]) -> Vec<(IpNet, Vec<IpNet>)> {
+    let mut out = Vec::new();
+    for n in blocks {
+        if minus.iter().any(|x| x.contains(n)) {
+            continue;
+        }
+        let mut except: Vec<IpNet> = minus
+            .iter()
+            .filter(|x| n.contains(*x) && *x != n)
+            .copied()
+            .collect();
+        except.sort();
+        except.dedup();
+        if !out.iter().any(|(b, e)| b == n && e == &except) {
+            out.push((*n, except));
+        }
+    }
+    out
 }
 
 fn cover(nets: &[IpNet], pods: &[IpNet]) -> Cover {
@@ -1804,10 +2067,13 @@ fn order_analysis(policies: &[CalicoPolicy], states: &mut [PolicyState], opts: &
     }
 }
 
+/// The Cilium rules (before ports) for a peer: one per kind of peer, since Cilium rejects a
+/// rule that combines `fromEndpoints`, `fromEntities` and `fromCIDRSet` ("combining … is not
+/// supported yet"); the rules of a direction are ORed, so this is the same peer.
 fn peer_rules(dir: PolicyType, peer: &Peer) -> Vec<cilium::Rule> {
-    let mut main = cilium::Rule::default();
     let ingress = dir == PolicyType::Ingress;
     if peer.any {
+        let mut main = cilium::Rule::default();
         if ingress {
             main.from_entities = vec!["all".into()];
         } else {
@@ -1840,18 +2106,33 @@ fn peer_rules(dir: PolicyType, peer: &Peer) -> Vec<cilium::Rule> {
                 .collect(),
         ),
     };
-    if ingress {
-        main.from_endpoints = selectors;
-        main.from_entities = entities;
-        main.from_cidr_set = cidrs;
-    } else {
-        main.to_endpoints = selectors;
-        main.to_entities = entities;
-        main.to_cidr_set = cidrs;
-    }
     let mut out = Vec::new();
-    if !main.has_no_peer() {
-        out.push(main);
+    if !selectors.is_empty() {
+        let mut r = cilium::Rule::default();
+        if ingress {
+            r.from_endpoints = selectors;
+        } else {
+            r.to_endpoints = selectors;
+        }
+        out.push(r);
+    }
+    if !entities.is_empty() {
+        let mut r = cilium::Rule::default();
+        if ingress {
+            r.from_entities = entities;
+        } else {
+            r.to_entities = entities;
+        }
+        out.push(r);
+    }
+    if !cidrs.is_empty() {
+        let mut r = cilium::Rule::default();
+        if ingress {
+            r.from_cidr_set = cidrs;
+        } else {
+            r.to_cidr_set = cidrs;
+        }
+        out.push(r);
     }
     if !peer.services.is_empty() && !ingress {
         out.push(cilium::Rule {
@@ -2132,6 +2413,65 @@ mod tests {
             subtract(&[FULL], &[(1, 1), (65535, 65535)]),
             vec![(2, 65534)]
         );
+    }
+
+    #[test]
+    fn cidr_intersection_and_carving() {
+        let n = |s: &str| s.parse::<IpNet>().unwrap();
+        assert_eq!(
+            intersect(
+                &[n("10.0.0.0/8"), n("192.168.1.0/24")],
+                &[n("10.1.0.0/16"), n("192.168.0.0/16")]
+            ),
+            vec![n("10.1.0.0/16"), n("192.168.1.0/24")]
+        );
+        assert_eq!(intersect(&[n("10.0.0.0/8")], &[]), vec![n("10.0.0.0/8")]);
+        assert_eq!(intersect(&[n("10.0.0.0/8")], &[n("11.0.0.0/8")]), vec![]);
+        assert_eq!(
+            carve(
+                &[n("10.0.0.0/8"), n("11.0.0.0/16")],
+                &[n("10.1.0.0/16"), n("11.0.0.0/8")]
+            ),
+            vec![(n("10.0.0.0/8"), vec![n("10.1.0.0/16")])]
+        );
+    }
+
+    #[test]
+    fn network_sets_through_namespace_labels_need_the_namespaces() {
+        let policy = "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: p, namespace: web}\nspec:\n  selector: all()\n  egress:\n  - action: Allow\n    destination: {namespaceSelector: env == 'prod', selector: role == 'db'}\n---\napiVersion: projectcalico.org/v3\nkind: NetworkSet\nmetadata: {name: dbs, namespace: data, labels: {role: db}}\nspec: {nets: [192.0.2.0/24]}\n";
+        let opts = ConvertOptions {
+            pod_cidrs: vec!["10.42.0.0/16".parse().unwrap()],
+            ..ConvertOptions::default()
+        };
+        let unknown = convert_documents(
+            &super::super::calico::parse_documents(policy).unwrap(),
+            &opts,
+        );
+        assert!(!unknown.report.all_exact());
+        assert!(unknown.report.items().any(|i| i.kind == ItemKind::NetworkSet && i.detail.contains("NetworkSet data/dbs")));
+        // The allow leaves the set out (less access).
+        assert!(
+            !unknown.objects[0]
+                .object
+                .to_string()
+                .contains("192.0.2.0/24")
+        );
+        let ns =
+            "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: data, labels: {env: prod}}\n";
+        let parsed = super::super::calico::parse_documents(&format!("{policy}{ns}")).unwrap();
+        assert!(parsed.skipped.is_empty());
+        let known = convert_documents(&parsed, &opts);
+        assert!(known.report.all_exact(), "{}", known.report);
+        assert_eq!(
+            known.objects[0].object["spec"]["egress"][1]["toCIDRSet"],
+            serde_json::json!([{"cidr": "192.0.2.0/24"}])
+        );
+        // A namespace without those labels: the set is not selected, exactly.
+        let other = ns.replace("env: prod", "env: dev");
+        let parsed = super::super::calico::parse_documents(&format!("{policy}{other}")).unwrap();
+        let dev = convert_documents(&parsed, &opts);
+        assert!(dev.report.all_exact(), "{}", dev.report);
+        assert!(!dev.objects[0].object.to_string().contains("192.0.2.0/24"));
     }
 
     #[test]

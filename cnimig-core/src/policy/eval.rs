@@ -6,8 +6,9 @@
 //! selects the pod). Both are used by the tests to check that exact conversions agree.
 //!
 //! # Caveats
-//! The model has pods and external addresses only: no host endpoints, nodes, network sets or
-//! service IPs (connections are after service translation). Pods have no named container
+//! The model has pods, external addresses and Calico network sets ([`World::network_sets`],
+//! which Calico's rule selectors select by label and match by address, pod addresses included):
+//! no host endpoints, nodes or service IPs (connections are after service translation). Pods have no named container
 //! ports, so named ports never match on either side. Cilium's `toServices` never matches a
 //! pod (Cilium applies it to services without a selector only). IPv4 and IPv6 addresses both
 //! work; `ipVersion` is checked against the source address.
@@ -21,7 +22,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::calico::{
-    Action, CalicoPolicy, EntityRule, IcmpMatch, PolicyKind, PolicyType, Port, Protocol, Rule, Tier,
+    Action, CalicoPolicy, EntityRule, IcmpMatch, NetworkSet, PolicyKind, PolicyType, Port,
+    Protocol, Rule, Tier,
 };
 use super::cilium::{self, CiliumPolicy, ICMPV4_TYPE_NAMES, LabelSelector, Operator};
 use super::convert::{ServiceInfo, evaluation_order};
@@ -52,6 +54,9 @@ pub struct World {
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     /// Services (for Calico's `services` rules).
     pub services: Vec<ServiceInfo>,
+    /// Calico `NetworkSet` and `GlobalNetworkSet` objects.
+    #[serde(default)]
+    pub network_sets: Vec<NetworkSet>,
 }
 
 impl World {
@@ -456,45 +461,62 @@ fn entity_matches(
         Endpoint::External(_) => None,
     };
     let view = pod.map(|pod| calico_view(world, pod));
+    // Calico turns each selector into the set of addresses of the endpoints and network sets
+    // it selects; a network set is seen as in `set_selected`.
+    let in_sets = |sel: Option<&Selector>| {
+        world.network_sets.iter().any(|set| {
+            set_selected(world, p, e.namespace_selector.as_ref(), sel, set)
+                && set.parsed_nets().0.iter().any(|n| n.contains(&ip))
+        })
+    };
     // libcalico-go GetEntityRuleSelector: the namespace scope (the namespaceSelector, or the
     // policy's namespace) applies as soon as any selector field is used, notSelector included.
     let sel_given = e.selector.is_some() || raw.service_accounts.is_some();
     let ns_given = e.namespace_selector.is_some();
     let ns_scoped = ns_given || p.namespace.is_some();
     if sel_given || (ns_scoped && (e.not_selector.is_some() || ns_given)) {
-        let Some(v) = &view else {
-            return false;
-        };
-        if let Some(ns) = &e.namespace_selector {
-            if !ns.matches(&v.namespace) {
-                return false;
-            }
-        } else if let Some(ns) = &p.namespace
-            && &v.pod.namespace != ns
-        {
-            return false;
-        }
-        if let Some(s) = &e.selector
-            && !s.matches(&v.endpoint)
-        {
-            return false;
-        }
-        if let Some(sa) = &raw.service_accounts {
-            if !sa.names.is_empty() && !sa.names.contains(&v.pod.service_account) {
-                return false;
-            }
-            if let Some(s) = &e.sa_selector
-                && !s.matches(&v.service_account)
+        let pod_ok = view.as_ref().is_some_and(|v| {
+            if let Some(ns) = &e.namespace_selector {
+                if !ns.matches(&v.namespace) {
+                    return false;
+                }
+            } else if let Some(ns) = &p.namespace
+                && &v.pod.namespace != ns
             {
                 return false;
             }
+            if let Some(s) = &e.selector
+                && !s.matches(&v.endpoint)
+            {
+                return false;
+            }
+            if let Some(sa) = &raw.service_accounts {
+                if !sa.names.is_empty() && !sa.names.contains(&v.pod.service_account) {
+                    return false;
+                }
+                if let Some(s) = &e.sa_selector
+                    && !s.matches(&v.service_account)
+                {
+                    return false;
+                }
+            }
+            true
+        });
+        // Network sets have no service account, and `services` excludes selectors.
+        let set_ok = raw.service_accounts.is_none()
+            && raw.services.is_none()
+            && in_sets(Some(e.selector.as_ref().unwrap_or(&Selector::All)));
+        if !pod_ok && !set_ok {
+            return false;
         }
     }
-    if let Some(ns) = &e.not_selector
-        && let Some(v) = &view
-        && ns.matches(&v.endpoint)
-    {
-        return false;
+    if let Some(ns) = &e.not_selector {
+        if view.as_ref().is_some_and(|v| ns.matches(&v.endpoint)) {
+            return false;
+        }
+        if raw.services.is_none() && in_sets(Some(ns)) {
+            return false;
+        }
     }
     if let Some(svc) = &raw.services {
         let Some(pod) = pod else {
@@ -525,6 +547,36 @@ fn entity_matches(
         }
     }
     true
+}
+
+/// Whether a rule side of policy `p` with this `namespaceSelector` selects `set` through
+/// `sel`: Calico's documentation ("NetworkSet", "GlobalNetworkSet", "Calico automatic labels")
+/// says a `NetworkPolicy` rule without `namespaceSelector` sees the `NetworkSet`s of its
+/// namespace, one with a `namespaceSelector` those of the selected namespaces and, with
+/// `global()`, the `GlobalNetworkSet`s; a `GlobalNetworkPolicy` rule without one sees every set.
+fn set_selected(
+    world: &World,
+    p: &CalicoPolicy,
+    ns_sel: Option<&Selector>,
+    sel: Option<&Selector>,
+    set: &NetworkSet,
+) -> bool {
+    let empty = BTreeMap::new();
+    let visible = match (ns_sel, &set.namespace) {
+        (Some(n), None) => n.matches_with_global(&empty, true),
+        (Some(n), Some(ns)) => {
+            let mut l = world.ns_labels(ns);
+            l.insert("projectcalico.org/name".into(), ns.clone());
+            n.matches(&l)
+        }
+        (None, set_ns) => p.namespace.is_none() || p.namespace.as_ref() == set_ns.as_ref(),
+    };
+    let ns_labels = set
+        .namespace
+        .as_deref()
+        .map(|ns| world.ns_labels(ns))
+        .unwrap_or_default();
+    visible && sel.is_none_or(|s| s.matches(&set.selector_labels(&ns_labels)))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -694,6 +746,33 @@ fn compile_rules(
     };
     let mut out = Vec::new();
     for r in rules {
+        // Cilium's IngressCommonRule/EgressCommonRule validation.
+        let members = [
+            (
+                "fromEndpoints/toEndpoints",
+                r.from_endpoints.len() + r.to_endpoints.len(),
+            ),
+            ("fromCIDR/toCIDR", r.from_cidr.len() + r.to_cidr.len()),
+            (
+                "fromCIDRSet/toCIDRSet",
+                r.from_cidr_set.len() + r.to_cidr_set.len(),
+            ),
+            (
+                "fromEntities/toEntities",
+                r.from_entities.len() + r.to_entities.len(),
+            ),
+            ("toServices", r.to_services.len()),
+        ];
+        let present: Vec<&str> = members
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(m, _)| *m)
+            .collect();
+        if let [a, b, ..] = present.as_slice() {
+            return Err(format!(
+                "a rule combines {a} and {b}, which Cilium rejects (\"combining … is not supported yet\")"
+            ));
+        }
         let mut peers = Vec::new();
         for s in r.from_endpoints.iter().chain(&r.to_endpoints) {
             peers.push(PeerSel::Endpoints(scope_peer(s.clone(), ns)));
@@ -992,6 +1071,7 @@ mod tests {
             ],
             namespaces: BTreeMap::new(),
             services: Vec::new(),
+            network_sets: Vec::new(),
         }
     }
 

@@ -56,8 +56,8 @@ pub enum ItemKind {
     LabelFiltered,
     /// `global()`: host endpoints and global network sets are not converted.
     GlobalNamespace,
-    /// A rule's selector also selects Calico network sets (by their labels), whose addresses
-    /// Calico matches too; their nets are not converted.
+    /// A rule's selectors and Calico network sets: which sets a selector selects is not
+    /// known (namespace labels not given), or a set's nets do not parse.
     NetworkSet,
     /// `nets` or `notNets` cover part of the pod CIDRs: Calico matches pods by IP, Cilium's
     /// CIDR rules never match pods.
@@ -91,6 +91,9 @@ pub enum ItemKind {
     IgnoredRules,
     /// Note: a selector or rule that can match no pod (nothing is emitted for it).
     MatchesNothing,
+    /// Note: a rule's selector selects Calico network sets; their nets are written as
+    /// `fromCIDRSet` / `toCIDRSet` (or, for `notSelector`, as `except` entries).
+    NetworkSetNets,
 }
 
 impl ItemKind {
@@ -103,6 +106,7 @@ impl ItemKind {
                 | ItemKind::IcmpAllTypes
                 | ItemKind::IgnoredRules
                 | ItemKind::MatchesNothing
+                | ItemKind::NetworkSetNets
         )
     }
 
@@ -125,6 +129,7 @@ impl ItemKind {
                 | ItemKind::IcmpAllTypes
                 | ItemKind::IgnoredRules
                 | ItemKind::MatchesNothing
+                | ItemKind::NetworkSetNets
         )
     }
 }

@@ -91,9 +91,18 @@ impl Selector {
     /// are true for an absent label; `global()` matches nothing here).
     #[must_use]
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.matches_with_global(labels, false)
+    }
+
+    /// Like [`Selector::matches`], with `global()` taking the value `global`: true when a
+    /// `namespaceSelector` is evaluated for a non-namespaced object (a `GlobalNetworkSet`),
+    /// which has no namespace labels (so `labels` is then empty).
+    #[must_use]
+    pub fn matches_with_global(&self, labels: &BTreeMap<String, String>, global: bool) -> bool {
+        let m = |e: &Selector| e.matches_with_global(labels, global);
         match self {
             Selector::All => true,
-            Selector::Global => false,
+            Selector::Global => global,
             Selector::Eq(k, v) => labels.get(k) == Some(v),
             Selector::Ne(k, v) => labels.get(k) != Some(v),
             Selector::In(k, vs) => labels.get(k).is_some_and(|l| vs.contains(l)),
@@ -102,10 +111,26 @@ impl Selector {
             Selector::StartsWith(k, s) => labels.get(k).is_some_and(|l| l.starts_with(s.as_str())),
             Selector::EndsWith(k, s) => labels.get(k).is_some_and(|l| l.ends_with(s.as_str())),
             Selector::Contains(k, s) => labels.get(k).is_some_and(|l| l.contains(s.as_str())),
-            Selector::Not(e) => !e.matches(labels),
-            Selector::And(es) => es.iter().all(|e| e.matches(labels)),
-            Selector::Or(es) => es.iter().any(|e| e.matches(labels)),
+            Selector::Not(e) => !m(e),
+            Selector::And(es) => es.iter().all(m),
+            Selector::Or(es) => es.iter().any(m),
         }
+    }
+
+    /// True when some label key the selector tests satisfies `f`.
+    #[must_use]
+    pub fn tests_key(&self, f: &dyn Fn(&str) -> bool) -> bool {
+        self.any(&|s| match s {
+            Selector::Eq(k, _)
+            | Selector::Ne(k, _)
+            | Selector::In(k, _)
+            | Selector::NotIn(k, _)
+            | Selector::Has(k)
+            | Selector::StartsWith(k, _)
+            | Selector::EndsWith(k, _)
+            | Selector::Contains(k, _) => f(k),
+            _ => false,
+        })
     }
 
     /// True when the selector (anywhere inside) uses `starts with`, `ends with` or `contains`,
