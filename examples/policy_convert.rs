@@ -12,8 +12,8 @@
 //!
 //! Reads one or more YAML files (multi-document, `List`s unpacked; `-` reads stdin), or with
 //! `--from-cluster` Calico's `NetworkPolicy`, `GlobalNetworkPolicy`, `Tier`, `NetworkSet` and
-//! `GlobalNetworkSet` objects from the cluster's `crd.projectcalico.org/v1` CRDs (and its
-//! Kubernetes `NetworkPolicy` objects, for the audit), prints the Cilium policies as YAML on
+//! `GlobalNetworkSet` objects from the cluster's `crd.projectcalico.org/v1` CRDs (with its
+//! namespaces' labels, and its Kubernetes `NetworkPolicy` objects for the audit), prints the Cilium policies as YAML on
 //! stdout (each preceded by a comment saying which Calico policy it came from and whether it
 //! converted exactly), and the report on stderr: Markdown-ish text, or JSON with
 //! `--report-json`. Kubernetes `NetworkPolicy` objects in the input are not converted (Cilium
@@ -22,8 +22,8 @@
 //! Network sets: a rule whose selector selects `NetworkSet`s or `GlobalNetworkSet`s of the input
 //! gets their nets as `fromCIDRSet` / `toCIDRSet` rules (the report notes which). Which
 //! namespaced sets a `namespaceSelector` selects depends on the namespaces' labels: include the
-//! `Namespace` objects in the input (as above), otherwise such rules are reported partial.
-//! (`--from-cluster` does not read namespaces: add a file of them.)
+//! `Namespace` objects in the input (as above; `--from-cluster` reads them), otherwise such
+//! rules are reported partial.
 //!
 //! Bad input changes nothing and prints no policy: a file that is not YAML, or a Calico policy in a file
 //! that does not fit the schema (an unknown `action`, `protocol`, a missing name, …), is

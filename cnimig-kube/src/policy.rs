@@ -196,8 +196,10 @@ impl KubeCluster {
     }
 
     /// Reads Calico's policies, tiers and network sets from `crd.projectcalico.org/v1` (every
-    /// namespace), and Kubernetes `NetworkPolicy` objects for the audit, into the documents
-    /// the conversion takes (as [`cnimig_core::policy::parse_documents`] would from a file).
+    /// namespace), the namespaces' labels (for network sets selected through a
+    /// `namespaceSelector`), and Kubernetes `NetworkPolicy` objects for the audit, into the
+    /// documents the conversion takes (as [`cnimig_core::policy::parse_documents`] would from a
+    /// file).
     /// A kind the cluster does not serve (`tiers` before Calico v3.28) is skipped.
     ///
     /// # Errors
@@ -206,8 +208,8 @@ impl KubeCluster {
     ///
     /// # RBAC
     /// `list` on `tiers`, `globalnetworkpolicies`, `networkpolicies`, `globalnetworksets`,
-    /// `networksets` (`crd.projectcalico.org`) and `networkpolicies` (`networking.k8s.io`):
-    /// `deploy/rbac-policy.yaml`.
+    /// `networksets` (`crd.projectcalico.org`), `namespaces` and `networkpolicies`
+    /// (`networking.k8s.io`): `deploy/rbac-policy.yaml`.
     pub async fn read_calico_policies(&self) -> Result<ParsedDocuments, PortError> {
         let served = match self
             .client()
@@ -249,6 +251,19 @@ impl KubeCluster {
                 });
                 parse_value(&doc, &mut index, &mut out);
             }
+        }
+        // The namespaces' labels: Calico matches a rule's namespaceSelector against them, also
+        // when it selects NetworkSets (without them such a rule converts as partial).
+        let namespaces: Api<k8s_openapi::api::core::v1::Namespace> =
+            Api::all(self.client().clone());
+        let items = namespaces
+            .list_metadata(&ListParams::default())
+            .await
+            .map_err(|e| port_error("list", "namespaces", e))?;
+        for n in items.items {
+            let doc = json!({"apiVersion": "v1", "kind": "Namespace",
+                             "metadata": {"name": n.metadata.name, "labels": n.metadata.labels}});
+            parse_value(&doc, &mut index, &mut out);
         }
         let knp: Api<k8s_openapi::api::networking::v1::NetworkPolicy> =
             Api::all(self.client().clone());

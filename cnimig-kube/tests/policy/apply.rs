@@ -90,6 +90,16 @@ async fn calico_policies_from_the_cluster_are_dry_run_then_created() {
         }
         let k = env.cluster(common::opts(&ns));
         let parsed = k.read_calico_policies().await.unwrap();
+        // The namespaces' labels come along (namespaceSelectors over NetworkSets need them).
+        assert_eq!(
+            parsed
+                .namespaces
+                .get(&ns)
+                .and_then(|l| l.get("kubernetes.io/metadata.name")),
+            Some(&ns),
+            "{:?}",
+            parsed.namespaces.keys().collect::<Vec<_>>()
+        );
         let ours: Vec<_> = parsed
             .policies
             .iter()

@@ -28,9 +28,9 @@ async fn call(k: &KubeCluster, ns: &str, key: &str) -> Result<bool, String> {
         "crd.projectcalico.org/globalnetworkpolicies/get" => {
             forbidden(k.allow_rule_present().await.map(|_| ()))
         }
-        "crd.projectcalico.org/tiers/list" | "networking.k8s.io/networkpolicies/list" => {
-            forbidden(k.read_calico_policies().await.map(|_| ()))
-        }
+        "crd.projectcalico.org/tiers/list"
+        | "networking.k8s.io/networkpolicies/list"
+        | "/namespaces/list" => forbidden(k.read_calico_policies().await.map(|_| ())),
         "cilium.io/ciliumnetworkpolicies/get" => {
             let o = json!({"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
                 "metadata": {"name": "rbac-probe", "namespace": ns},
