@@ -220,17 +220,22 @@ pub async fn service_account_config(
 pub fn agent_daemon_sets(ns: &str, image: &str, env: &Value) -> Vec<Value> {
     ["cilium", "calico-node"]
         .into_iter()
-        .map(|label| {
-            serde_json::json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
-                "metadata": {"name": label, "namespace": ns},
-                "spec": {"selector": {"matchLabels": {"k8s-app": label}},
-                         "template": {"metadata": {"labels": {"k8s-app": label}},
-                            "spec": {"hostNetwork": true, "nodeSelector": {"cnimig.io/e2e": ns},
-                                     "terminationGracePeriodSeconds": 1,
-                                     "tolerations": [{"operator": "Exists"}],
-                                     "containers": [{"name": label, "image": image, "env": env}]}}}})
-        })
+        .map(|label| agent_daemon_set(ns, label, image, env))
         .collect()
+}
+
+/// One agent DaemonSet as [`agent_daemon_sets`] writes them: `name` in `ns`, label
+/// `k8s-app=<name>`.
+#[must_use]
+pub fn agent_daemon_set(ns: &str, name: &str, image: &str, env: &Value) -> Value {
+    serde_json::json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"selector": {"matchLabels": {"k8s-app": name}},
+                 "template": {"metadata": {"labels": {"k8s-app": name}},
+                    "spec": {"hostNetwork": true, "nodeSelector": {"cnimig.io/e2e": ns},
+                             "terminationGracePeriodSeconds": 1,
+                             "tolerations": [{"operator": "Exists"}],
+                             "containers": [{"name": name, "image": image, "env": env}]}}}})
 }
 
 /// Waits until exactly `n` pods of `ns` are Ready and not being deleted.

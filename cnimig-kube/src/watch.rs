@@ -116,10 +116,10 @@ impl<K> Cache<K>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
-    /// Starts watching `api` with `cfg`; `what` names the collection in errors.
-    fn start(api: Api<K>, cfg: watcher::Config, what: String) -> Arc<Self> {
+    /// An empty cache, not synced, with no watch task; `what` names the collection in errors.
+    fn empty(what: String) -> Self {
         let (tx, _) = chan::channel(SyncState::Starting);
-        let cache = Arc::new(Cache {
+        Cache {
             what,
             state: Mutex::new(State {
                 objects: HashMap::new(),
@@ -129,7 +129,12 @@ where
             task: Mutex::new(None),
             last_read: Mutex::new(tokio::time::Instant::now()),
             waited: AtomicBool::new(false),
-        });
+        }
+    }
+
+    /// Starts watching `api` with `cfg`; `what` names the collection in errors.
+    fn start(api: Api<K>, cfg: watcher::Config, what: String) -> Arc<Self> {
+        let cache = Arc::new(Self::empty(what));
         let weak = Arc::downgrade(&cache);
         let handle = tokio::spawn(Self::run(api, cfg, weak)).abort_handle();
         if let Ok(mut t) = cache.task.lock() {
@@ -461,18 +466,7 @@ mod tests {
     }
 
     fn cache() -> Cache<core::Node> {
-        let (tx, _) = chan::channel(SyncState::Starting);
-        Cache {
-            what: "nodes".into(),
-            state: Mutex::new(State {
-                objects: HashMap::new(),
-                buffer: None,
-            }),
-            sync: tx,
-            task: Mutex::new(None),
-            last_read: Mutex::new(tokio::time::Instant::now()),
-            waited: AtomicBool::new(false),
-        }
+        Cache::empty("nodes".into())
     }
 
     fn unschedulable(c: &Cache<core::Node>, name: &str) -> Option<bool> {

@@ -285,28 +285,11 @@ async fn every_finalize_rule_is_needed() {
     };
     let admin = env.admin.clone();
     common::with_temp_ns(admin.clone(), "rbacfin", |ns| async move {
-        let sa = format!("probe-{ns}");
         let role = format!("cnimig-finalize-probe-{ns}");
-        cnimig_emu::setup::apply(&admin, &json!({"apiVersion": "v1", "kind": "ServiceAccount",
-            "metadata": {"name": sa, "namespace": ns}})).await.unwrap();
-        for (name, target) in [(format!("{role}-base"), "cnimig".to_string()), (role.clone(), role.clone())] {
-            cnimig_emu::setup::apply(&admin, &json!({"apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "ClusterRoleBinding", "metadata": {"name": name},
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": target},
-                "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": ns}]})).await.unwrap();
-        }
-        let admin_config = kube::Config::from_kubeconfig(&kube::config::KubeConfigOptions::default()).await.unwrap();
-        let sa_config = cnimig_emu::setup::service_account_config(&admin, &admin_config, &ns, &sa).await.unwrap();
-        let cluster = cnimig_kube::KubeCluster::new(sa_config, common::opts(&ns)).unwrap();
+        let cluster = common::probe_account(&admin, &ns, &role).await;
         let rules = finalize_rules();
-        let set_rules = |rules: Vec<serde_json::Value>| {
-            let admin = admin.clone();
-            let role = role.clone();
-            async move {
-                cnimig_emu::setup::apply(&admin, &json!({"apiVersion": "rbac.authorization.k8s.io/v1",
-                    "kind": "ClusterRole", "metadata": {"name": role}, "rules": rules})).await.unwrap();
-            }
-        };
+        let set_rules =
+            |rules: Vec<serde_json::Value>| common::set_role_rules(&admin, &role, rules);
         let mut probed = 0;
         for (i, rule) in rules.iter().enumerate() {
             let resource = rule["resources"][0].as_str().unwrap().to_string();
@@ -315,14 +298,22 @@ async fn every_finalize_rule_is_needed() {
                     "ciliumnodeconfigs" => c.delete_node_config("cnimig-probe-absent").await,
                     "tiers" => c.remove_allow_rule().await,
                     "installations" => c.delete_calico_object(CalicoObject::ApiServer).await,
-                    "deployments" => c.delete_calico_object(CalicoObject::OperatorDeployment).await,
+                    "deployments" => {
+                        c.delete_calico_object(CalicoObject::OperatorDeployment)
+                            .await
+                    }
                     "namespaces" => c.delete_calico_object(CalicoObject::Namespaces).await,
                     "configmaps" => c.delete_calico_object(CalicoObject::CalicoConfig).await,
                     "customresourcedefinitions" => c.delete_calico_crds().await,
                     other => panic!("no probe for the rule on {other}: add one"),
                 }
             };
-            let without: Vec<serde_json::Value> = rules.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, r)| r.clone()).collect();
+            let without: Vec<serde_json::Value> = rules
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, r)| r.clone())
+                .collect();
             set_rules(without).await;
             let mut last = None;
             for _ in 0..50 {
@@ -334,7 +325,10 @@ async fn every_finalize_rule_is_needed() {
                 last = Some(r);
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            assert!(last.is_none(), "without the rule on {resource} the call is not Forbidden: {last:?}");
+            assert!(
+                last.is_none(),
+                "without the rule on {resource} the call is not Forbidden: {last:?}"
+            );
             if resource != "customresourcedefinitions" {
                 set_rules(rules.clone()).await;
                 let mut ok = false;
@@ -350,11 +344,7 @@ async fn every_finalize_rule_is_needed() {
             probed += 1;
         }
         assert_eq!(probed, rules.len());
-        let crb: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(admin.clone());
-        let cr: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(admin.clone());
-        let _ = crb.delete(&format!("{role}-base"), &Default::default()).await;
-        let _ = crb.delete(&role, &Default::default()).await;
-        let _ = cr.delete(&role, &Default::default()).await;
+        common::drop_probe_account(&admin, &role).await;
     })
     .await;
 }

@@ -298,3 +298,97 @@ pub async fn emulated_cluster(
     ecfg.node_labels = BTreeMap::from([("cnimig.io/e2e".to_string(), ns.to_string())]);
     (ecfg, live)
 }
+
+/// Plans with `orch` and runs the plan to its end (failing the test after `timeout`).
+pub async fn plan_and_run(
+    orch: &cnimig_core::orchestrator::Orchestrator,
+    timeout: Duration,
+) -> cnimig_core::orchestrator::RunReport {
+    let (_, plan) = orch.plan().await.unwrap();
+    tokio::time::timeout(timeout, orch.run(&plan, &cnimig_core::events::Discard))
+        .await
+        .expect("the run ends")
+        .unwrap()
+}
+
+/// The one node a run with `RollbackAndStop` rolled back: asserts the run stopped, exactly one
+/// node is RolledBack and none is Done.
+pub fn the_rolled_back_node(
+    report: &cnimig_core::orchestrator::RunReport,
+) -> &cnimig_core::orchestrator::NodeOutcome {
+    use cnimig_core::machine::Phase;
+    assert!(
+        report.stopped.is_some(),
+        "RollbackAndStop stops the run: {report:?}"
+    );
+    let failed: Vec<_> = report
+        .nodes
+        .iter()
+        .filter(|n| n.phase == Phase::RolledBack)
+        .collect();
+    assert_eq!(failed.len(), 1, "{report:#?}");
+    assert_eq!(report.count(Phase::Done), 0, "{report:#?}");
+    failed[0]
+}
+
+/// A ServiceAccount `probe-<ns>` in `ns` bound to ClusterRole `cnimig` (`deploy/rbac.yaml`) and
+/// to ClusterRole `role` (set its rules with [`set_role_rules`]), and the adapter acting as it.
+#[allow(
+    dead_code,
+    reason = "used by the policy and finalize binaries, which include this file"
+)]
+pub async fn probe_account(admin: &Client, ns: &str, role: &str) -> KubeCluster {
+    let sa = format!("probe-{ns}");
+    cnimig_emu::setup::apply(
+        admin,
+        &json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": sa, "namespace": ns}}),
+    )
+    .await
+    .unwrap();
+    for (name, target) in [(format!("{role}-base"), "cnimig"), (role.to_string(), role)] {
+        cnimig_emu::setup::apply(admin, &json!({"apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding", "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": target},
+            "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": ns}]}))
+        .await
+        .unwrap();
+    }
+    let admin_config = Config::from_kubeconfig(&KubeConfigOptions::default())
+        .await
+        .unwrap();
+    let sa_config = cnimig_emu::setup::service_account_config(admin, &admin_config, ns, &sa)
+        .await
+        .unwrap();
+    KubeCluster::new(sa_config, opts(ns)).unwrap()
+}
+
+/// Sets ClusterRole `role`'s rules.
+#[allow(
+    dead_code,
+    reason = "used by the policy and finalize binaries, which include this file"
+)]
+pub async fn set_role_rules(admin: &Client, role: &str, rules: Vec<Value>) {
+    cnimig_emu::setup::apply(
+        admin,
+        &json!({"apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole", "metadata": {"name": role}, "rules": rules}),
+    )
+    .await
+    .unwrap();
+}
+
+/// Removes what [`probe_account`] and [`set_role_rules`] made cluster-wide (the ServiceAccount
+/// goes with its namespace).
+#[allow(
+    dead_code,
+    reason = "used by the policy and finalize binaries, which include this file"
+)]
+pub async fn drop_probe_account(admin: &Client, role: &str) {
+    let crb: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(admin.clone());
+    let cr: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(admin.clone());
+    let _ = crb
+        .delete(&format!("{role}-base"), &DeleteParams::default())
+        .await;
+    let _ = crb.delete(role, &DeleteParams::default()).await;
+    let _ = cr.delete(role, &DeleteParams::default()).await;
+}

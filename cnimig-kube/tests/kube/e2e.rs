@@ -332,35 +332,14 @@ async fn a_failing_node_rolls_back_to_calico() {
                 ..RunOptions::default()
             },
         );
-        let (_, plan) = orch.plan().await.unwrap();
-        let report = tokio::time::timeout(
-            Duration::from_secs(300),
-            orch.run(&plan, &cnimig_core::events::Discard),
-        )
-        .await
-        .expect("the run ends")
-        .unwrap();
+        let report = common::plan_and_run(&orch, Duration::from_secs(300)).await;
+        let failed = common::the_rolled_back_node(&report);
         assert!(
-            report.stopped.is_some(),
-            "RollbackAndStop stops the run: {report:?}"
-        );
-        let failed: Vec<_> = report
-            .nodes
-            .iter()
-            .filter(|n| n.phase == Phase::RolledBack)
-            .collect();
-        assert_eq!(failed.len(), 1, "{report:#?}");
-        assert!(
-            failed[0]
-                .cause
-                .as_deref()
-                .unwrap_or("")
-                .contains("AgentReady"),
+            failed.cause.as_deref().unwrap_or("").contains("AgentReady"),
             "{:?}",
-            failed[0].cause
+            failed.cause
         );
-        assert_eq!(report.count(Phase::Done), 0);
-        let name = failed[0].node.as_str().to_string();
+        let name = failed.node.as_str().to_string();
         let nodes: Api<Node> = Api::all(admin.clone());
         let node = nodes.get(&name).await.unwrap();
         assert!(

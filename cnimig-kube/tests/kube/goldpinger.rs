@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use cnimig_core::cilium::{CiliumPhase, ValueInputs, rendered_config};
 use cnimig_core::config::{MigrationConfig, NodeScope};
-use cnimig_core::machine::Phase;
 use cnimig_core::model::LabelSelector;
 use cnimig_core::orchestrator::{Orchestrator, Ports, RunOptions};
 use cnimig_core::ports::{Verification, Verifier};
@@ -130,26 +129,9 @@ async fn a_firewall_break_is_caught_by_goldpinger_and_the_node_rolls_back() {
                 ..RunOptions::default()
             },
         );
-        let (_, plan) = orch.plan().await.unwrap();
-        let report = tokio::time::timeout(
-            Duration::from_secs(300),
-            orch.run(&plan, &cnimig_core::events::Discard),
-        )
-        .await
-        .expect("the run ends")
-        .unwrap();
-        assert!(
-            report.stopped.is_some(),
-            "RollbackAndStop stops the run: {report:?}"
-        );
-        let failed: Vec<_> = report
-            .nodes
-            .iter()
-            .filter(|n| n.phase == Phase::RolledBack)
-            .collect();
-        assert_eq!(failed.len(), 1, "{report:#?}");
-        assert_eq!(report.count(Phase::Done), 0, "{report:#?}");
-        let cause = failed[0].cause.clone().unwrap_or_default();
+        let report = common::plan_and_run(&orch, Duration::from_secs(300)).await;
+        let failed = common::the_rolled_back_node(&report);
+        let cause = failed.cause.clone().unwrap_or_default();
         assert!(cause.contains("step Verify"), "{cause}");
         assert!(
             cause.contains("cannot reach"),
@@ -157,7 +139,7 @@ async fn a_firewall_break_is_caught_by_goldpinger_and_the_node_rolls_back() {
         );
         assert!(cause.contains(&format!("UDP port {port}")), "{cause}");
         assert!(
-            cause.contains(failed[0].node.as_str()),
+            cause.contains(failed.node.as_str()),
             "the migrated node is named: {cause}"
         );
 

@@ -56,15 +56,7 @@ fn written(d: &DaemonSet) -> (Option<i64>, BTreeMap<String, String>) {
 }
 
 fn daemon_set(ns: &str, label: &str, env: serde_json::Value) -> serde_json::Value {
-    json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
-        "metadata": {"name": label, "namespace": ns},
-        "spec": {"selector": {"matchLabels": {"k8s-app": label}},
-                 "template": {"metadata": {"labels": {"k8s-app": label}},
-                    "spec": {"hostNetwork": true, "nodeSelector": {"cnimig.io/e2e": ns},
-                             "terminationGracePeriodSeconds": 1,
-                             "tolerations": [{"operator": "Exists"}],
-                             "containers": [{"name": label, "image": "registry.k8s.io/pause:3.10",
-                                             "env": env}]}}}})
+    cnimig_emu::setup::agent_daemon_set(ns, label, "registry.k8s.io/pause:3.10", &env)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

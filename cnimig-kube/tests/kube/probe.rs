@@ -82,14 +82,7 @@ async fn run(env: &common::Env, ns: &str, firewall: SharedFirewall) -> RunReport
             ..RunOptions::default()
         },
     );
-    let (_, plan) = orch.plan().await.unwrap();
-    let report = tokio::time::timeout(
-        Duration::from_secs(400),
-        orch.run(&plan, &cnimig_core::events::Discard),
-    )
-    .await
-    .expect("the run ends")
-    .unwrap();
+    let report = common::plan_and_run(&orch, Duration::from_secs(400)).await;
     let probes: Vec<String> = pods
         .list(&ListParams::default().labels("cnimig.io/helper=probe"))
         .await
@@ -133,17 +126,11 @@ async fn a_probe_that_cannot_reach_the_api_server_rolls_the_node_back() {
             }
         }
         let report = run(&env, &ns, firewall).await;
-        assert!(report.stopped.is_some(), "{report:#?}");
-        let failed: Vec<_> = report
-            .nodes
-            .iter()
-            .filter(|n| n.phase == Phase::RolledBack)
-            .collect();
-        assert_eq!(failed.len(), 1, "{report:#?}");
-        let cause = failed[0].cause.clone().unwrap_or_default();
+        let failed = common::the_rolled_back_node(&report);
+        let cause = failed.cause.clone().unwrap_or_default();
         assert!(cause.contains("step Verify"), "{cause}");
         assert!(cause.contains("cannot reach the API server"), "{cause}");
-        assert!(cause.contains(failed[0].node.as_str()), "{cause}");
+        assert!(cause.contains(failed.node.as_str()), "{cause}");
     })
     .await;
 }

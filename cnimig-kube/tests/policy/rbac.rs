@@ -6,8 +6,8 @@ use cnimig_core::allow::{AllowRulePort, POLICY_NAME, TIER_NAME};
 use cnimig_core::ports::PortError;
 use cnimig_kube::KubeCluster;
 use cnimig_kube::policy::PolicyApplyError;
+use kube::Client;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind};
-use kube::{Client, Config};
 use serde_json::{Value, json};
 
 use crate::common;
@@ -63,28 +63,10 @@ async fn every_policy_rule_is_needed() {
     let _serial = serial().await;
     let admin = env.admin.clone();
     common::with_temp_ns(admin.clone(), "rbacpol", |ns| async move {
-        let sa = format!("probe-{ns}");
         let role = format!("cnimig-policy-probe-{ns}");
-        cnimig_emu::setup::apply(&admin, &json!({"apiVersion": "v1", "kind": "ServiceAccount",
-            "metadata": {"name": sa, "namespace": ns}})).await.unwrap();
-        for (name, target) in [(format!("{role}-base"), "cnimig".to_string()), (role.clone(), role.clone())] {
-            cnimig_emu::setup::apply(&admin, &json!({"apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "ClusterRoleBinding", "metadata": {"name": name},
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": target},
-                "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": ns}]})).await.unwrap();
-        }
-        let admin_config = Config::from_kubeconfig(&kube::config::KubeConfigOptions::default()).await.unwrap();
-        let sa_config = cnimig_emu::setup::service_account_config(&admin, &admin_config, &ns, &sa).await.unwrap();
-        let k = KubeCluster::new(sa_config, common::opts(&ns)).unwrap();
+        let k = common::probe_account(&admin, &ns, &role).await;
         let rules = role_rules(RBAC_POLICY);
-        let set_rules = |rules: Vec<Value>| {
-            let admin = admin.clone();
-            let role = role.clone();
-            async move {
-                cnimig_emu::setup::apply(&admin, &json!({"apiVersion": "rbac.authorization.k8s.io/v1",
-                    "kind": "ClusterRole", "metadata": {"name": role}, "rules": rules})).await.unwrap();
-            }
-        };
+        let set_rules = |rules: Vec<Value>| common::set_role_rules(&admin, &role, rules);
         for (i, rule) in rules.iter().enumerate() {
             // The probe: by the rule's first group, resource and verb.
             let resource = format!(
@@ -93,7 +75,12 @@ async fn every_policy_rule_is_needed() {
                 rule["resources"][0].as_str().unwrap(),
                 rule["verbs"][0].as_str().unwrap()
             );
-            let without: Vec<Value> = rules.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, r)| r.clone()).collect();
+            let without: Vec<Value> = rules
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, r)| r.clone())
+                .collect();
             set_rules(without).await;
             let mut forbidden = Ok(false);
             for _ in 0..50 {
@@ -103,7 +90,11 @@ async fn every_policy_rule_is_needed() {
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            assert_eq!(forbidden, Ok(true), "without rule {i} ({resource}) the call is not Forbidden");
+            assert_eq!(
+                forbidden,
+                Ok(true),
+                "without rule {i} ({resource}) the call is not Forbidden"
+            );
             set_rules(rules.clone()).await;
             let mut allowed = Ok(true);
             for _ in 0..50 {
@@ -113,21 +104,20 @@ async fn every_policy_rule_is_needed() {
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            assert_eq!(allowed, Ok(false), "with rule {i} ({resource}) the call still fails");
+            assert_eq!(
+                allowed,
+                Ok(false),
+                "with rule {i} ({resource}) the call still fails"
+            );
         }
-        clean_up(&admin, &role).await;
+        common::drop_probe_account(&admin, &role).await;
+        clean_up(&admin).await;
     })
     .await;
 }
 
-async fn clean_up(admin: &Client, role: &str) {
-    let crb: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(admin.clone());
-    let cr: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(admin.clone());
-    let _ = crb
-        .delete(&format!("{role}-base"), &DeleteParams::default())
-        .await;
-    let _ = crb.delete(role, &DeleteParams::default()).await;
-    let _ = cr.delete(role, &DeleteParams::default()).await;
+/// Removes the allow rule the probes wrote.
+async fn clean_up(admin: &Client) {
     for (kind, plural, name) in [
         ("GlobalNetworkPolicy", "globalnetworkpolicies", POLICY_NAME),
         ("Tier", "tiers", TIER_NAME),
