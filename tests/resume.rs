@@ -501,7 +501,9 @@ fn one_tick(sim: &SimCluster, cfg: &MigrationConfig, opts: RunOptions) -> Orches
 #[tokio::test]
 async fn a_node_that_stays_not_ready_while_rolling_back_ends_failed_naming_node_step_and_cause() {
     let (sim, mut cfg) = small_cluster(5);
-    cfg.step_timeout = Duration::from_secs(60);
+    // Long enough for the agent's restart (its old pod's termination and the new one's start,
+    // up to a minute each in the simulator), timed from the restart request.
+    cfg.step_timeout = Duration::from_secs(120);
     let limit = Duration::from_secs(120);
     let opts = RunOptions {
         rollback_not_ready_limit: Some(limit),
@@ -631,5 +633,64 @@ async fn a_later_run_retries_rolled_back_nodes_only_when_asked() {
             .iter()
             .all(|o| !done_first.contains(&o.node)),
         "the retry run acted on a node already Done"
+    );
+}
+
+/// A plain run writes a node's record ahead of what a resumed run could not see for itself (the
+/// start, the cordon with whether the node was cordoned before, the label, the agent pod to
+/// replace, the uncordon, the end), and not for the steps a look finds complete (issue #5: a
+/// record write is an API request). Each write still leads its action (`check_write_ahead`).
+#[tokio::test]
+async fn a_plain_run_writes_each_record_only_ahead_of_what_a_resume_could_not_see() {
+    let (sim, cfg) = small_cluster(11);
+    let o = orch(&sim, &cfg, "run");
+    let plan = install(&sim, &o, &cfg).await;
+    let saves = || sim.stats().api_calls.get("StateStore::save").copied();
+    let before = saves().unwrap_or(0);
+    let r = o.run(&plan, &Discard).await.expect("run");
+    assert!(all_done(&r), "{r:?}");
+    assert!(sim.violations().is_empty(), "{:?}", sim.violations());
+    let nodes = u64::try_from(r.nodes.len()).expect("count");
+    let per_node = saves().unwrap_or(0) - before;
+    assert_eq!(
+        per_node,
+        6 * nodes,
+        "record saves for {nodes} nodes (start, cordon, label, agent to replace, uncordon, done)"
+    );
+}
+
+/// A drain that never finishes times out although every run is stopped after one look and
+/// started again: the drain is timed from the cordon's stored record, not from each resumed
+/// run's first look at the cordoned node.
+#[tokio::test]
+async fn a_stuck_drain_times_out_across_runs_restarted_every_look() {
+    let (sim, mut cfg) = small_cluster(5);
+    cfg.drain_timeout = Duration::from_secs(60);
+    let stepper = one_tick(&sim, &cfg, RunOptions::default());
+    let plan = install(&sim, &stepper, &cfg).await;
+    let victim = plan.order[0].name.clone();
+    let stuck = sim
+        .pods()
+        .into_iter()
+        .find(|p| p.node.as_ref() == Some(&victim) && p.is_drainable())
+        .expect("a drainable pod on the first node");
+    let mut faults = SimFaults::default();
+    faults.blocked_evictions.insert(stuck.pod.to_string());
+    sim.set_faults(faults).expect("faults");
+    let v = victim.clone();
+    tick_until(&stepper, &plan, &sim, 200, |r| {
+        r.get(&v).is_some_and(|r| r.rollback.is_some())
+    })
+    .await;
+    let rec = sim
+        .load()
+        .await
+        .expect("records")
+        .remove(&victim)
+        .expect("record");
+    let cause = rec.rollback.map(|rb| rb.cause).unwrap_or_default();
+    assert!(
+        cause.contains("step Drain: not finished after 60s"),
+        "{cause}"
     );
 }

@@ -326,7 +326,15 @@ pub fn decide(record: &NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, now:
     let action = loop {
         match step(&mut rec, obs, cfg, now) {
             Step::Advance(p) => {
+                let restarted_at = rec.since;
                 rec.enter(p, now);
+                if p == Phase::AgentRestarted {
+                    // The agent's step is timed from the restart request (the record naming the
+                    // pod to replace), not from the first look that sees the new pod: the old
+                    // pod's termination is part of the step, and a resumed run, which cannot
+                    // know when the new pod appeared, times it the same way.
+                    rec.since = restarted_at;
+                }
                 entered.push(p);
             }
             Step::Act(a) => break a,
@@ -359,6 +367,9 @@ fn step(rec: &mut NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, now: Time
             if obs.unschedulable() {
                 Step::Advance(Phase::Cordoned)
             } else {
+                // The record the cordon carries is timed from the cordon: a resumed run that
+                // finds the node cordoned times its drain from it.
+                rec.since = now;
                 Step::Act(Action::Cordon)
             }
         }

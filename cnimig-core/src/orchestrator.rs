@@ -224,7 +224,14 @@ impl RunReport {
 
 struct Flying {
     planned: PlannedNode,
+    /// The node's record as the run knows it (it may be ahead of the stored one, see
+    /// [`needs_store`]).
     record: NodeRecord,
+    /// The record last known stored (compare-and-swap base of the next save).
+    stored: NodeRecord,
+    /// Loaded from the store by this run and not looked at yet: the steps its first look finds
+    /// complete are timed from the stored record (see [`Orchestrator::look`]).
+    resumed: bool,
     waiting: Option<String>,
     blocked: Option<(String, String)>,
     /// Records whose save failed in a way that may have landed (a timeout, a 5xx) since the last
@@ -238,10 +245,20 @@ struct Flying {
 }
 
 impl Flying {
+    /// A node this run resumes from its stored record.
+    fn resumed(planned: PlannedNode, record: NodeRecord) -> Self {
+        Flying {
+            resumed: true,
+            ..Flying::new(planned, record)
+        }
+    }
+
     fn new(planned: PlannedNode, record: NodeRecord) -> Self {
         Flying {
             planned,
+            stored: record.clone(),
             record,
+            resumed: false,
             waiting: None,
             blocked: None,
             uncertain: Vec::new(),
@@ -280,6 +297,26 @@ fn drains(r: &NodeRecord) -> bool {
             && r.rollback.as_ref().is_some_and(|rb| {
                 matches!(rb.step, RollbackStep::Cordon | RollbackStep::DrainCilium)
             }))
+}
+
+/// Whether moving a node's record from `stored` to `next` must be written before the run goes on.
+///
+/// A record is written ahead of what a resumed run could not work out from the cluster: that
+/// the run started the node, whether the node was cordoned before it (with the cordon), the agent
+/// pod to replace (before it is deleted), every step of a rollback, and the phase a node ends
+/// in. The node changes that carry the record (cordon, label, uncordon, unlabel) write it
+/// anyway. The other steps (drained, agent restarted, agent ready, uncordoned, pods restarted,
+/// verified) are seen complete from the node, its pods and its agent: a resumed run finds them
+/// again in its first look ([`decide`] advances through every step a look shows complete), so
+/// they are kept in memory until the next write carries them. The only thing lost to a crash is
+/// when such a step began: a resumed run times it from its own first look.
+fn needs_store(stored: &NodeRecord, next: &NodeRecord) -> bool {
+    next.phase.is_terminal()
+        || next.phase == Phase::RollingBack
+        || stored.phase == Phase::RollingBack
+        || next.pre_cordoned != stored.pre_cordoned
+        || next.agent_restarted_from != stored.agent_restarted_from
+        || next.rollback != stored.rollback
 }
 
 /// True for errors after which a write may or may not have been applied.
@@ -483,7 +520,7 @@ impl Orchestrator {
                     finished.insert(p.name.clone(), (p.clone(), r.clone(), None));
                 }
                 Some(r) => {
-                    flying.insert(p.name.clone(), Flying::new(p.clone(), r.clone()));
+                    flying.insert(p.name.clone(), Flying::resumed(p.clone(), r.clone()));
                 }
             }
         }
@@ -512,7 +549,7 @@ impl Orchestrator {
             if r.phase.is_terminal() {
                 finished.insert(name.clone(), (planned, r.clone(), None));
             } else {
-                flying.insert(name.clone(), Flying::new(planned, r.clone()));
+                flying.insert(name.clone(), Flying::resumed(planned, r.clone()));
             }
         }
         // verify (issue #9): the whole cluster must be healthy before the first node is touched.
@@ -1165,21 +1202,23 @@ impl Orchestrator {
         sink: &dyn EventSink,
         now: Time,
     ) -> Result<Saved, RunError> {
-        if next == f.record {
+        let name = f.planned.name.clone();
+        if next == f.stored || (change.is_none() && !needs_store(&f.stored, &next)) {
+            self.emit_phases(f, &next, entered, sink, now);
+            f.record = next;
             return Ok(Saved::Yes);
         }
-        let name = f.planned.name.clone();
         let store = &self.ports.store;
         // Folded only when the combined write is known to have gone through: a record found
         // stored after an error may come from another write of it, so the change is then
         // applied again (cordon, label and uncordon are idempotent).
         let (result, folded) = match change {
-            Some(c) => match store.save_with(&name, &f.record, &next, c).await {
+            Some(c) => match store.save_with(&name, &f.stored, &next, c).await {
                 Ok(true) => (Ok(()), true),
-                Ok(false) => (store.save(&name, Some(&f.record), &next).await, false),
+                Ok(false) => (store.save(&name, Some(&f.stored), &next).await, false),
                 Err(e) => (Err(e), false),
             },
-            None => (store.save(&name, Some(&f.record), &next).await, false),
+            None => (store.save(&name, Some(&f.stored), &next).await, false),
         };
         let stored = match result {
             Ok(()) => true,
@@ -1190,6 +1229,7 @@ impl Orchestrator {
                     Ok(Some(r)) if r == next => true,
                     Ok(Some(r)) if f.uncertain.contains(&r) => {
                         // Adopt it and decide again from it on the next look.
+                        f.stored = r.clone();
                         f.record = r;
                         f.uncertain.clear();
                         return Ok(Saved::No);
@@ -1219,23 +1259,8 @@ impl Orchestrator {
         if !stored {
             return Ok(Saved::No);
         }
-        if next.phase != f.record.phase {
-            let way: Vec<Phase> = if entered.last() == Some(&next.phase) {
-                entered.to_vec()
-            } else {
-                vec![next.phase]
-            };
-            let mut from = f.record.phase;
-            for to in way {
-                sink.emit(&Event::Phase {
-                    node: name.clone(),
-                    from,
-                    to,
-                    at: now,
-                });
-                from = to;
-            }
-        }
+        self.emit_phases(f, &next, entered, sink, now);
+        f.stored = next.clone();
         f.record = next;
         f.uncertain.clear();
         Ok(if folded {
@@ -1243,6 +1268,36 @@ impl Orchestrator {
         } else {
             Saved::Yes
         })
+    }
+
+    /// Reports the phases entered from the run's record to `next`: `entered` when the caller
+    /// knows the way (a decision), else just the new phase.
+    fn emit_phases(
+        &self,
+        f: &Flying,
+        next: &NodeRecord,
+        entered: &[Phase],
+        sink: &dyn EventSink,
+        now: Time,
+    ) {
+        if next.phase == f.record.phase {
+            return;
+        }
+        let way: Vec<Phase> = if entered.last() == Some(&next.phase) {
+            entered.to_vec()
+        } else {
+            vec![next.phase]
+        };
+        let mut from = f.record.phase;
+        for to in way {
+            sink.emit(&Event::Phase {
+                node: f.planned.name.clone(),
+                from,
+                to,
+                at: now,
+            });
+            from = to;
+        }
     }
 
     /// Looks at one node and acts, then, while the action took effect at once (a cordon, a
@@ -1317,7 +1372,25 @@ impl Orchestrator {
             agent: agent.as_ref(),
             cni,
         };
-        let d = decide(&f.record, &obs, &self.step, now);
+        let mut d = decide(&f.record, &obs, &self.step, now);
+        if std::mem::take(&mut f.resumed)
+            && !d.entered.is_empty()
+            && !d.record.phase.is_terminal()
+            && d.record.phase != Phase::RollingBack
+        {
+            // The steps this first look finds complete may have been entered long ago by the
+            // run that stopped, which kept them in memory only: time the one the node is in
+            // from the stored record, so that its limit is never stretched by restarts (a
+            // run restarted every few seconds still times a stuck step out). Decided again
+            // from there, so a limit already passed fails the node now.
+            let mut r = d.record;
+            r.since = f.stored.since.min(now);
+            let again = decide(&r, &obs, &self.step, now);
+            d.entered.extend(again.entered);
+            d.changed = again.record != f.record;
+            d.record = again.record;
+            d.action = again.action;
+        }
         // A cordon (when admitted now), label, unlabel or uncordon this look will act on goes
         // with the record's save in one write where the store can.
         let label = |value: Option<&str>| NodeChange::Label {
@@ -1473,7 +1546,30 @@ impl Orchestrator {
             self.ports.cluster.delete_pod(pod).await?;
         }
         let mut blocked: Option<(String, String)> = None;
+        // A Ready pod is evicted only while its budget allows a disruption, and each eviction
+        // this look uses one up (the adapter answers from its watches: asking costs no
+        // request): an eviction the budget refuses only earns a 429 (issue #5). When the
+        // allowance is not known, the eviction is posted and the API server decides.
+        let mut budgets = if evict.is_empty() {
+            crate::ports::PodBudgets::default()
+        } else {
+            match self.ports.cluster.pod_budgets(&name).await {
+                Ok(b) => b,
+                Err(e) if e.is_transient() => crate::ports::PodBudgets::default(),
+                Err(e) => return Err(e.into()),
+            }
+        };
         for pod in evict {
+            // A pod under several budgets is posted anyway: the API server's refusal names them.
+            if let Some([pdb]) = budgets.covering.get(pod).map(Vec::as_slice)
+                && let Some(n) = budgets.allowed.get_mut(pdb)
+            {
+                if *n == 0 {
+                    blocked.get_or_insert((pod.to_string(), pdb.clone()));
+                    continue;
+                }
+                *n -= 1;
+            }
             match self.ports.cluster.evict(pod).await? {
                 EvictOutcome::Evicted | EvictOutcome::Gone => {}
                 EvictOutcome::BlockedByBudget { pdb } => {

@@ -125,6 +125,17 @@ pub struct BudgetView {
     pub allowed: BTreeMap<String, u32>,
 }
 
+/// The budgets that govern the evictions of one node's pods ([`Cluster::pod_budgets`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PodBudgets {
+    /// For each Running and Ready drainable pod on the node that budgets cover: their names
+    /// (`namespace/name`). Pods that are not Ready are left out: whether the API server lets
+    /// them go does not depend on the allowance alone (`unhealthyPodEvictionPolicy`).
+    pub covering: BTreeMap<PodRef, Vec<String>>,
+    /// For each budget named above: disruptions allowed now.
+    pub allowed: BTreeMap<String, u32>,
+}
+
 /// Cluster-wide inventory, read once for preflight and planning.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Inventory {
@@ -186,6 +197,16 @@ pub trait Cluster: Send + Sync {
     /// # Errors
     /// Any read failure.
     async fn budget_view(&self, nodes: &[NodeName]) -> Result<BudgetView, PortError>;
+    /// The budgets covering the Ready pods of `node` and what each allows now, when the adapter
+    /// knows them without a request (from its watches, or in memory); empty when it does not.
+    /// The orchestrator holds back the evictions these budgets would refuse (each a 429).
+    ///
+    /// # Errors
+    /// Any read failure.
+    async fn pod_budgets(&self, node: &NodeName) -> Result<PodBudgets, PortError> {
+        let _ = node;
+        Ok(PodBudgets::default())
+    }
     /// Sets `spec.unschedulable`.
     ///
     /// # Errors

@@ -3,8 +3,10 @@
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
-use cnimig_core::model::{NodeName, Pdb, PodRef, Resources};
-use cnimig_core::ports::{BudgetView, Cluster, EvictOutcome, Inventory, NodeView, PortError};
+use cnimig_core::model::{NodeName, Pdb, PodPhase, PodRef, Resources};
+use cnimig_core::ports::{
+    BudgetView, Cluster, EvictOutcome, Inventory, NodeView, PodBudgets, PortError,
+};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
@@ -283,6 +285,41 @@ impl Cluster for KubeCluster {
     ///
     /// # Errors
     /// Any read failure.
+    /// From the run's watches only (no request); empty while they are not running.
+    ///
+    /// # RBAC
+    /// None beyond the watches' (`list`/`watch` on `pods` and `poddisruptionbudgets`).
+    async fn pod_budgets(&self, node: &NodeName) -> Result<PodBudgets, PortError> {
+        let mut out = PodBudgets::default();
+        let Some(raw) = self.inner.caches.pdbs(&self.inner.client).await? else {
+            return Ok(out);
+        };
+        let Some(pods) = self.inner.caches.pods_on(&self.inner.client, node).await? else {
+            return Ok(out);
+        };
+        let pdbs: Vec<(Pdb, u32)> = raw
+            .iter()
+            .filter_map(|p| convert::pdb(p).map(|m| (m, convert::disruptions_allowed(p))))
+            .collect();
+        for p in Self::model_pods(&pods, &[]) {
+            if !p.is_drainable() || p.terminating || p.phase != PodPhase::Running || !p.ready {
+                continue;
+            }
+            let names: Vec<String> = pdbs
+                .iter()
+                .filter(|(b, _)| b.covers(&p))
+                .map(|(b, allowed)| {
+                    out.allowed.insert(b.key(), *allowed);
+                    b.key()
+                })
+                .collect();
+            if !names.is_empty() {
+                out.covering.insert(p.pod, names);
+            }
+        }
+        Ok(out)
+    }
+
     async fn budget_view(&self, nodes: &[NodeName]) -> Result<BudgetView, PortError> {
         let mut view = BudgetView::default();
         if nodes.is_empty() {

@@ -132,6 +132,17 @@ impl State {
 
 /// Whether the persisted record (`annotation`) of a node justifies the operation `op` on it: the
 /// orchestrator must save the record that leads to an action before taking the action.
+///
+/// The orchestrator keeps in memory the steps a resumed run finds complete by looking (drained,
+/// agent restarted, agent ready, uncordoned, pods restarted, verified), so an operation is
+/// justified by the last record that must be stored ahead of it:
+/// - a drain's eviction by the record carried with the cordon (`Pending`, knowing whether the
+///   node was cordoned before the run) or `Cordoned`;
+/// - the label by `Drained`, the agent restart by `Labelled` naming the agent pod;
+/// - the uncordon by `AgentReady`;
+/// - moving pods still on Calico (evict, delete) by a record that names the replaced agent pod
+///   and has not gone past verification;
+/// - every rollback operation by the rollback step that does it.
 pub(crate) fn write_ahead(annotation: Option<&str>, op: &OpKind) -> Result<(), String> {
     let Some(a) = annotation else {
         return Err("the node has no record".into());
@@ -142,18 +153,28 @@ pub(crate) fn write_ahead(annotation: Option<&str>, op: &OpKind) -> Result<(), S
         .as_ref()
         .filter(|_| rec.phase == Phase::RollingBack);
     let rb_step = rb.map(|r| r.step);
+    let draining =
+        (rec.phase == Phase::Pending && rec.pre_cordoned.is_some()) || rec.phase == Phase::Cordoned;
+    let agent_replaced = rec.agent_restarted_from.is_some()
+        && matches!(
+            rec.phase,
+            Phase::Labelled
+                | Phase::AgentRestarted
+                | Phase::AgentReady
+                | Phase::Uncordoned
+                | Phase::PodsRestarted
+        );
     let ok = match op {
         OpKind::Cordon => rec.phase == Phase::Pending || rb_step == Some(RollbackStep::Cordon),
         OpKind::Evict { .. } => {
-            matches!(rec.phase, Phase::Cordoned | Phase::Uncordoned)
+            draining
+                || agent_replaced
                 || matches!(
                     rb_step,
                     Some(RollbackStep::DrainCilium | RollbackStep::Recycle)
                 )
         }
-        OpKind::Delete { .. } => {
-            rec.phase == Phase::Uncordoned || rb_step == Some(RollbackStep::Recycle)
-        }
+        OpKind::Delete { .. } => agent_replaced || rb_step == Some(RollbackStep::Recycle),
         OpKind::Label { .. } => rec.phase == Phase::Drained,
         OpKind::RestartAgent { uid } => {
             (rec.phase == Phase::Labelled && rec.agent_restarted_from.as_deref() == Some(uid))
@@ -202,5 +223,33 @@ mod tests {
         rec.agent_restarted_from = Some("a".into());
         assert!(write_ahead(Some(&rec.to_annotation()), &restart).is_ok());
         assert!(write_ahead(Some("garbage"), &OpKind::Cordon).is_err());
+    }
+
+    #[test]
+    fn evictions_need_the_cordon_record_or_the_agent_restart() {
+        let evict = OpKind::Evict {
+            pod: "ns/p".into(),
+            accepted: true,
+            network: cnimig_core::model::PodNetwork::Calico,
+        };
+        let delete = OpKind::Delete {
+            pod: "ns/d".into(),
+            network: cnimig_core::model::PodNetwork::Calico,
+        };
+        let mut rec = NodeRecord::new(Time(0));
+        // Before the cordon's record says whether the node was cordoned before the run.
+        assert!(write_ahead(Some(&rec.to_annotation()), &evict).is_err());
+        rec.pre_cordoned = Some(false);
+        assert!(write_ahead(Some(&rec.to_annotation()), &evict).is_ok());
+        assert!(write_ahead(Some(&rec.to_annotation()), &delete).is_err());
+        // Labelled: nothing is evicted until the agent pod to replace is stored.
+        rec.phase = Phase::Labelled;
+        assert!(write_ahead(Some(&rec.to_annotation()), &evict).is_err());
+        rec.agent_restarted_from = Some("a".into());
+        assert!(write_ahead(Some(&rec.to_annotation()), &evict).is_ok());
+        assert!(write_ahead(Some(&rec.to_annotation()), &delete).is_ok());
+        rec.phase = Phase::Done;
+        assert!(write_ahead(Some(&rec.to_annotation()), &evict).is_err());
+        assert!(write_ahead(Some(&rec.to_annotation()), &delete).is_err());
     }
 }

@@ -14,7 +14,8 @@ use cnimig_core::machine::NodeRecord;
 use cnimig_core::model::{CalicoFacts, NodeName, PodRef, Time};
 use cnimig_core::ports::{
     AgentObservation, BudgetView, Clock, Cluster, CniDirState, EvictOutcome, Inventory,
-    LockOutcome, NewCni, NodeView, OldCni, PortError, StateStore, Verification, Verifier,
+    LockOutcome, NewCni, NodeView, OldCni, PodBudgets, PortError, StateStore, Verification,
+    Verifier,
 };
 
 use crate::faults::Call;
@@ -101,6 +102,16 @@ impl Cluster for SimCluster {
             node: sn.node.clone(),
             pods: s.pods_on(n),
         })
+    }
+
+    async fn pod_budgets(&self, node: &NodeName) -> Result<PodBudgets, PortError> {
+        let mut s = self.lock();
+        s.count("Cluster::pod_budgets");
+        if let Some(e) = s.api_fault("Cluster::pod_budgets", Call::Read).before() {
+            return Err(e);
+        }
+        let n = s.idx(node)?;
+        Ok(s.pod_budgets(n))
     }
 
     async fn budget_view(&self, nodes: &[NodeName]) -> Result<BudgetView, PortError> {

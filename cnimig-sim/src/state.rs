@@ -2045,6 +2045,34 @@ impl State {
         }
     }
 
+    /// The budgets covering node `n`'s Running, Ready, drainable pods, and their allowances.
+    pub(crate) fn pod_budgets(&self, n: usize) -> cnimig_core::ports::PodBudgets {
+        let mut out = cnimig_core::ports::PodBudgets::default();
+        let Some(node) = self.nodes.get(n) else {
+            return out;
+        };
+        for p in node.pods.iter().filter_map(|id| self.pods.get(id)) {
+            if p.pdbs.is_empty() || p.terminating || p.phase != PodPhase::Running || !p.ready {
+                continue;
+            }
+            let m = self.model_pod(p);
+            if !m.is_drainable() {
+                continue;
+            }
+            let names: Vec<String> = p
+                .pdbs
+                .iter()
+                .filter_map(|&i| self.pdbs.get(i))
+                .map(|b| {
+                    out.allowed.insert(b.key.clone(), b.allowed());
+                    b.key.clone()
+                })
+                .collect();
+            out.covering.insert(m.pod, names);
+        }
+        out
+    }
+
     pub(crate) fn pods_on(&self, n: usize) -> Vec<Pod> {
         self.nodes
             .get(n)
