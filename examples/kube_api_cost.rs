@@ -68,6 +68,11 @@ struct Args {
     /// Nodes migrated at once.
     #[arg(long, default_value_t = 4)]
     max_in_flight: u32,
+    /// Workload pods per node (Deployments and the StatefulSet's share), besides the Cilium and
+    /// Calico agents. The default 2 is a sparse cluster; the simulator's 150-node reference
+    /// cluster has about 11 a node.
+    #[arg(long, default_value_t = 2)]
+    pods_per_node: usize,
     /// The API server's audit log (JSON lines, level Metadata or more); default
     /// `$CNIMIG_TESTENV_AUDIT_LOG`, set by `scripts/testenv/up.sh`'s env file.
     #[arg(long)]
@@ -90,6 +95,9 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     if args.nodes == 0 || args.max_in_flight == 0 {
         bail!("--nodes and --max-in-flight must be at least 1");
+    }
+    if args.pods_per_node == 0 || args.pods_per_node > 50 {
+        bail!("--pods-per-node must be between 1 and 50");
     }
     if args.nodes < 2 {
         bail!("--nodes must be at least 2: a drained node's pods need another node to go to");
@@ -172,6 +180,7 @@ async fn emulated_cluster(
     admin: &Client,
     ns: &str,
     nodes: usize,
+    pods_per_node: usize,
     cfg: &MigrationConfig,
 ) -> Result<(cnimig_emu::EmuHandle, usize)> {
     Api::<Namespace>::all(admin.clone())
@@ -193,7 +202,7 @@ async fn emulated_cluster(
     ecfg.cilium_namespace = ns.to_string();
     ecfg.node_labels = BTreeMap::from([("cnimig.io/e2e".to_string(), ns.to_string())]);
     let emu = cnimig_emu::start(admin.clone(), ecfg).await?;
-    let expected = workloads(admin, ns, nodes).await?;
+    let expected = workloads(admin, ns, nodes, pods_per_node).await?;
     let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
     wait_for(
         "pods Running and Ready",
@@ -247,7 +256,7 @@ async fn measure(
     cfg.poll_interval = Duration::from_millis(args.poll_ms);
     cfg.drain_timeout = Duration::from_secs(180);
     cfg.step_timeout = Duration::from_secs(90);
-    let (emu, expected) = emulated_cluster(admin, ns, args.nodes, &cfg).await?;
+    let (emu, expected) = emulated_cluster(admin, ns, args.nodes, args.pods_per_node, &cfg).await?;
 
     // cnimig as its ServiceAccount, with a User-Agent of its own.
     let agent = format!("cnimig-api-cost/{ns}");
@@ -382,7 +391,7 @@ async fn kubectl_baseline(
     ns: &str,
     cfg: &MigrationConfig,
 ) -> Result<f64> {
-    let (emu, expected) = emulated_cluster(admin, ns, args.nodes, cfg).await?;
+    let (emu, expected) = emulated_cluster(admin, ns, args.nodes, args.pods_per_node, cfg).await?;
     // The node config the procedure deploys before its per-node steps (not measured).
     let mut node_config =
         cnimig_core::cilium::CiliumNodeConfig::for_migration(cfg, ValueInputs::default())
@@ -543,9 +552,11 @@ fn ready(p: &Pod) -> bool {
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-/// The workloads: about two pods a node in Deployments and a StatefulSet, each under a budget,
-/// and the Cilium and Calico agents on every node. Returns the number of pods.
-async fn workloads(admin: &Client, ns: &str, nodes: usize) -> Result<usize> {
+/// The workloads: about `per_node` pods a node in three Deployments (half, a quarter, a
+/// quarter) and a StatefulSet of 3, each under a budget, and the Cilium and Calico agents on
+/// every node. Returns the number of pods.
+async fn workloads(admin: &Client, ns: &str, nodes: usize, per_node: usize) -> Result<usize> {
+    let total = nodes * per_node;
     let template = |app: &str| -> Value {
         json!({"metadata": {"labels": {"app": app}},
                "spec": {"nodeSelector": {"cnimig.io/e2e": ns}, "terminationGracePeriodSeconds": 5,
@@ -554,9 +565,9 @@ async fn workloads(admin: &Client, ns: &str, nodes: usize) -> Result<usize> {
     let mut objs = Vec::new();
     let mut expected = 0;
     for (name, replicas) in [
-        ("web", nodes.max(2)),
-        ("api", (nodes / 2).max(2)),
-        ("cache", (nodes / 2).max(2)),
+        ("web", (total / 2).max(2)),
+        ("api", (total / 4).max(2)),
+        ("cache", (total / 4).max(2)),
     ] {
         objs.push(json!({"apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": {"name": name, "namespace": ns},
