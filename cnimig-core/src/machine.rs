@@ -287,7 +287,8 @@ pub enum Action {
 /// The result of [`decide`]: the record to persist (if it changed) and the action to take after.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
-    /// The new record; persist it before acting.
+    /// The new record; the orchestrator persists it before acting whenever a resumed run could not
+    /// see the step for itself.
     pub record: NodeRecord,
     /// True when `record` differs from the input.
     pub changed: bool,

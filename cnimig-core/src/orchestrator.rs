@@ -3,8 +3,12 @@
 //! It is the only async part of the core and the only one that does IO, and it decides nothing
 //! itself: [`plan`](crate::plan) computes the plan, [`schedule::pick`](crate::schedule::pick)
 //! chooses nodes, [`machine::decide`](crate::machine::decide) chooses each node's next action.
-//! Every node record is persisted through the [`StateStore`] before the action it leads to, so a
-//! run killed at any point can be started again and resumes from what the cluster holds.
+//! A node's record is persisted through the [`StateStore`] before every action a resumed run could
+//! not work out from the cluster (see `needs_store`: the start, the cordon, the label, the agent
+//! pod to replace, the uncordon, the end, every rollback step), so a run killed at any point can be
+//! started again and resumes from what the cluster holds. The steps a look finds complete by
+//! itself are kept in memory until the next such write carries them; a resumed run finds them
+//! again and times the step it is in from the stored record.
 //!
 //! What it does about faults (each one exercised by the fault campaign in `tests/faults.rs`):
 //! - Transient port errors (5xx, 429, timeouts) and 409s on anything but a node record are retried:

@@ -92,7 +92,9 @@ fn config(ns: &str) -> MigrationConfig {
     cfg.max_in_flight = 2;
     cfg.poll_interval = Duration::from_millis(300);
     cfg.drain_timeout = Duration::from_secs(120);
-    cfg.step_timeout = Duration::from_secs(60);
+    // The agent's step is timed from the restart request: in the simulator the old agent's
+    // termination and the new one's start take up to a minute each.
+    cfg.step_timeout = Duration::from_secs(180);
     cfg
 }
 
