@@ -395,6 +395,11 @@ fn step(rec: &mut NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, now: Time
                         now,
                     );
                 }
+                if rec.agent_restarted_from.is_none() {
+                    // The agent's step is timed from the restart request (a resumed run may
+                    // make it long after the label).
+                    rec.since = now;
+                }
                 rec.agent_restarted_from = Some(a.pod_uid.clone());
                 Step::Act(Action::RestartAgent(a.pod_uid.clone()))
             }

@@ -315,7 +315,13 @@ fn drains(r: &NodeRecord) -> bool {
 /// they are kept in memory until the next write carries them. The only thing lost to a crash is
 /// when such a step began: a resumed run times it from its own first look.
 fn needs_store(stored: &NodeRecord, next: &NodeRecord) -> bool {
-    next.phase.is_terminal()
+    // Steps whose limits must survive a restart exactly: the verification window, and for a
+    // node cordoned before the run (no uncordon write) the moving of its pods.
+    let timed = next.phase != stored.phase
+        && (next.phase == Phase::PodsRestarted
+            || (next.phase == Phase::Uncordoned && next.pre_cordoned == Some(true)));
+    timed
+        || next.phase.is_terminal()
         || next.phase == Phase::RollingBack
         || stored.phase == Phase::RollingBack
         || next.pre_cordoned != stored.pre_cordoned
@@ -1143,6 +1149,21 @@ impl Orchestrator {
                 .is_some_and(|rb| now.since(rb.step_since) >= rollback_wait);
             if picks.start.contains(&name) || overdue {
                 f.admitted = Some(now);
+                if f.record.phase == Phase::Pending {
+                    // The record the cordon carries is timed from this cordon: a resumed run
+                    // drains the pods created before that time.
+                    let mut next = f.record.clone();
+                    next.since = now;
+                    let change = NodeChange::Unschedulable(true);
+                    match self.persist(f, next, &[], Some(&change), sink, now).await? {
+                        Saved::No => continue,
+                        Saved::WithChange => {
+                            cordoned.push(name);
+                            continue;
+                        }
+                        Saved::Yes => {}
+                    }
+                }
                 if self.act_or_retry(f, Action::Cordon, sink, now).await? {
                     cordoned.push(name);
                 }
@@ -1377,16 +1398,18 @@ impl Orchestrator {
             cni,
         };
         let mut d = decide(&f.record, &obs, &self.step, now);
-        if std::mem::take(&mut f.resumed)
-            && !d.entered.is_empty()
+        let resumed = std::mem::take(&mut f.resumed);
+        if resumed
+            && d.entered.len() == 1
             && !d.record.phase.is_terminal()
             && d.record.phase != Phase::RollingBack
         {
-            // The steps this first look finds complete may have been entered long ago by the
-            // run that stopped, which kept them in memory only: time the one the node is in
-            // from the stored record, so that its limit is never stretched by restarts (a
-            // run restarted every few seconds still times a stuck step out). Decided again
-            // from there, so a limit already passed fails the node now.
+            // The step this first look finds the node in, one past the stored record, began
+            // when that record was written (the run that stopped kept it in memory only): time
+            // it from there, so that its limit is never stretched by restarts (a run restarted
+            // every few seconds still times a stuck step out). Decided again from there, so a
+            // limit already passed fails the node now. Further steps began at an unknown time
+            // since, and are timed from this look.
             let mut r = d.record;
             r.since = f.stored.since.min(now);
             let again = decide(&r, &obs, &self.step, now);
@@ -1394,6 +1417,11 @@ impl Orchestrator {
             d.changed = again.record != f.record;
             d.record = again.record;
             d.action = again.action;
+        }
+        if resumed && matches!(d.action, Action::RestartAgent(_)) {
+            // The stopped run stored the agent pod to replace but may have died before asking:
+            // this run asks now, and times the agent's step from its own request.
+            d.record.since = now;
         }
         // A cordon (when admitted now), label, unlabel or uncordon this look will act on goes
         // with the record's save in one write where the store can.
