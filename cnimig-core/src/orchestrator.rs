@@ -4,11 +4,10 @@
 //! itself: [`plan`](crate::plan) computes the plan, [`schedule::pick`](crate::schedule::pick)
 //! chooses nodes, [`machine::decide`](crate::machine::decide) chooses each node's next action.
 //! A node's record is persisted through the [`StateStore`] before every action a resumed run could
-//! not work out from the cluster (see `needs_store`: the start, the cordon, the label, the agent
-//! pod to replace, the uncordon, the end, every rollback step), so a run killed at any point can be
-//! started again and resumes from what the cluster holds. The steps a look finds complete by
-//! itself are kept in memory until the next such write carries them; a resumed run finds them
-//! again and times the step it is in from the stored record.
+//! not work out from the cluster or must time exactly (see `needs_store`), so a run killed at any
+//! point can be started again and resumes from what the cluster holds. The steps a look finds
+//! complete by itself are kept in memory until the next such write carries them; a resumed run
+//! finds them again and times the step one past the stored record from it.
 //!
 //! What it does about faults (each one exercised by the fault campaign in `tests/faults.rs`):
 //! - Transient port errors (5xx, 429, timeouts) and 409s on anything but a node record are retried:
@@ -233,8 +232,8 @@ struct Flying {
     record: NodeRecord,
     /// The record last known stored (compare-and-swap base of the next save).
     stored: NodeRecord,
-    /// Loaded from the store by this run and not looked at yet: the steps its first look finds
-    /// complete are timed from the stored record (see [`Orchestrator::look`]).
+    /// Loaded from the store by this run and not looked at yet: the step one past the stored
+    /// record that its first look finds is timed from that record (see [`Orchestrator::look`]).
     resumed: bool,
     waiting: Option<String>,
     blocked: Option<(String, String)>,
@@ -308,12 +307,14 @@ fn drains(r: &NodeRecord) -> bool {
 /// A record is written ahead of what a resumed run could not work out from the cluster: that
 /// the run started the node, whether the node was cordoned before it (with the cordon), the agent
 /// pod to replace (before it is deleted), every step of a rollback, and the phase a node ends
-/// in. The node changes that carry the record (cordon, label, uncordon, unlabel) write it
-/// anyway. The other steps (drained, agent restarted, agent ready, uncordoned, pods restarted,
-/// verified) are seen complete from the node, its pods and its agent: a resumed run finds them
-/// again in its first look ([`decide`] advances through every step a look shows complete), so
-/// they are kept in memory until the next write carries them. The only thing lost to a crash is
-/// when such a step began: a resumed run times it from its own first look.
+/// in; and when a step whose limit must survive a restart began (the verification window, and
+/// for a node cordoned before the run the moving of its pods). The node changes that carry the
+/// record (cordon, label, uncordon, unlabel) write it anyway. The other steps (drained, agent
+/// restarted, agent ready, uncordoned) are seen complete from the node, its pods and its agent:
+/// a resumed run finds them again in its first look ([`decide`] advances through every step a
+/// look shows complete), so they are kept in memory until the next write carries them. A
+/// resumed run times the step one past the stored record from that record, later ones from its
+/// own first look ([`Orchestrator::look`]).
 fn needs_store(stored: &NodeRecord, next: &NodeRecord) -> bool {
     // Steps whose limits must survive a restart exactly: the verification window, and for a
     // node cordoned before the run (no uncordon write) the moving of its pods.
@@ -1227,12 +1228,12 @@ impl Orchestrator {
         sink: &dyn EventSink,
         now: Time,
     ) -> Result<Saved, RunError> {
-        let name = f.planned.name.clone();
         if next == f.stored || (change.is_none() && !needs_store(&f.stored, &next)) {
             self.emit_phases(f, &next, entered, sink, now);
             f.record = next;
             return Ok(Saved::Yes);
         }
+        let name = f.planned.name.clone();
         let store = &self.ports.store;
         // Folded only when the combined write is known to have gone through: a record found
         // stored after an error may come from another write of it, so the change is then
