@@ -230,8 +230,16 @@ struct Flying {
     /// The node's record as the run knows it (it may be ahead of the stored one, see
     /// [`needs_store`]).
     record: NodeRecord,
-    /// The record last known stored (compare-and-swap base of the next save).
+    /// The record last known stored (compare-and-swap base of the next save), or while
+    /// `unsaved` the record the run started the node with.
     stored: NodeRecord,
+    /// Started by this run and nothing saved for it yet: its first save creates the record, with
+    /// the cordon in the same write where the store can (one write, not a start and a cordon),
+    /// replacing `replaces`.
+    unsaved: bool,
+    /// The record a first save replaces: a rolled-back node's, migrated again
+    /// (`retry_rolled_back`); `None` when the node has none.
+    replaces: Option<NodeRecord>,
     /// Loaded from the store by this run and not looked at yet: the step one past the stored
     /// record that its first look finds is timed from that record (see [`Orchestrator::look`]).
     resumed: bool,
@@ -256,17 +264,37 @@ impl Flying {
         }
     }
 
+    /// A node this run starts: nothing is stored until its first look saves.
+    fn started(planned: PlannedNode, record: NodeRecord, replaces: Option<NodeRecord>) -> Self {
+        Flying {
+            unsaved: true,
+            replaces,
+            ..Flying::new(planned, record)
+        }
+    }
+
     fn new(planned: PlannedNode, record: NodeRecord) -> Self {
         Flying {
             planned,
             stored: record.clone(),
             record,
+            unsaved: false,
+            replaces: None,
             resumed: false,
             waiting: None,
             blocked: None,
             uncertain: Vec::new(),
             admitted: None,
             wants_cordon: false,
+        }
+    }
+
+    /// The compare-and-swap base of the next save (`None`: no record is stored).
+    fn base(&self) -> Option<&NodeRecord> {
+        if self.unsaved {
+            self.replaces.as_ref()
+        } else {
+            Some(&self.stored)
         }
     }
 }
@@ -305,16 +333,16 @@ fn drains(r: &NodeRecord) -> bool {
 /// Whether moving a node's record from `stored` to `next` must be written before the run goes on.
 ///
 /// A record is written ahead of what a resumed run could not work out from the cluster: that
-/// the run started the node, whether the node was cordoned before it (with the cordon), the agent
-/// pod to replace (before it is deleted), every step of a rollback, and the phase a node ends
-/// in; and when a step whose limit must survive a restart began (the verification window, and
-/// for a node cordoned before the run the moving of its pods). The node changes that carry the
-/// record (cordon, label, uncordon, unlabel) write it anyway. The other steps (drained, agent
-/// restarted, agent ready, uncordoned) are seen complete from the node, its pods and its agent:
-/// a resumed run finds them again in its first look ([`decide`] advances through every step a
-/// look shows complete), so they are kept in memory until the next write carries them. A
-/// resumed run times the step one past the stored record from that record, later ones from its
-/// own first look ([`Orchestrator::look`]).
+/// the run started the node and whether the node was cordoned before it (the node's first
+/// record, which the cordon carries), the agent pod to replace (before it is deleted), every
+/// step of a rollback, and the phase a node ends in; and when a step whose limit must survive a
+/// restart began (the verification window, and for a node cordoned before the run the moving
+/// of its pods). The node changes that carry the record (cordon, label, uncordon, unlabel) write
+/// it anyway. The other steps (drained, agent restarted, agent ready, uncordoned) are seen
+/// complete from the node, its pods and its agent: a resumed run finds them again in its first
+/// look ([`decide`] advances through every step a look shows complete), so they are kept in
+/// memory until the next write carries them. A resumed run times the step one past the stored
+/// record from that record, later ones from its own first look ([`Orchestrator::look`]).
 fn needs_store(stored: &NodeRecord, next: &NodeRecord) -> bool {
     // Steps whose limits must survive a restart exactly: the verification window, and for a
     // node cordoned before the run (no uncordon write) the moving of its pods.
@@ -514,8 +542,6 @@ impl Orchestrator {
             BTreeMap::new();
         let mut joins = Joins::default();
         let mut stopped: Option<String> = None;
-        // First records whose save may have landed although it failed, by node.
-        let mut uncertain_starts: BTreeMap<NodeName, Vec<NodeRecord>> = BTreeMap::new();
         // Rolled-back nodes to migrate again (`retry_rolled_back`): their record is replaced when
         // they start.
         let mut retried: BTreeMap<NodeName, NodeRecord> = BTreeMap::new();
@@ -703,15 +729,7 @@ impl Orchestrator {
                     && flying.len() < self.cfg.max_in_flight as usize
                 {
                     let started_now = self
-                        .start_nodes(
-                            &mut pending,
-                            &mut flying,
-                            &mut uncertain_starts,
-                            &mut retried,
-                            limits,
-                            sink,
-                            now,
-                        )
+                        .start_nodes(&mut pending, &mut flying, &mut retried, limits, sink, now)
                         .await?;
                     // Every node started now is cordoned before any of them evicts: a pod
                     // evicted from one must not land on another about to be cordoned.
@@ -976,7 +994,6 @@ impl Orchestrator {
         &self,
         pending: &mut Vec<PlannedNode>,
         flying: &mut BTreeMap<NodeName, Flying>,
-        uncertain: &mut BTreeMap<NodeName, Vec<NodeRecord>>,
         retried: &mut BTreeMap<NodeName, NodeRecord>,
         limits: Limits,
         sink: &dyn EventSink,
@@ -1021,57 +1038,13 @@ impl Orchestrator {
                 continue;
             };
             let planned = pending.remove(pos);
-            let mut record = NodeRecord::new(now);
-            let saved = match self
-                .ports
-                .store
-                .save(&name, retried.get(&name), &record)
-                .await
-            {
-                Ok(()) => true,
-                Err(PortError::Conflict { .. }) => {
-                    // Our own first record may be stored already, from a save that failed but
-                    // landed: adopt it. Anything else is another writer.
-                    match self.stored(&name).await {
-                        Ok(Some(r)) if uncertain.get(&name).is_some_and(|u| u.contains(&r)) => {
-                            record = r;
-                            true
-                        }
-                        Ok(_) => return Err(RunError::Conflict(name)),
-                        Err(e) if e.is_transient() => false,
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-                // A timeout or a 5xx may hide a write that landed: read it back, and if that
-                // fails too, remember the record to recognise it later.
-                Err(e) if e.is_transient() && maybe_applied(&e) => match self.stored(&name).await {
-                    Ok(r) => r.as_ref() == Some(&record),
-                    Err(_) => {
-                        uncertain
-                            .entry(name.clone())
-                            .or_default()
-                            .push(record.clone());
-                        false
-                    }
-                },
-                Err(e) if e.is_transient() => false,
-                Err(e) => return Err(e.into()),
-            };
-            if !saved {
-                sink.emit(&Event::Retrying {
-                    what: format!("start {name}: the first record was not saved"),
-                    at: now,
-                });
-                pending.insert(pos, planned);
-                continue;
-            }
-            uncertain.remove(&name);
-            retried.remove(&name);
+            // Nothing is written yet: the node's first look saves its first record, with the
+            // cordon in the same write (`persist`).
             sink.emit(&Event::NodeStarted {
                 node: name.clone(),
                 at: now,
             });
-            let mut f = Flying::new(planned, record);
+            let mut f = Flying::started(planned, NodeRecord::new(now), retried.remove(&name));
             f.admitted = Some(now);
             flying.insert(name.clone(), f);
             started.push(name);
@@ -1228,7 +1201,8 @@ impl Orchestrator {
         sink: &dyn EventSink,
         now: Time,
     ) -> Result<Saved, RunError> {
-        if next == f.stored || (change.is_none() && !needs_store(&f.stored, &next)) {
+        if !f.unsaved && (next == f.stored || (change.is_none() && !needs_store(&f.stored, &next)))
+        {
             self.emit_phases(f, &next, entered, sink, now);
             f.record = next;
             return Ok(Saved::Yes);
@@ -1239,12 +1213,12 @@ impl Orchestrator {
         // stored after an error may come from another write of it, so the change is then
         // applied again (cordon, label and uncordon are idempotent).
         let (result, folded) = match change {
-            Some(c) => match store.save_with(&name, &f.stored, &next, c).await {
+            Some(c) => match store.save_with(&name, f.base(), &next, c).await {
                 Ok(true) => (Ok(()), true),
-                Ok(false) => (store.save(&name, Some(&f.stored), &next).await, false),
+                Ok(false) => (store.save(&name, f.base(), &next).await, false),
                 Err(e) => (Err(e), false),
             },
-            None => (store.save(&name, Some(&f.stored), &next).await, false),
+            None => (store.save(&name, f.base(), &next).await, false),
         };
         let stored = match result {
             Ok(()) => true,
@@ -1258,6 +1232,8 @@ impl Orchestrator {
                         f.stored = r.clone();
                         f.record = r;
                         f.uncertain.clear();
+                        f.unsaved = false;
+                        f.replaces = None;
                         return Ok(Saved::No);
                     }
                     Ok(_) => return Err(RunError::Conflict(name)),
@@ -1289,6 +1265,8 @@ impl Orchestrator {
         f.stored = next.clone();
         f.record = next;
         f.uncertain.clear();
+        f.unsaved = false;
+        f.replaces = None;
         Ok(if folded {
             Saved::WithChange
         } else {

@@ -367,8 +367,9 @@ pub trait StateStore: Send + Sync {
         prev: Option<&NodeRecord>,
         next: &NodeRecord,
     ) -> Result<(), PortError>;
-    /// Replaces `node`'s record if it still is `prev`, like [`save`](StateStore::save), and
-    /// applies `change` to the node **in the same write**: both land or neither. `Ok(true)` when
+    /// Replaces `node`'s record if it still is `prev` (`None` = no record), like
+    /// [`save`](StateStore::save), and applies `change` to the node **in the same write**: both
+    /// land or neither. `Ok(true)` when
     /// written; `Ok(false)` when the store cannot carry the change (the default) or refused the
     /// combined write for a reason other than the record, having written nothing: the caller
     /// then saves and applies the change separately.
@@ -383,7 +384,7 @@ pub trait StateStore: Send + Sync {
     async fn save_with(
         &self,
         node: &NodeName,
-        prev: &NodeRecord,
+        prev: Option<&NodeRecord>,
         next: &NodeRecord,
         change: &NodeChange,
     ) -> Result<bool, PortError> {

@@ -92,10 +92,12 @@ fn millis(t: &MicroTime) -> u64 {
 }
 
 impl KubeCluster {
+    /// Writes a node's first record (none is stored), with `change` in the same patch when given.
     async fn save_first(
         &self,
         node: &NodeName,
         next: &NodeRecord,
+        change: Option<&NodeChange>,
         what: &str,
     ) -> Result<(), PortError> {
         for attempt in 0..5 {
@@ -128,7 +130,10 @@ impl KubeCluster {
                 });
             }
             let rv = meta.resource_version.clone().unwrap_or_default();
-            let ops = record_patch(None, next, &rv, annotations.is_some());
+            let mut ops = record_patch(None, next, &rv, annotations.is_some());
+            if let (Some(c), Some(list)) = (change, ops.as_array_mut()) {
+                list.push(change_op(c));
+            }
             match self.json_patch_node(node, ops).await {
                 Ok(()) => return Ok(()),
                 // The node changed since the read (status, other annotations): read again.
@@ -243,7 +248,7 @@ impl StateStore for KubeCluster {
     ) -> Result<(), PortError> {
         let what = format!("annotation {STATE_ANNOTATION} of node {node}");
         let Some(prev) = prev else {
-            return self.save_first(node, next, &what).await;
+            return self.save_first(node, next, None, &what).await;
         };
         match self
             .json_patch_node(node, record_patch(Some(prev), next, "", true))
@@ -265,7 +270,9 @@ impl StateStore for KubeCluster {
     /// One JSON PATCH of the node: `test` that the annotation holds `prev`, `replace` it with
     /// `next`, and the change (`add /spec/unschedulable`, `add` or `remove` of the label). The
     /// API server applies all operations or none, so the concurrent-writer check of
-    /// [`save`](StateStore::save) holds for the change too.
+    /// [`save`](StateStore::save) holds for the change too. Without `prev` (a first record,
+    /// which the run writes with the node's cordon), the patch `test`s the `resourceVersion`
+    /// as [`save`](StateStore::save) does, and carries the change.
     ///
     /// # RBAC
     /// `patch nodes`.
@@ -279,11 +286,17 @@ impl StateStore for KubeCluster {
     async fn save_with(
         &self,
         node: &NodeName,
-        prev: &NodeRecord,
+        prev: Option<&NodeRecord>,
         next: &NodeRecord,
         change: &NodeChange,
     ) -> Result<bool, PortError> {
         let what = format!("annotation {STATE_ANNOTATION} of node {node} ({change:?})");
+        let Some(prev) = prev else {
+            return self
+                .save_first(node, next, Some(change), &what)
+                .await
+                .map(|()| true);
+        };
         let mut ops = record_patch(Some(prev), next, "", true);
         if let Some(list) = ops.as_array_mut() {
             list.push(change_op(change));
