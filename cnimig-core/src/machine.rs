@@ -379,6 +379,13 @@ fn step(rec: &mut NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, now: Time
             if obs.labelled(cfg) {
                 Step::Advance(Phase::Labelled)
             } else {
+                // The agent pod to replace goes in the record the label carries (one write, not
+                // a label and then the pod): it is the pod on the node now, which started before
+                // the label and so without the node config. (Were it replaced by someone else
+                // between this look and the label, its successor might have started without the
+                // label too; the next step then times out naming the node config the agent
+                // resolved, and the node rolls back.)
+                rec.agent_restarted_from = obs.agent.map(|a| a.pod_uid.clone());
                 Step::Act(Action::Label)
             }
         }

@@ -138,7 +138,8 @@ impl State {
 /// justified by the last record that must be stored ahead of it:
 /// - a drain's eviction by the record carried with the cordon (`Pending`, knowing whether the
 ///   node was cordoned before the run) or `Cordoned`;
-/// - the label by `Drained`, the agent restart by `Labelled` naming the agent pod;
+/// - the label by `Drained`, the agent restart by `Drained` (the record the label carries) or
+///   `Labelled`, naming the agent pod;
 /// - the uncordon by `AgentReady`;
 /// - moving pods still on Calico (evict, delete) by a record that names the replaced agent pod
 ///   and has not gone past verification;
@@ -177,7 +178,8 @@ pub(crate) fn write_ahead(annotation: Option<&str>, op: &OpKind) -> Result<(), S
         OpKind::Delete { .. } => agent_replaced || rb_step == Some(RollbackStep::Recycle),
         OpKind::Label { .. } => rec.phase == Phase::Drained,
         OpKind::RestartAgent { uid } => {
-            (rec.phase == Phase::Labelled && rec.agent_restarted_from.as_deref() == Some(uid))
+            (matches!(rec.phase, Phase::Drained | Phase::Labelled)
+                && rec.agent_restarted_from.as_deref() == Some(uid))
                 || rb.is_some_and(|r| {
                     r.step == RollbackStep::RestartAgent
                         && r.agent_restarted_from.as_deref() == Some(uid)
@@ -222,6 +224,13 @@ mod tests {
         assert!(write_ahead(Some(&rec.to_annotation()), &restart).is_err());
         rec.agent_restarted_from = Some("a".into());
         assert!(write_ahead(Some(&rec.to_annotation()), &restart).is_ok());
+        // The record the label carries names the agent pod to replace.
+        rec.phase = Phase::Drained;
+        assert!(write_ahead(Some(&rec.to_annotation()), &restart).is_ok());
+        let other = OpKind::RestartAgent { uid: "b".into() };
+        assert!(write_ahead(Some(&rec.to_annotation()), &other).is_err());
+        rec.phase = Phase::Cordoned;
+        assert!(write_ahead(Some(&rec.to_annotation()), &restart).is_err());
         assert!(write_ahead(Some("garbage"), &OpKind::Cordon).is_err());
     }
 
