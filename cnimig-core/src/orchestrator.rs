@@ -210,6 +210,10 @@ pub struct RunReport {
     /// Nodes that joined the cluster during the run and were not migrated, and why (outside the
     /// config's scope, joined after the run stopped, or never became Ready).
     pub joined_not_migrated: Vec<Skipped>,
+    /// When the run last listed the cluster's nodes to look for joined ones (before its final
+    /// cluster check and the release of its lock): a node that joined later is in neither list
+    /// above; a new run migrates it.
+    pub joins_checked: Time,
 }
 
 impl RunReport {
@@ -311,6 +315,8 @@ struct Joins {
     skipped_not_ready: BTreeSet<NodeName>,
     /// Joined nodes the run will not migrate, and why.
     not_migrated: Vec<Skipped>,
+    /// When the node list was last read (the run's start until then).
+    checked: Time,
 }
 
 /// How many times a call the run cannot go on without is tried before the run gives up.
@@ -540,7 +546,10 @@ impl Orchestrator {
         let mut flying: BTreeMap<NodeName, Flying> = BTreeMap::new();
         let mut finished: BTreeMap<NodeName, (PlannedNode, NodeRecord, Option<Time>)> =
             BTreeMap::new();
-        let mut joins = Joins::default();
+        let mut joins = Joins {
+            checked: started,
+            ..Joins::default()
+        };
         let mut stopped: Option<String> = None;
         // Rolled-back nodes to migrate again (`retry_rolled_back`): their record is replaced when
         // they start.
@@ -893,6 +902,7 @@ impl Orchestrator {
                     reason: "joined during the run and was not Ready when it ended; migrate it once it is Ready".into(),
                 }))
                 .collect(),
+            joins_checked: joins.checked,
         }
     }
 
@@ -908,8 +918,12 @@ impl Orchestrator {
         sink: &dyn EventSink,
         now: Time,
     ) -> bool {
+        let asked = self.ports.clock.now();
         let names = match self.ports.cluster.node_names().await {
-            Ok(n) => n,
+            Ok(n) => {
+                joins.checked = asked;
+                n
+            }
             Err(e) => {
                 sink.emit(&Event::Retrying {
                     what: format!("list nodes: {e}"),

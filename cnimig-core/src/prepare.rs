@@ -337,6 +337,7 @@ mod tests {
             stopped: None,
             interrupted: false,
             joined_not_migrated: Vec::new(),
+            joins_checked: Time(0),
         };
         assert!(abandoned(&report(&[])));
         assert!(abandoned(&report(&[Phase::RolledBack, Phase::Pending])));

@@ -489,13 +489,13 @@ pub fn check(sim: &SimCluster, case: &Case, d: &Driven) -> Vec<String> {
         reported.insert(s.node.clone());
     }
     for n in sim.node_list() {
-        // A node that joined after the run's last look (while it released its lock) is not its
-        // business.
+        // A node that joined after the run's last look for joined nodes (during its final
+        // cluster check or while it released its lock) is not its business.
         let late = case
             .faults
             .node_joins
             .iter()
-            .any(|j| j.name == n && j.at > report.finished);
+            .any(|j| j.name == n && j.at > report.joins_checked);
         if !reported.contains(&n) && !late {
             out.push(format!("node {n} is neither migrated nor reported"));
         }
