@@ -52,16 +52,19 @@
 //! While the adapter holds the run lock, `node_view`, `node_names`, `budget_view`, `agent`,
 //! `cni_dir`, `verify_cluster`, `verify_node`'s pod read and the first `save`'s read are answered
 //! from watches instead (one of the Nodes, one of the budgets, one per looked-at node of its pods
-//! by field selector; see `watch` below): after each watch's first LIST, a look at a node costs
-//! no request. The Node a write returns goes into the node watch's copy at once.
+//! by field selector; see `watch` below): after each watch's initial state, a look at a node
+//! costs no request. The Node a write returns goes into the node watch's copy at once.
 //!
 //! ## Watches (`watch`)
 //!
-//! The run's caches are `kube::runtime::watcher` streams: LIST, then WATCH from its
-//! `resourceVersion`, re-listed after 410 Gone. They are started at the first read after the
-//! lock is taken and stopped when it is released (a node's pod watch also after a minute
-//! without a read). A watch that failed is not read until it delivers again (reads go to the
-//! API server meanwhile); one refused by RBAC fails the read with `Forbidden`.
+//! The run's caches are `kube::runtime::watcher` streams whose initial state is a streaming
+//! list: one WATCH with `sendInitialEvents=true` per cache, no LIST, streamed again after 410
+//! Gone. A server that refuses streaming lists (the `WatchList` feature gate off: Kubernetes
+//! 1.27 to 1.31, and 1.33 by default) or never ends one makes the adapter LIST then WATCH from
+//! then on; the first cache probes, the others wait for its answer. They are started at the
+//! first read after the lock is taken and stopped when it is released (a node's pod watch also
+//! after a minute without a read). A watch that failed is not read until it delivers again
+//! (reads go to the API server meanwhile); one refused by RBAC fails the read with `Forbidden`.
 //!
 //! ## Two clients
 //!

@@ -32,3 +32,4 @@ mod rbac;
 mod rbac_verify;
 mod served_version;
 mod state;
+mod watch;
