@@ -638,9 +638,9 @@ async fn a_later_run_retries_rolled_back_nodes_only_when_asked() {
 
 /// A plain run writes a node's record ahead of what a resumed run could not see for itself (the
 /// start with whether the node was cordoned before, which the cordon carries; the agent pod to
-/// replace, which the label carries; the uncordon; the start of the verification window; the
-/// end), and not for the steps a look finds complete (issue #5: a record write is an API
-/// request). Each write still leads its action (`check_write_ahead`).
+/// replace, which the label carries; the uncordon, from which the pods' restart and their
+/// verification are timed; the end), and not for the steps a look finds complete (issue #5: a
+/// record write is an API request). Each write still leads its action (`check_write_ahead`).
 #[tokio::test]
 async fn a_plain_run_writes_each_record_only_ahead_of_what_a_resume_could_not_see() {
     let (sim, cfg) = small_cluster(11);
@@ -655,8 +655,8 @@ async fn a_plain_run_writes_each_record_only_ahead_of_what_a_resume_could_not_se
     let per_node = saves().unwrap_or(0) - before;
     assert_eq!(
         per_node,
-        5 * nodes,
-        "record saves for {nodes} nodes (start with the cordon, agent to replace with the label, uncordon, pods restarted, done)"
+        4 * nodes,
+        "record saves for {nodes} nodes (start with the cordon, agent to replace with the label, uncordon, done)"
     );
 }
 

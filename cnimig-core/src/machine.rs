@@ -329,11 +329,7 @@ pub fn decide(record: &NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, now:
             Step::Advance(p) => {
                 let restarted_at = rec.since;
                 rec.enter(p, now);
-                if p == Phase::AgentRestarted {
-                    // The agent's step is timed from the restart request (the record naming the
-                    // pod to replace), not from the first look that sees the new pod: the old
-                    // pod's termination is part of the step, and a resumed run, which cannot
-                    // know when the new pod appeared, times it the same way.
+                if keeps_since(p) {
                     rec.since = restarted_at;
                 }
                 entered.push(p);
@@ -353,6 +349,26 @@ pub fn decide(record: &NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, now:
 enum Step {
     Advance(Phase),
     Act(Action),
+}
+
+/// Phases timed from the step before them rather than from the look that entered them, so that
+/// a resumed run, which cannot know when that look would have come, times them the same way:
+/// - [`Phase::AgentRestarted`] from the restart request (the record naming the pod to replace):
+///   the old pod's termination is part of the agent's step;
+/// - [`Phase::PodsRestarted`] from the uncordon (for a node cordoned before the run, from the
+///   look that found the agent Ready): the pods' restart and their verification share one limit,
+///   [`verify_limit`], so the moment the last pod came back needs no record write.
+#[must_use]
+pub fn keeps_since(p: Phase) -> bool {
+    matches!(p, Phase::AgentRestarted | Phase::PodsRestarted)
+}
+
+/// How long after the uncordon (see [`keeps_since`]) a node may take to restart its pods and pass
+/// verification: twice the step limit, so the verification still has at least one step limit
+/// after a pod restart that took its whole one.
+#[must_use]
+pub fn verify_limit(cfg: &StepConfig) -> Duration {
+    cfg.step_timeout.saturating_mul(2)
 }
 
 fn timed_out(rec: &NodeRecord, limit: Duration, now: Time) -> bool {
@@ -611,7 +627,8 @@ fn recycle(
 }
 
 /// Feeds a verification result back to a node in [`Phase::PodsRestarted`]. Unhealthy results are
-/// retried until the step timeout, then the node rolls back naming the problems.
+/// retried until [`verify_limit`] after the uncordon, then the node rolls back naming the
+/// problems.
 #[must_use]
 pub fn on_verification(
     record: &NodeRecord,
@@ -627,7 +644,7 @@ pub fn on_verification(
         Verification::Healthy => rec.enter(Phase::Verified, now),
         Verification::Unhealthy(problems) => {
             let text = problems.join("; ");
-            if timed_out(&rec, cfg.step_timeout, now) {
+            if timed_out(&rec, verify_limit(cfg), now) {
                 fail(&mut rec, format!("step Verify: {text}"), now);
             } else {
                 rec.last_problem = Some(text);

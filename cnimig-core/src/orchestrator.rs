@@ -39,7 +39,7 @@ use crate::config::{FailurePolicy, MigrationConfig};
 use crate::events::{Discard, Event, EventSink};
 use crate::machine::{
     Action, NodeRecord, Observation, Phase, RollbackStep, STATE_ANNOTATION, StepConfig, decide,
-    on_verification, rollback_step_limit, start_rollback, with_problem,
+    keeps_since, on_verification, rollback_step_limit, start_rollback, with_problem,
 };
 use crate::model::{ClusterSnapshot, NodeName, Time};
 use crate::plan::{Plan, PlannedNode, Skipped, in_scope, plan};
@@ -342,19 +342,21 @@ fn drains(r: &NodeRecord) -> bool {
 /// the run started the node and whether the node was cordoned before it (the node's first
 /// record, which the cordon carries), the agent pod to replace (before it is deleted), every
 /// step of a rollback, and the phase a node ends in; and when a step whose limit must survive a
-/// restart began (the verification window, and for a node cordoned before the run the moving
-/// of its pods). The node changes that carry the record (cordon, label, uncordon, unlabel) write
-/// it anyway. The other steps (drained, agent restarted, agent ready, uncordoned) are seen
-/// complete from the node, its pods and its agent: a resumed run finds them again in its first
-/// look ([`decide`] advances through every step a look shows complete), so they are kept in
-/// memory until the next write carries them. A resumed run times the step one past the stored
-/// record from that record, later ones from its own first look ([`Orchestrator::look`]).
+/// restart began (for a node cordoned before the run, which has no uncordon write, the moving of
+/// its pods; the verification is timed from the uncordon, see [`crate::machine::keeps_since`]).
+/// The node changes that carry the record (cordon, label, uncordon, unlabel) write it anyway.
+/// The other steps (drained, agent restarted, agent ready, uncordoned, pods restarted, verified)
+/// are seen complete from the node, its pods and its agent, or redone (a verification): a
+/// resumed run finds them again in its first look ([`decide`] advances through every step a look
+/// shows complete), so they are kept in memory until the next write carries them. A resumed run
+/// times the step one past the stored record from that record, later ones from its own first
+/// look ([`Orchestrator::look`]).
 fn needs_store(stored: &NodeRecord, next: &NodeRecord) -> bool {
-    // Steps whose limits must survive a restart exactly: the verification window, and for a
-    // node cordoned before the run (no uncordon write) the moving of its pods.
+    // A step whose limit must survive a restart exactly: for a node cordoned before the run (no
+    // uncordon write) the moving of its pods.
     let timed = next.phase != stored.phase
-        && (next.phase == Phase::PodsRestarted
-            || (next.phase == Phase::Uncordoned && next.pre_cordoned == Some(true)));
+        && next.phase == Phase::Uncordoned
+        && next.pre_cordoned == Some(true);
     timed
         || next.phase.is_terminal()
         || next.phase == Phase::RollingBack
@@ -1392,8 +1394,13 @@ impl Orchestrator {
         };
         let mut d = decide(&f.record, &obs, &self.step, now);
         let resumed = std::mem::take(&mut f.resumed);
+        // One step past the stored record, and the steps timed from it (`keeps_since`).
+        let one_step = d
+            .entered
+            .split_first()
+            .is_some_and(|(_, rest)| rest.iter().all(|p| keeps_since(*p)));
         if resumed
-            && d.entered.len() == 1
+            && one_step
             && !d.record.phase.is_terminal()
             && d.record.phase != Phase::RollingBack
         {
@@ -1401,8 +1408,9 @@ impl Orchestrator {
             // when that record was written (the run that stopped kept it in memory only): time
             // it from there, so that its limit is never stretched by restarts (a run restarted
             // every few seconds still times a stuck step out). Decided again from there, so a
-            // limit already passed fails the node now. Further steps began at an unknown time
-            // since, and are timed from this look.
+            // limit already passed fails the node now (a step timed from the one before it,
+            // `keeps_since`, goes with that one). Further steps began at an unknown time since,
+            // and are timed from this look.
             let mut r = d.record;
             r.since = f.stored.since.min(now);
             let again = decide(&r, &obs, &self.step, now);

@@ -383,7 +383,7 @@ fn rollback_of_a_migrated_node_restores_calico_in_order() {
         &rec,
         &Verification::Unhealthy(vec!["pod x cannot reach y".into()]),
         &cfg(),
-        Time(400_000),
+        Time(700_000),
     );
     assert_eq!(rec.phase, Phase::RollingBack);
     assert!(
@@ -398,7 +398,7 @@ fn rollback_of_a_migrated_node_restores_calico_in_order() {
     let mut agent_now = a1.clone();
     let mut actions = Vec::new();
     for t in 0..20u64 {
-        let d = run(&rec, &view, Some(&agent_now), cni, 400_000 + t * 1000);
+        let d = run(&rec, &view, Some(&agent_now), cni, 700_000 + t * 1000);
         rec = d.record;
         actions.push(d.action.clone());
         match d.action {
@@ -555,4 +555,41 @@ fn a_rollback_on_a_node_that_stays_not_ready_ends_failed_naming_node_step_and_ca
     assert!(cause.contains("RestoreCni"), "{cause}");
     assert!(cause.contains("agent a1 not Ready"), "{cause}");
     assert!(!cause.contains('\n'));
+}
+
+#[test]
+fn the_pods_restart_and_their_verification_are_timed_together_from_the_uncordon() {
+    // Uncordoned at 100 s; the last Calico pod is gone at 250 s.
+    let mut rec = NodeRecord::new(Time(0));
+    rec.phase = Phase::Uncordoned;
+    rec.since = Time(100_000);
+    rec.pre_cordoned = Some(false);
+    rec.agent_restarted_from = Some("a0".into());
+    let view = NodeView {
+        node: node(true, false),
+        pods: vec![pod("web-1", OwnerKind::ReplicaSet, PodNetwork::Cilium)],
+    };
+    let a = agent("a1", true, Some("cilium-default"));
+    let d = run(&rec, &view, Some(&a), CniDirState::CILIUM, 250_000);
+    assert_eq!(d.record.phase, Phase::PodsRestarted);
+    assert_eq!(d.action, Action::Verify);
+    assert_eq!(
+        d.record.since,
+        Time(100_000),
+        "timed from the uncordon, not from the look that found the pods back"
+    );
+    let sick = Verification::Unhealthy(vec!["pod web-1 has no IP yet".into()]);
+    // Within twice the step limit (300 s) of the uncordon: retried.
+    let r = on_verification(&d.record, &sick, &cfg(), Time(650_000));
+    assert_eq!(r.phase, Phase::PodsRestarted);
+    assert_eq!(r.last_problem.as_deref(), Some("pod web-1 has no IP yet"));
+    // Past it: the node rolls back naming the problem.
+    let r = on_verification(&d.record, &sick, &cfg(), Time(700_001));
+    assert_eq!(r.phase, Phase::RollingBack);
+    assert!(
+        r.rollback
+            .unwrap()
+            .cause
+            .starts_with("step Verify: pod web-1")
+    );
 }
