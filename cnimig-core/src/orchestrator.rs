@@ -247,6 +247,9 @@ struct Flying {
     /// Loaded from the store by this run and not looked at yet: the step one past the stored
     /// record that its first look finds is timed from that record (see [`Orchestrator::look`]).
     resumed: bool,
+    /// For a resumed node: when the run that stopped was last known alive
+    /// ([`StateStore::previous_lock_renewal`]); the time since does not count against the step.
+    alive_until: Option<Time>,
     waiting: Option<String>,
     blocked: Option<(String, String)>,
     /// Records whose save failed in a way that may have landed (a timeout, a 5xx) since the last
@@ -261,9 +264,10 @@ struct Flying {
 
 impl Flying {
     /// A node this run resumes from its stored record.
-    fn resumed(planned: PlannedNode, record: NodeRecord) -> Self {
+    fn resumed(planned: PlannedNode, record: NodeRecord, alive_until: Option<Time>) -> Self {
         Flying {
             resumed: true,
+            alive_until,
             ..Flying::new(planned, record)
         }
     }
@@ -285,6 +289,7 @@ impl Flying {
             unsaved: false,
             replaces: None,
             resumed: false,
+            alive_until: None,
             waiting: None,
             blocked: None,
             uncertain: Vec::new(),
@@ -364,6 +369,21 @@ fn needs_store(stored: &NodeRecord, next: &NodeRecord) -> bool {
         || next.pre_cordoned != stored.pre_cordoned
         || next.agent_restarted_from != stored.agent_restarted_from
         || next.rollback != stored.rollback
+}
+
+/// When a step that began at `began` in a run last known alive at `alive_until` counts as begun
+/// for a run resuming it at `now`: the time no run was watching (from the stopped run's last lock
+/// renewal to now) does not count against its limit, so a run that was down for a while does not
+/// fail a step at once that it never had the time to finish; the time before that renewal does,
+/// so a run restarted over and over (each restart renews the lock later) still times a stuck step
+/// out. Without that moment, the step counts from `began`. A record written after the last
+/// renewal began while that run was alive but none of its time is known: it counts from `now`.
+fn resumed_since(began: Time, alive_until: Option<Time>, now: Time) -> Time {
+    match alive_until {
+        Some(a) if a >= began => began.after(now.since(a)).min(now),
+        Some(_) => now,
+        None => began.min(now),
+    }
 }
 
 /// True for errors after which a write may or may not have been applied.
@@ -522,6 +542,8 @@ impl Orchestrator {
     }
 
     async fn run_locked(&self, plan: &Plan, sink: &dyn EventSink) -> Result<RunReport, RunError> {
+        // Read before the first renewal overwrites it.
+        let alive_until = self.ports.store.previous_lock_renewal();
         let ports = &self.ports;
         let cilium = &ports.cilium;
         let store = &ports.store;
@@ -568,7 +590,10 @@ impl Orchestrator {
                     finished.insert(p.name.clone(), (p.clone(), r.clone(), None));
                 }
                 Some(r) => {
-                    flying.insert(p.name.clone(), Flying::resumed(p.clone(), r.clone()));
+                    flying.insert(
+                        p.name.clone(),
+                        Flying::resumed(p.clone(), r.clone(), alive_until),
+                    );
                 }
             }
         }
@@ -597,7 +622,10 @@ impl Orchestrator {
             if r.phase.is_terminal() {
                 finished.insert(name.clone(), (planned, r.clone(), None));
             } else {
-                flying.insert(name.clone(), Flying::resumed(planned, r.clone()));
+                flying.insert(
+                    name.clone(),
+                    Flying::resumed(planned, r.clone(), alive_until),
+                );
             }
         }
         // verify (issue #9): the whole cluster must be healthy before the first node is touched.
@@ -1412,7 +1440,7 @@ impl Orchestrator {
             // `keeps_since`, goes with that one). Further steps began at an unknown time since,
             // and are timed from this look.
             let mut r = d.record;
-            r.since = f.stored.since.min(now);
+            r.since = resumed_since(f.stored.since, f.alive_until, now);
             let again = decide(&r, &obs, &self.step, now);
             d.entered.extend(again.entered);
             d.changed = again.record != f.record;
@@ -1638,5 +1666,29 @@ impl Orchestrator {
             f.blocked = None;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resumed_step_does_not_count_the_time_no_run_was_watching() {
+        let s = |x: u64| Time(x * 1000);
+        // Began at 10 s; the stopped run renewed its lock last at 100 s; resumed at 700 s: 90 s
+        // of the step have passed, not 690.
+        assert_eq!(resumed_since(s(10), Some(s(100)), s(700)), s(610));
+        // Without the renewal, as before: from the record.
+        assert_eq!(resumed_since(s(10), None, s(700)), s(10));
+        // A record written after the last renewal: none of the step's time is known to have
+        // passed under a run.
+        assert_eq!(resumed_since(s(150), Some(s(100)), s(700)), s(700));
+        // A run restarted over and over renews later each time: the step's counted time grows
+        // with every restart, so a stuck step still times out.
+        let counted =
+            |renewed: u64, now: u64| s(now).since(resumed_since(s(10), Some(s(renewed)), s(now)));
+        assert!(counted(400, 1000) > counted(100, 700));
+        assert_eq!(counted(400, 1000), Duration::from_secs(390));
     }
 }

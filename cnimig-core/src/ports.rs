@@ -407,6 +407,14 @@ pub trait StateStore: Send + Sync {
     /// # Errors
     /// Any write failure.
     async fn release_lock(&self, holder: &str) -> Result<(), PortError>;
+    /// When the run lock had last been taken or renewed before this store's latest
+    /// [`acquire_lock`](StateStore::acquire_lock) took it: the last moment the run that held it
+    /// before (one that stopped, or died) is known to have been alive. `None` when there was no
+    /// lock before, or the store does not keep it (the default). A resumed run does not count
+    /// the time since then against the limits of the steps that run had begun.
+    fn previous_lock_renewal(&self) -> Option<Time> {
+        None
+    }
 }
 
 /// A change to a Node that a record save can carry ([`StateStore::save_with`]).

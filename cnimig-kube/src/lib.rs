@@ -202,6 +202,8 @@ struct Inner {
     clock: SystemClock,
     /// Watch-fed caches, on while this adapter holds the run lock ([`watch`]).
     caches: watch::Caches,
+    /// The Lease's `renewTime` as the latest `acquire_lock` found it, before writing its own.
+    lock_renewed_before: std::sync::Mutex<Option<cnimig_core::model::Time>>,
 }
 
 /// How long `cni_dir` may answer from the annotation the last `node_view` read (the orchestrator
@@ -250,6 +252,7 @@ impl KubeCluster {
                 cni_seen: std::sync::Mutex::default(),
                 clock: SystemClock,
                 caches: watch::Caches::default(),
+                lock_renewed_before: std::sync::Mutex::new(None),
             }),
         })
     }

@@ -92,6 +92,12 @@ fn millis(t: &MicroTime) -> u64 {
 }
 
 impl KubeCluster {
+    fn set_lock_renewed_before(&self, t: Option<Time>) {
+        if let Ok(mut g) = self.inner.lock_renewed_before.lock() {
+            *g = t;
+        }
+    }
+
     /// Writes a node's first record (none is stored), with `change` in the same patch when given.
     async fn save_first(
         &self,
@@ -359,6 +365,7 @@ impl StateStore for KubeCluster {
                 };
                 match api.create(&PostParams::default(), &lease).await {
                     Ok(_) => {
+                        self.set_lock_renewed_before(None);
                         self.inner.caches.activate();
                         return Ok(LockOutcome::Acquired);
                     }
@@ -382,12 +389,14 @@ impl StateStore for KubeCluster {
                 spec.acquire_time = micro(now);
                 spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
             }
+            let renewed_before = spec.renew_time.as_ref().map(|t| Time(millis(t)));
             spec.holder_identity = Some(holder.to_string());
             spec.renew_time = micro(now);
             spec.lease_duration_seconds = Some(secs);
             // `replace` sends the resourceVersion we read: a concurrent writer makes it 409.
             match api.replace(name, &PostParams::default(), &lease).await {
                 Ok(_) => {
+                    self.set_lock_renewed_before(renewed_before);
                     self.inner.caches.activate();
                     return Ok(LockOutcome::Acquired);
                 }
@@ -405,6 +414,12 @@ impl StateStore for KubeCluster {
     ///
     /// # Errors
     /// Any read or write failure.
+    /// The Lease's `renewTime` as the latest successful [`acquire_lock`](Self::acquire_lock)
+    /// read it, before it wrote its own (no request).
+    fn previous_lock_renewal(&self) -> Option<Time> {
+        self.inner.lock_renewed_before.lock().ok().and_then(|g| *g)
+    }
+
     async fn release_lock(&self, holder: &str) -> Result<(), PortError> {
         // The watches are the run's: stop them whatever the Lease says.
         self.inner.caches.deactivate();

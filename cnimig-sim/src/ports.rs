@@ -514,8 +514,13 @@ impl StateStore for SimCluster {
         let out = cnimig_core::ports::lock_decision(current, holder, now);
         if out == LockOutcome::Acquired {
             s.lock = Some((holder.to_string(), now.after(ttl)));
+            s.lock_renewed_before = s.lock_renewed.replace(now);
         }
         inj.after(Ok(out))
+    }
+
+    fn previous_lock_renewal(&self) -> Option<Time> {
+        self.lock().lock_renewed_before
     }
 
     async fn release_lock(&self, holder: &str) -> Result<(), PortError> {

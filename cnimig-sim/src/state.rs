@@ -394,6 +394,10 @@ pub(crate) struct State {
     pub(crate) cilium: Option<CiliumState>,
     pub(crate) node_configs: BTreeMap<String, CiliumNodeConfig>,
     pub(crate) lock: Option<(String, Time)>,
+    /// When the lock was last taken or renewed (kept after a release).
+    pub(crate) lock_renewed: Option<Time>,
+    /// [`Self::lock_renewed`] as it was before the latest acquisition.
+    pub(crate) lock_renewed_before: Option<Time>,
     pub(crate) faults: SimFaults,
     /// Decides which port calls fail; separate from `rng` so faults do not shift the timings.
     pub(crate) fault_rng: ChaCha8Rng,
@@ -528,6 +532,8 @@ impl State {
             cilium: None,
             node_configs: BTreeMap::new(),
             lock: None,
+            lock_renewed: None,
+            lock_renewed_before: None,
             faults: SimFaults::default(),
             fault_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x6661_756c_7473_2121),
             fault_counted: BTreeSet::new(),

@@ -79,6 +79,7 @@ async fn one_lease_holder_at_a_time() {
             store.acquire_lock("run-a", now, ttl).await.unwrap(),
             LockOutcome::Acquired
         );
+        assert_eq!(store.previous_lock_renewal(), None, "no Lease before");
         match store.acquire_lock("run-b", now, ttl).await.unwrap() {
             LockOutcome::HeldBy { holder, until } => {
                 assert_eq!(holder, "run-a");
@@ -96,11 +97,17 @@ async fn one_lease_holder_at_a_time() {
             LockOutcome::Acquired,
             "the holder renews"
         );
+        assert_eq!(store.previous_lock_renewal(), Some(now));
         // run-a dies: after its TTL, run-b takes over.
         let later = now.after(Duration::from_secs(40));
         assert_eq!(
             store.acquire_lock("run-b", later, ttl).await.unwrap(),
             LockOutcome::Acquired
+        );
+        assert_eq!(
+            store.previous_lock_renewal(),
+            Some(now.after(Duration::from_secs(5))),
+            "run-a was last known alive at its renewal"
         );
         store.release_lock("run-a").await.unwrap(); // not the holder: no effect
         assert!(matches!(
