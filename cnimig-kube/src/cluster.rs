@@ -184,6 +184,9 @@ impl Cluster for KubeCluster {
             .await
             .map_err(|e| port_error("list", "pods", e))?
             .items;
+        self.inner
+            .caches
+            .set_one_pod_watch(pods.len() <= self.inner.opts.one_pod_watch_max_pods);
         let pods = Self::model_pods(&pods, &cidrs);
         let pdbs: Vec<Pdb> = self
             .list_pdbs(None)

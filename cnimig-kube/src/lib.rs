@@ -124,6 +124,7 @@ mod watch;
 
 pub use cilium::{RESTORE_SCRIPT, restore_helper_name, restore_helper_pod};
 pub use clock::SystemClock;
+pub use watch::CLUSTER_POD_WATCH_MAX;
 
 use error::port_error;
 
@@ -166,6 +167,13 @@ pub struct KubeOptions {
     /// (`node_names`, `inventory`, `load`, `verify_cluster`): records on other nodes are not
     /// this run's. `None` sees every node.
     pub node_selector: Option<String>,
+    /// The largest cluster (pods counted by the plan's inventory) whose pods a run reads from one
+    /// cluster-wide watch; a larger one gets a watch per node in flight
+    /// (`fieldSelector=spec.nodeName`). One watch costs one request for the whole run, and its
+    /// initial state is no larger than the inventory's LIST, but it carries every pod change of
+    /// the cluster for the run's length ([`CLUSTER_POD_WATCH_MAX`] pods by default; 0: always
+    /// per node).
+    pub one_pod_watch_max_pods: usize,
 }
 
 impl Default for KubeOptions {
@@ -180,6 +188,7 @@ impl Default for KubeOptions {
             cluster_cidr: None,
             instance: None,
             node_selector: None,
+            one_pod_watch_max_pods: CLUSTER_POD_WATCH_MAX,
         }
     }
 }

@@ -1,5 +1,5 @@
-//! Watch-fed caches of Nodes, PodDisruptionBudgets and each looked-at node's Pods, used while
-//! this adapter holds the run lock (issue #5, API economy).
+//! Watch-fed caches of Nodes, PodDisruptionBudgets and Pods, used while this adapter holds the
+//! run lock (issue #5, API economy).
 //!
 //! A run looks at every node in flight once per poll (node, pods, agent, CNI directory) and at
 //! the budgets of the candidate nodes before starting any; answered by GETs and LISTs, that was
@@ -10,9 +10,16 @@
 //! - one watch of the Nodes the adapter sees ([`KubeOptions::node_selector`](crate::KubeOptions)),
 //!   started at the first read;
 //! - one watch of all PodDisruptionBudgets, started at the first budget read;
-//! - per node, one watch of its Pods with `fieldSelector=spec.nodeName=<node>` (never a
-//!   cluster-wide pod watch), started at the first read of that node's pods and stopped after
-//!   [`IDLE`] without a read.
+//! - the Pods: on a cluster whose pods the plan's inventory counted at most
+//!   [`KubeOptions::one_pod_watch_max_pods`](crate::KubeOptions) ([`CLUSTER_POD_WATCH_MAX`] by
+//!   default), one watch of every pod, started at the first read of any node's pods, each read
+//!   copying out that node's pods only; the cache keeps of each pod only what the adapter reads
+//!   ([`Trim`]: no `managedFields`, no `kubectl apply` copy, no container commands, environment,
+//!   mounts or probes, no container statuses). On a larger cluster (or before the inventory),
+//!   per node one watch of its Pods with `fieldSelector=spec.nodeName=<node>`, started at the
+//!   first read of that node's pods and stopped after [`IDLE`] without a read. The one watch
+//!   costs one request for the run instead of one a node; its initial state is no larger than
+//!   the inventory's LIST, but it carries every pod change of the cluster while the run lasts.
 //!
 //! Each watch is `kube::runtime::watcher`. Its initial state comes from a **streaming list**
 //! (`watcher::Config::streaming_lists`): one WATCH with `sendInitialEvents=true`,
@@ -312,9 +319,56 @@ impl<K> Drop for Cache<K> {
 /// A watcher's event stream.
 type Events<K> = futures::stream::BoxStream<'static, Result<Event<K>, watcher::Error>>;
 
+/// What a cache keeps of each object: everything, except for the cluster-wide pod watch, which
+/// drops what no read of this adapter uses (so that a large cluster's pods fit in memory).
+pub(crate) trait Trim {
+    /// Drops the fields the adapter never reads.
+    fn trim(&mut self) {}
+}
+
+impl Trim for core::Node {}
+impl Trim for PodDisruptionBudget {}
+
+/// The annotation `kubectl apply` leaves on an object (a copy of the whole object).
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+impl Trim for core::Pod {
+    /// Keeps the metadata (but `managedFields` and `kubectl apply`'s copy), the containers' ports
+    /// and resources, the volumes, the status's phase, conditions and IPs; drops the rest of the
+    /// containers (commands, environment, mounts, probes) and the container statuses.
+    fn trim(&mut self) {
+        self.metadata.managed_fields = None;
+        if let Some(a) = self.metadata.annotations.as_mut() {
+            a.remove(LAST_APPLIED);
+        }
+        if let Some(spec) = self.spec.as_mut() {
+            for c in spec
+                .containers
+                .iter_mut()
+                .chain(spec.init_containers.iter_mut().flatten())
+            {
+                c.command = None;
+                c.args = None;
+                c.env = None;
+                c.env_from = None;
+                c.volume_mounts = None;
+                c.liveness_probe = None;
+                c.readiness_probe = None;
+                c.startup_probe = None;
+                c.lifecycle = None;
+            }
+        }
+        if let Some(st) = self.status.as_mut() {
+            st.container_statuses = None;
+            st.init_container_statuses = None;
+            st.ephemeral_container_statuses = None;
+        }
+    }
+}
+
 impl<K> Cache<K>
 where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Resource<DynamicType = ()> + Trim + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     /// An empty cache, not synced, with no watch task; `what` names the collection in errors.
     fn empty(what: String) -> Self {
@@ -462,7 +516,8 @@ where
         };
         match ev {
             Ok(Event::Init) => st.buffer = Some(HashMap::new()),
-            Ok(Event::InitApply(o)) => {
+            Ok(Event::InitApply(mut o)) => {
+                o.trim();
                 if let Some(b) = st.buffer.as_mut() {
                     b.insert(key(&o), o);
                 }
@@ -481,7 +536,8 @@ where
                 drop(st);
                 self.set_sync(SyncState::Synced);
             }
-            Ok(Event::Apply(o)) => {
+            Ok(Event::Apply(mut o)) => {
+                o.trim();
                 let k = key(&o);
                 match st.objects.get(&k) {
                     Some(cur) if !newer(&o, cur) => {}
@@ -558,6 +614,19 @@ where
             .map(|st| st.objects.values().cloned().collect()))
     }
 
+    /// The objects `keep` selects (only those are copied), or `None` when the cache cannot
+    /// answer.
+    async fn matching(&self, keep: impl Fn(&K) -> bool) -> Result<Option<Vec<K>>, PortError> {
+        if !self.ready().await? {
+            return Ok(None);
+        }
+        Ok(self
+            .state
+            .lock()
+            .ok()
+            .map(|st| st.objects.values().filter(|o| keep(o)).cloned().collect()))
+    }
+
     /// The object named `name` (cluster-scoped key), `Some(None)` when the cache has no such
     /// object, `None` when the cache cannot answer.
     async fn get(&self, name: &str) -> Result<Option<Option<K>>, PortError> {
@@ -572,7 +641,8 @@ where
     }
 
     /// Puts an object the adapter wrote (the write's response) in, if it is newer.
-    fn written(&self, o: K) {
+    fn written(&self, mut o: K) {
+        o.trim();
         if let Ok(mut st) = self.state.lock() {
             let k = key(&o);
             match st.objects.get(&k) {
@@ -600,7 +670,20 @@ pub(crate) struct Caches {
     nodes: Mutex<Option<Arc<Cache<core::Node>>>>,
     pdbs: Mutex<Option<Arc<Cache<PodDisruptionBudget>>>>,
     pods: Mutex<HashMap<NodeName, Arc<Cache<core::Pod>>>>,
+    /// The run's one watch of every pod, used instead of `pods` when the cluster is small
+    /// enough (`small_cluster`).
+    all_pods: Mutex<Option<Arc<Cache<core::Pod>>>>,
+    /// The cluster was small enough for one pod watch at the plan's inventory (false until
+    /// known: one watch per node).
+    small_cluster: AtomicBool,
 }
+
+/// The default of [`KubeOptions::one_pod_watch_max_pods`](crate::KubeOptions): the largest
+/// cluster (pods at the plan's inventory) whose pods a run watches with one cluster-wide watch
+/// rather than one watch per node. Its initial state is no larger than the inventory's LIST,
+/// which the plan made already; its events are every pod change of the cluster for the run's
+/// length, which on a larger cluster would outweigh the request a node it saves.
+pub const CLUSTER_POD_WATCH_MAX: usize = 20_000;
 
 impl Caches {
     /// Turns the caches on (the run lock is ours).
@@ -620,6 +703,20 @@ impl Caches {
         if let Ok(mut p) = self.pods.lock() {
             p.clear();
         }
+        if let Ok(mut p) = self.all_pods.lock() {
+            p.take();
+        }
+    }
+
+    /// Notes whether the cluster is small enough for one pod watch (decided at the plan's
+    /// inventory, [`KubeOptions::one_pod_watch_max_pods`](crate::KubeOptions)).
+    pub(crate) fn set_one_pod_watch(&self, yes: bool) {
+        self.small_cluster.store(yes, Ordering::SeqCst);
+    }
+
+    /// True when the run watches every pod with one watch.
+    fn one_pod_watch(&self) -> bool {
+        self.small_cluster.load(Ordering::SeqCst)
     }
 
     /// True while the run lock is ours.
@@ -717,8 +814,9 @@ impl Caches {
         c.all().await
     }
 
-    /// The pods on `node` (a watch with `fieldSelector=spec.nodeName=<node>`), or `None` when
-    /// inactive or the cache cannot answer.
+    /// The pods on `node` (from the run's one pod watch, or from the node's own watch with
+    /// `fieldSelector=spec.nodeName=<node>` on a large cluster), or `None` when inactive or the
+    /// cache cannot answer.
     pub(crate) async fn pods_on(
         &self,
         client: &kube::Client,
@@ -726,6 +824,27 @@ impl Caches {
     ) -> Result<Option<Vec<core::Pod>>, PortError> {
         if !self.active() {
             return Ok(None);
+        }
+        if self.one_pod_watch() {
+            let c = {
+                let Ok(mut slot) = self.all_pods.lock() else {
+                    return Ok(None);
+                };
+                slot.get_or_insert_with(|| {
+                    Cache::start(
+                        Api::all(client.clone()),
+                        watcher::Config::default(),
+                        self.lists.clone(),
+                        "pods".into(),
+                    )
+                })
+                .clone()
+            };
+            return c
+                .matching(|p| {
+                    p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str())
+                })
+                .await;
         }
         let c = {
             let Ok(mut map) = self.pods.lock() else {

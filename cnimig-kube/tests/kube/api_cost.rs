@@ -1,6 +1,8 @@
-//! Issue #5: cnimig reads a node's pods with a field selector (`spec.nodeName`), never by a
-//! cluster-wide pod LIST per node, and by a watch per node rather than a LIST per look. Counted from the control plane's audit log by the adapter's
-//! own User-Agent over a whole plan and run of 6 emulated nodes.
+//! Issue #5: cnimig never reads the cluster's pods by a LIST per node or per look. On a cluster
+//! small enough (`KubeOptions::one_pod_watch_max_pods`) a run reads every pod from one watch; on
+//! a larger one, a node's pods from a watch with a field selector (`spec.nodeName`) per node.
+//! Counted from the control plane's audit log by the adapter's own User-Agent over a whole plan
+//! and run of 6 emulated nodes.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -18,8 +20,19 @@ use crate::common::{self, wait_until};
 
 const NODES: usize = 6;
 
+/// A large cluster (here: the limit set to 0): one pod watch a node, by field selector.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_cluster_wide_pod_list_per_node() {
+    count_a_run(true).await;
+}
+
+/// A small cluster (the default limit): one pod watch for the whole run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_pod_watch_for_a_small_cluster() {
+    count_a_run(false).await;
+}
+
+async fn count_a_run(per_node: bool) {
     let env = crate::env_or_skip!();
     let Some(audit) = std::env::var_os("CNIMIG_TESTENV_AUDIT_LOG") else {
         panic!("CNIMIG_TESTENV_AUDIT_LOG unset: source the test control plane's env file");
@@ -80,6 +93,9 @@ async fn no_cluster_wide_pod_list_per_node() {
         sa.headers.push((http::header::USER_AGENT, http::HeaderValue::from_str(&agent).unwrap()));
         let mut opts = common::opts(&ns);
         opts.node_selector = Some(format!("cnimig.io/e2e={ns}"));
+        if per_node {
+            opts.one_pod_watch_max_pods = 0;
+        }
         let cluster = cnimig_kube::KubeCluster::new(sa, opts).unwrap();
         let orch = Orchestrator::new(
             Ports::from_one(cluster),
@@ -97,22 +113,32 @@ async fn no_cluster_wide_pod_list_per_node() {
         let bytes = std::fs::read(&audit).unwrap();
         let window = String::from_utf8_lossy(&bytes[usize::try_from(start).unwrap().min(bytes.len())..]).into_owned();
 
-        // Every node's pods were read by node (the selector names it), through the node's pod
-        // watch: one WATCH a node (a streaming list), or a LIST and a WATCH where the server does
-        // not stream lists...
         let ours = cnimig_kube::metrics::audit_counts_by_agent(&window, &agent);
-        for n in &node_names {
-            let by_node = format!("fieldSelector=spec.nodeName%3D{n}");
-            assert!(window.lines().any(|l| l.contains(&agent) && l.contains(&by_node)), "no pod read by node for {n}");
-        }
-        assert!(ours.get("watch pods").copied().unwrap_or(0) >= NODES as u64, "no pod watch per node: {ours:?}");
-        // ...once each, not once per look (polling LISTed them about twenty times a node): at
-        // most a relist each besides, and the inventory.
-        let lists = ours.get("list pods").copied().unwrap_or(0);
-        assert!(lists <= 2 * NODES as u64 + 1, "{lists} pod LISTs for {NODES} nodes: polling again? {ours:?}");
-        // ...and the whole cluster's pods at most once (the plan's inventory), not per node.
         let unfiltered = cnimig_kube::metrics::unfiltered_pod_reads(&window, &agent);
-        assert!(unfiltered.len() <= 1, "{} cluster-wide pod reads for {NODES} nodes: {unfiltered:?}", unfiltered.len());
+        if per_node {
+            // Every node's pods were read by node (the selector names it), through the node's
+            // pod watch: one WATCH a node (a streaming list), or a LIST and a WATCH where the
+            // server does not stream lists...
+            for n in &node_names {
+                let by_node = format!("fieldSelector=spec.nodeName%3D{n}");
+                assert!(window.lines().any(|l| l.contains(&agent) && l.contains(&by_node)), "no pod read by node for {n}");
+            }
+            assert!(ours.get("watch pods").copied().unwrap_or(0) >= NODES as u64, "no pod watch per node: {ours:?}");
+            // ...once each, not once per look (polling LISTed them about twenty times a node): at
+            // most a relist each besides, and the inventory.
+            let lists = ours.get("list pods").copied().unwrap_or(0);
+            assert!(lists <= 2 * NODES as u64 + 1, "{lists} pod LISTs for {NODES} nodes: polling again? {ours:?}");
+            // ...and the whole cluster's pods at most once (the plan's inventory), not per node.
+            assert!(unfiltered.len() <= 1, "{} cluster-wide pod reads for {NODES} nodes: {unfiltered:?}", unfiltered.len());
+        } else {
+            // One pod watch for the run, not one a node: the inventory's LIST, the run's WATCH
+            // (and its LIST where the server does not stream lists).
+            let watches = ours.get("watch pods").copied().unwrap_or(0);
+            assert!(watches >= 1 && watches < NODES as u64, "{watches} pod watches for {NODES} nodes: {ours:?}");
+            let lists = ours.get("list pods").copied().unwrap_or(0);
+            assert!(lists <= 2, "{lists} pod LISTs for {NODES} nodes with one pod watch: {ours:?}");
+            assert!(unfiltered.len() <= 3, "{} cluster-wide pod reads: {unfiltered:?}", unfiltered.len());
+        }
         for n in &node_names {
             common::delete_node(&admin, n).await;
         }
