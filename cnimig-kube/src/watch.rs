@@ -604,14 +604,7 @@ where
 
     /// Every object, or `None` when the cache cannot answer.
     async fn all(&self) -> Result<Option<Vec<K>>, PortError> {
-        if !self.ready().await? {
-            return Ok(None);
-        }
-        Ok(self
-            .state
-            .lock()
-            .ok()
-            .map(|st| st.objects.values().cloned().collect()))
+        self.matching(|_| true).await
     }
 
     /// The objects `keep` selects (only those are copied), or `None` when the cache cannot
@@ -733,18 +726,40 @@ impl Caches {
         if !self.active() {
             return None;
         }
-        let mut slot = self.nodes.lock().ok()?;
+        let mut cfg = watcher::Config::default();
+        if let Some(s) = selector {
+            cfg = cfg.labels(s);
+        }
+        self.slot_cache(&self.nodes, client, cfg, "nodes")
+    }
+
+    /// The cache in `slot`, started with `cfg` over every namespace if there is none yet;
+    /// `None` when the slot's lock is poisoned.
+    fn slot_cache<K>(
+        &self,
+        slot: &Mutex<Option<Arc<Cache<K>>>>,
+        client: &kube::Client,
+        cfg: watcher::Config,
+        what: &str,
+    ) -> Option<Arc<Cache<K>>>
+    where
+        K: Resource<DynamicType = ()>
+            + Trim
+            + Clone
+            + DeserializeOwned
+            + Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        let mut slot = slot.lock().ok()?;
         Some(
             slot.get_or_insert_with(|| {
-                let mut cfg = watcher::Config::default();
-                if let Some(s) = selector {
-                    cfg = cfg.labels(s);
-                }
                 Cache::start(
                     Api::all(client.clone()),
                     cfg,
                     self.lists.clone(),
-                    "nodes".into(),
+                    what.into(),
                 )
             })
             .clone(),
@@ -797,19 +812,13 @@ impl Caches {
         if !self.active() {
             return Ok(None);
         }
-        let c = {
-            let Ok(mut slot) = self.pdbs.lock() else {
-                return Ok(None);
-            };
-            slot.get_or_insert_with(|| {
-                Cache::start(
-                    Api::all(client.clone()),
-                    watcher::Config::default(),
-                    self.lists.clone(),
-                    "poddisruptionbudgets".into(),
-                )
-            })
-            .clone()
+        let Some(c) = self.slot_cache(
+            &self.pdbs,
+            client,
+            watcher::Config::default(),
+            "poddisruptionbudgets",
+        ) else {
+            return Ok(None);
         };
         c.all().await
     }
@@ -826,19 +835,10 @@ impl Caches {
             return Ok(None);
         }
         if self.one_pod_watch() {
-            let c = {
-                let Ok(mut slot) = self.all_pods.lock() else {
-                    return Ok(None);
-                };
-                slot.get_or_insert_with(|| {
-                    Cache::start(
-                        Api::all(client.clone()),
-                        watcher::Config::default(),
-                        self.lists.clone(),
-                        "pods".into(),
-                    )
-                })
-                .clone()
+            let Some(c) =
+                self.slot_cache(&self.all_pods, client, watcher::Config::default(), "pods")
+            else {
+                return Ok(None);
             };
             return c
                 .matching(|p| {
