@@ -114,6 +114,15 @@ fn end_state(sim: &SimCluster, report: &RunReport, label: &str) -> EndState {
         .collect()
 }
 
+/// The record `node` has in the simulator's store now.
+async fn stored(sim: &SimCluster, node: &NodeName) -> NodeRecord {
+    sim.load()
+        .await
+        .expect("records")
+        .remove(node)
+        .expect("record")
+}
+
 async fn run_case(seed: u64) -> Tally {
     let killed = case(seed);
     let mut t = Tally::default();
@@ -548,12 +557,7 @@ async fn a_node_that_stays_not_ready_while_rolling_back_ends_failed_naming_node_
     assert!(!cause.contains('\n'), "one line: {cause}");
     // Given up on after the NotReady limit (plus a poll or two), not after a rollback step's
     // drain-plus-step limit.
-    let rec = sim
-        .load()
-        .await
-        .expect("records")
-        .remove(&victim)
-        .expect("record");
+    let rec = stored(&sim, &victim).await;
     let gave_up = rec.since.since(down);
     assert!(
         gave_up >= limit && gave_up <= limit + Duration::from_secs(30),
@@ -683,12 +687,7 @@ async fn a_stuck_drain_times_out_across_runs_restarted_every_look() {
         r.get(&v).is_some_and(|r| r.rollback.is_some())
     })
     .await;
-    let rec = sim
-        .load()
-        .await
-        .expect("records")
-        .remove(&victim)
-        .expect("record");
+    let rec = stored(&sim, &victim).await;
     let cause = rec.rollback.map(|rb| rb.cause).unwrap_or_default();
     assert!(
         cause.contains("step Drain: not finished after 60s"),

@@ -1422,16 +1422,13 @@ impl Orchestrator {
         };
         let mut d = decide(&f.record, &obs, &self.step, now);
         let resumed = std::mem::take(&mut f.resumed);
-        // One step past the stored record, and the steps timed from it (`keeps_since`).
-        let one_step = d
-            .entered
-            .split_first()
-            .is_some_and(|(_, rest)| rest.iter().all(|p| keeps_since(*p)));
-        if resumed
-            && one_step
-            && !d.record.phase.is_terminal()
-            && d.record.phase != Phase::RollingBack
-        {
+        // The first look of a resumed node that finds it one step past the stored record (and
+        // in the steps timed from that one, `keeps_since`).
+        let one_step = resumed
+            && d.entered
+                .split_first()
+                .is_some_and(|(_, rest)| rest.iter().all(|p| keeps_since(*p)));
+        if one_step && !d.record.phase.is_terminal() && d.record.phase != Phase::RollingBack {
             // The step this first look finds the node in, one past the stored record, began
             // when that record was written (the run that stopped kept it in memory only): time
             // it from there, so that its limit is never stretched by restarts (a run restarted

@@ -369,10 +369,9 @@ pub trait StateStore: Send + Sync {
     ) -> Result<(), PortError>;
     /// Replaces `node`'s record if it still is `prev` (`None` = no record), like
     /// [`save`](StateStore::save), and applies `change` to the node **in the same write**: both
-    /// land or neither. `Ok(true)` when
-    /// written; `Ok(false)` when the store cannot carry the change (the default) or refused the
-    /// combined write for a reason other than the record, having written nothing: the caller
-    /// then saves and applies the change separately.
+    /// land or neither. `Ok(true)` when written; `Ok(false)` when the store cannot carry the
+    /// change (the default) or refused the combined write for a reason other than the record,
+    /// having written nothing: the caller then saves and applies the change separately.
     ///
     /// A store on the Kubernetes API saves a request per cordon, label and uncordon this way
     /// (one JSON Patch that `test`s the record, replaces it and sets the field).

@@ -279,16 +279,8 @@ impl Cluster for KubeCluster {
         Ok(NodeView { node: model, pods })
     }
 
-    /// One LIST of pods per node (field selector) and one LIST of all budgets; counts, per node,
-    /// the drainable pods each budget covers. While the adapter holds the run lock, both come
-    /// from watches (each node's pods by field selector, the budgets of all namespaces).
-    ///
-    /// # RBAC
-    /// `list pods`, `list poddisruptionbudgets`; `watch` both while holding the run lock.
-    ///
-    /// # Errors
-    /// Any read failure.
-    /// From the run's watches only (no request); empty while they are not running.
+    /// The budgets covering `node`'s Running, Ready, drainable pods and what each allows now,
+    /// from the run's watches only (no request); empty while they are not running.
     ///
     /// # RBAC
     /// None beyond the watches' (`list`/`watch` on `pods` and `poddisruptionbudgets`).
@@ -312,8 +304,9 @@ impl Cluster for KubeCluster {
                 .iter()
                 .filter(|(b, _)| b.covers(&p))
                 .map(|(b, allowed)| {
-                    out.allowed.insert(b.key(), *allowed);
-                    b.key()
+                    let key = b.key();
+                    out.allowed.insert(key.clone(), *allowed);
+                    key
                 })
                 .collect();
             if !names.is_empty() {
@@ -323,6 +316,16 @@ impl Cluster for KubeCluster {
         Ok(out)
     }
 
+    /// One LIST of pods per node (field selector) and one LIST of all budgets; counts, per node,
+    /// the drainable pods each budget covers. While the adapter holds the run lock, both come
+    /// from watches (the pods of the run's one pod watch, or of each node's by field selector on a
+    /// large cluster; the budgets of all namespaces).
+    ///
+    /// # RBAC
+    /// `list pods`, `list poddisruptionbudgets`; `watch` both while holding the run lock.
+    ///
+    /// # Errors
+    /// Any read failure.
     async fn budget_view(&self, nodes: &[NodeName]) -> Result<BudgetView, PortError> {
         let mut view = BudgetView::default();
         if nodes.is_empty() {

@@ -51,9 +51,10 @@
 //!
 //! While the adapter holds the run lock, `node_view`, `node_names`, `budget_view`, `agent`,
 //! `cni_dir`, `verify_cluster`, `verify_node`'s pod read and the first `save`'s read are answered
-//! from watches instead (one of the Nodes, one of the budgets, one per looked-at node of its pods
-//! by field selector; see `watch` below): after each watch's initial state, a look at a node
-//! costs no request. The Node a write returns goes into the node watch's copy at once.
+//! from watches instead (one of the Nodes, one of the budgets, and one of every pod, or on a
+//! cluster above `KubeOptions::one_pod_watch_max_pods` one per looked-at node of its pods by field
+//! selector; see `watch` below): after each watch's initial state, a look at a node costs no
+//! request. The Node a write returns goes into the node watch's copy at once.
 //!
 //! ## Watches (`watch`)
 //!

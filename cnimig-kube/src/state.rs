@@ -407,6 +407,12 @@ impl StateStore for KubeCluster {
         Err(PortError::Conflict { what })
     }
 
+    /// The Lease's `renewTime` as the latest successful [`acquire_lock`](Self::acquire_lock)
+    /// read it, before it wrote its own (no request).
+    fn previous_lock_renewal(&self) -> Option<Time> {
+        self.inner.lock_renewed_before.lock().ok().and_then(|g| *g)
+    }
+
     /// Clears the holder (UPDATE with the read `resourceVersion`) if `holder` holds the Lease.
     ///
     /// # RBAC
@@ -414,12 +420,6 @@ impl StateStore for KubeCluster {
     ///
     /// # Errors
     /// Any read or write failure.
-    /// The Lease's `renewTime` as the latest successful [`acquire_lock`](Self::acquire_lock)
-    /// read it, before it wrote its own (no request).
-    fn previous_lock_renewal(&self) -> Option<Time> {
-        self.inner.lock_renewed_before.lock().ok().and_then(|g| *g)
-    }
-
     async fn release_lock(&self, holder: &str) -> Result<(), PortError> {
         // The watches are the run's: stop them whatever the Lease says.
         self.inner.caches.deactivate();
