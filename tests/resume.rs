@@ -642,25 +642,38 @@ async fn a_later_run_retries_rolled_back_nodes_only_when_asked() {
 
 /// A plain run writes a node's record ahead of what a resumed run could not see for itself (the
 /// start with whether the node was cordoned before, which the cordon carries; the agent pod to
-/// replace, which the label carries; the uncordon, from which the pods' restart and their
-/// verification are timed; the end), and not for the steps a look finds complete (issue #5: a
-/// record write is an API request). Each write still leads its action (`check_write_ahead`).
+/// replace, from whose restart request the later steps are timed, which the label carries; the
+/// end, which the uncordon carries), and not for the steps a look finds complete (issue #5: a
+/// record write is an API request). Every cordon, label and uncordon goes in a record's write,
+/// and each write still leads its action (`check_write_ahead`).
 #[tokio::test]
 async fn a_plain_run_writes_each_record_only_ahead_of_what_a_resume_could_not_see() {
     let (sim, cfg) = small_cluster(11);
     let o = orch(&sim, &cfg, "run");
     let plan = install(&sim, &o, &cfg).await;
-    let saves = || sim.stats().api_calls.get("StateStore::save").copied();
-    let before = saves().unwrap_or(0);
+    let calls = |names: &[&str]| {
+        let stats = sim.stats();
+        names
+            .iter()
+            .map(|n| stats.api_calls.get(*n).copied().unwrap_or(0))
+            .sum::<u64>()
+    };
+    let saves = ["StateStore::save", "StateStore::save_with"];
+    let node_writes = ["Cluster::set_unschedulable", "Cluster::set_node_label"];
+    let (saved, changed) = (calls(&saves), calls(&node_writes));
     let r = o.run(&plan, &Discard).await.expect("run");
     assert!(all_done(&r), "{r:?}");
     assert!(sim.violations().is_empty(), "{:?}", sim.violations());
     let nodes = u64::try_from(r.nodes.len()).expect("count");
-    let per_node = saves().unwrap_or(0) - before;
     assert_eq!(
-        per_node,
-        4 * nodes,
-        "record saves for {nodes} nodes (start with the cordon, agent to replace with the label, uncordon, done)"
+        calls(&saves) - saved,
+        3 * nodes,
+        "record saves for {nodes} nodes (start with the cordon, agent to replace with the label, done with the uncordon)"
+    );
+    assert_eq!(
+        calls(&node_writes) - changed,
+        0,
+        "a cordon, label or uncordon written apart from its record"
     );
 }
 

@@ -1,8 +1,8 @@
 //! The per-node state machine, as pure transitions.
 //!
 //! ```text
-//! Pending → Cordoned → Drained → Labelled → AgentRestarted → AgentReady → Uncordoned
-//!         → PodsRestarted → Verified → Done
+//! Pending → Cordoned → Drained → Labelled → AgentRestarted → AgentReady → PodsRestarted
+//!         → Verified → Uncordoned → Done
 //! any step fails or times out → RollingBack → RolledBack   (or Failed, if the rollback itself
 //!                                                            cannot finish: a person must look)
 //! ```
@@ -43,12 +43,13 @@ pub enum Phase {
     AgentRestarted,
     /// The new agent is Ready and resolved the node config (Cilium owns the CNI config).
     AgentReady,
-    /// The node is schedulable again (skipped for nodes cordoned before the run).
-    Uncordoned,
     /// No pod on the node uses Calico any more.
     PodsRestarted,
-    /// The verifier found the node healthy.
+    /// The verifier found the node healthy (the node is still cordoned: nothing new lands on a
+    /// node before its verification passed).
     Verified,
+    /// The node is schedulable again (skipped for nodes cordoned before the run).
+    Uncordoned,
     /// Migrated.
     Done,
     /// Undoing the node's migration.
@@ -351,24 +352,58 @@ enum Step {
     Act(Action),
 }
 
-/// Phases timed from the step before them rather than from the look that entered them, so that
-/// a resumed run, which cannot know when that look would have come, times them the same way:
-/// - [`Phase::AgentRestarted`] from the restart request (the record naming the pod to replace):
-///   the old pod's termination is part of the agent's step;
-/// - [`Phase::PodsRestarted`] from the uncordon (for a node cordoned before the run, from the
-///   look that found the agent Ready): the pods' restart and their verification share one limit,
-///   [`verify_limit`], so the moment the last pod came back needs no record write.
+/// Phases timed from the agent's restart request (the record naming the pod to replace, which the
+/// label carries) rather than from the look that entered them, so that a resumed run, which
+/// cannot know when that look would have come, times them the same way, and no step after the
+/// label needs a record write of its own:
+/// - [`Phase::AgentRestarted`]: the old pod's termination is part of the agent's step;
+/// - [`Phase::AgentReady`], [`Phase::PodsRestarted`] and [`Phase::Verified`]: the pods' restart and
+///   the verification each get one more step limit from there ([`restart_pods_limit`],
+///   [`verify_limit`]).
 #[must_use]
 pub fn keeps_since(p: Phase) -> bool {
-    matches!(p, Phase::AgentRestarted | Phase::PodsRestarted)
+    matches!(
+        p,
+        Phase::AgentRestarted | Phase::AgentReady | Phase::PodsRestarted | Phase::Verified
+    )
 }
 
-/// How long after the uncordon (see [`keeps_since`]) a node may take to restart its pods and pass
-/// verification: twice the step limit, so the verification still has at least one step limit
-/// after a pod restart that took its whole one.
+/// How long after the agent's restart request (see [`keeps_since`]) a node may take to have no
+/// pod left on Calico: twice the step limit, so the pods' restart still has at least one step
+/// limit after an agent restart that took its whole one.
+#[must_use]
+pub fn restart_pods_limit(cfg: &StepConfig) -> Duration {
+    cfg.step_timeout.saturating_mul(2)
+}
+
+/// How long after the agent's restart request (see [`keeps_since`]) a node may take to pass
+/// verification: three times the step limit, so the verification still has at least one step
+/// limit after an agent restart and a pod restart that each took their whole one.
 #[must_use]
 pub fn verify_limit(cfg: &StepConfig) -> Duration {
-    cfg.step_timeout.saturating_mul(2)
+    cfg.step_timeout.saturating_mul(3)
+}
+
+/// The record the uncordon of a verified node carries when the store writes both in one request
+/// ([`crate::ports::StateStore::save_with`]): the node is then migrated, so the record says
+/// [`Phase::Done`] and no write of its own follows. `None` for any other record (a store that
+/// cannot carry the uncordon saves the [`Phase::Verified`] record before it, and the next look
+/// finds the node uncordoned and writes `Done`).
+#[must_use]
+pub fn uncordoned_record(record: &NodeRecord, now: Time) -> Option<NodeRecord> {
+    if record.phase != Phase::Verified {
+        return None;
+    }
+    let mut rec = record.clone();
+    rec.enter(Phase::Done, now);
+    Some(rec)
+}
+
+/// The agent is Ready with the node config and Cilium's CNI config is written.
+fn agent_ok(obs: &Observation<'_>, cfg: &StepConfig) -> bool {
+    obs.agent
+        .is_some_and(|a| a.ready && a.node_config.as_deref() == Some(cfg.node_config.as_str()))
+        && obs.cni.cilium_conflist
 }
 
 fn timed_out(rec: &NodeRecord, limit: Duration, now: Time) -> bool {
@@ -443,10 +478,7 @@ fn step(rec: &mut NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, now: Time
             }
         },
         Phase::AgentRestarted => {
-            let ok = obs.agent.is_some_and(|a| {
-                a.ready && a.node_config.as_deref() == Some(cfg.node_config.as_str())
-            }) && obs.cni.cilium_conflist;
-            if ok {
+            if agent_ok(obs, cfg) {
                 return Step::Advance(Phase::AgentReady);
             }
             if timed_out(rec, cfg.step_timeout, now) {
@@ -471,37 +503,55 @@ fn step(rec: &mut NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, now: Time
                 "waiting for the new Cilium agent to become Ready with the node config".into(),
             ))
         }
-        Phase::AgentReady => {
-            // The agent was Ready with the node config when the phase was entered; the node
-            // may have gone NotReady since (a node that is not Ready keeps no Ready agent).
-            // Uncordoning now would schedule pods onto a node without a working CNI.
-            let ok = obs.agent.is_some_and(|a| {
-                a.ready && a.node_config.as_deref() == Some(cfg.node_config.as_str())
-            }) && obs.cni.cilium_conflist;
-            if !ok {
-                if timed_out(rec, cfg.step_timeout, now) {
-                    return failed(
-                        rec,
-                        format!(
-                            "step Uncordon: the Cilium agent stopped being Ready with the node config and did not recover within {:?}",
-                            cfg.step_timeout
-                        ),
-                        now,
-                    );
-                }
-                return Step::Act(Action::Wait(
-                    "waiting for the Cilium agent to be Ready again before uncordoning".into(),
-                ));
+        Phase::AgentReady => recycle(
+            rec,
+            obs,
+            now,
+            restart_pods_limit(cfg),
+            PodNetwork::Calico,
+            Phase::PodsRestarted,
+        ),
+        Phase::PodsRestarted => {
+            // The agent was Ready with the node config when the node got here; the node may
+            // have gone NotReady since (a node that is not Ready keeps no Ready agent).
+            if agent_ok(obs, cfg) {
+                return Step::Act(Action::Verify);
             }
-            if rec.pre_cordoned == Some(true) || !obs.unschedulable() {
+            if timed_out(rec, verify_limit(cfg), now) {
+                return failed(
+                    rec,
+                    format!(
+                        "step Verify: the Cilium agent stopped being Ready with the node config and did not recover within {:?} of its restart",
+                        verify_limit(cfg)
+                    ),
+                    now,
+                );
+            }
+            Step::Act(Action::Wait(
+                "waiting for the Cilium agent to be Ready again before verifying".into(),
+            ))
+        }
+        Phase::Verified => {
+            // Uncordoning would schedule pods onto a node without a working CNI: if the agent
+            // stopped being Ready since the verification, verify again (within the same limit).
+            if !agent_ok(obs, cfg) {
+                Step::Advance(Phase::PodsRestarted)
+            } else if rec.pre_cordoned == Some(true) || !obs.unschedulable() {
                 Step::Advance(Phase::Uncordoned)
             } else {
                 Step::Act(Action::Uncordon)
             }
         }
-        Phase::Uncordoned => recycle(rec, obs, cfg, now, PodNetwork::Calico, Phase::PodsRestarted),
-        Phase::PodsRestarted => Step::Act(Action::Verify),
-        Phase::Verified => Step::Advance(Phase::Done),
+        // Only a record written by an older cnimig, which uncordoned before the pods' restart,
+        // stays here: move what is left on Calico, then the node is done.
+        Phase::Uncordoned => recycle(
+            rec,
+            obs,
+            now,
+            cfg.step_timeout,
+            PodNetwork::Calico,
+            Phase::Done,
+        ),
         Phase::Done | Phase::RolledBack | Phase::Failed => Step::Act(Action::Finished),
         Phase::RollingBack => rollback_step(rec, obs, cfg, now),
     }
@@ -582,8 +632,8 @@ fn misplaced<'a>(obs: &'a Observation<'_>, wrong: PodNetwork) -> impl Iterator<I
 fn recycle(
     rec: &mut NodeRecord,
     obs: &Observation<'_>,
-    cfg: &StepConfig,
     now: Time,
+    limit: Duration,
     wrong: PodNetwork,
     next: Phase,
 ) -> Step {
@@ -603,17 +653,14 @@ fn recycle(
     if remaining == 0 {
         return Step::Advance(next);
     }
-    if timed_out(rec, cfg.step_timeout, now) {
+    if timed_out(rec, limit, now) {
         let what = rec
             .last_problem
             .clone()
             .unwrap_or_else(|| format!("{remaining} pod(s) still on {wrong:?}"));
         return failed(
             rec,
-            format!(
-                "step RestartPods: not finished after {:?}: {what}",
-                cfg.step_timeout
-            ),
+            format!("step RestartPods: not finished after {limit:?}: {what}"),
             now,
         );
     }
@@ -627,8 +674,8 @@ fn recycle(
 }
 
 /// Feeds a verification result back to a node in [`Phase::PodsRestarted`]. Unhealthy results are
-/// retried until [`verify_limit`] after the uncordon, then the node rolls back naming the
-/// problems.
+/// retried until [`verify_limit`] after the agent's restart request, then the node rolls back
+/// naming the problems.
 #[must_use]
 pub fn on_verification(
     record: &NodeRecord,
@@ -641,7 +688,11 @@ pub fn on_verification(
         return rec;
     }
     match result {
-        Verification::Healthy => rec.enter(Phase::Verified, now),
+        Verification::Healthy => {
+            let since = rec.since;
+            rec.enter(Phase::Verified, now);
+            rec.since = since;
+        }
         Verification::Unhealthy(problems) => {
             let text = problems.join("; ");
             if timed_out(&rec, verify_limit(cfg), now) {

@@ -39,7 +39,8 @@ use crate::config::{FailurePolicy, MigrationConfig};
 use crate::events::{Discard, Event, EventSink};
 use crate::machine::{
     Action, NodeRecord, Observation, Phase, RollbackStep, STATE_ANNOTATION, StepConfig, decide,
-    keeps_since, on_verification, rollback_step_limit, start_rollback, with_problem,
+    keeps_since, on_verification, rollback_step_limit, start_rollback, uncordoned_record,
+    with_problem,
 };
 use crate::model::{ClusterSnapshot, NodeName, Time};
 use crate::plan::{Plan, PlannedNode, Skipped, in_scope, plan};
@@ -345,25 +346,18 @@ fn drains(r: &NodeRecord) -> bool {
 ///
 /// A record is written ahead of what a resumed run could not work out from the cluster: that
 /// the run started the node and whether the node was cordoned before it (the node's first
-/// record, which the cordon carries), the agent pod to replace (before it is deleted), every
-/// step of a rollback, and the phase a node ends in; and when a step whose limit must survive a
-/// restart began (for a node cordoned before the run, which has no uncordon write, the moving of
-/// its pods; the verification is timed from the uncordon, see [`crate::machine::keeps_since`]).
-/// The node changes that carry the record (cordon, label, uncordon, unlabel) write it anyway.
-/// The other steps (drained, agent restarted, agent ready, uncordoned, pods restarted, verified)
-/// are seen complete from the node, its pods and its agent, or redone (a verification): a
-/// resumed run finds them again in its first look ([`decide`] advances through every step a look
-/// shows complete), so they are kept in memory until the next write carries them. A resumed run
-/// times the step one past the stored record from that record, later ones from its own first
-/// look ([`Orchestrator::look`]).
+/// record, which the cordon carries), the agent pod to replace (before it is deleted; the label
+/// carries it), every step of a rollback, and the phase a node ends in (which the uncordon
+/// carries). The node changes that carry the record (cordon, label, uncordon, unlabel) write it
+/// anyway. The other steps (drained, agent restarted, agent ready, pods restarted, verified,
+/// uncordoned) are seen complete from the node, its pods and its agent, or redone (a
+/// verification): a resumed run finds them again in its first look ([`decide`] advances through
+/// every step a look shows complete), so they are kept in memory until the next write carries
+/// them. A resumed run times the step one past the stored record from that record, and the steps
+/// after the agent's restart from that restart ([`crate::machine::keeps_since`]), later ones
+/// from its own first look ([`Orchestrator::look`]).
 fn needs_store(stored: &NodeRecord, next: &NodeRecord) -> bool {
-    // A step whose limit must survive a restart exactly: for a node cordoned before the run (no
-    // uncordon write) the moving of its pods.
-    let timed = next.phase != stored.phase
-        && next.phase == Phase::Uncordoned
-        && next.pre_cordoned == Some(true);
-    timed
-        || next.phase.is_terminal()
+    next.phase.is_terminal()
         || next.phase == Phase::RollingBack
         || stored.phase == Phase::RollingBack
         || next.pre_cordoned != stored.pre_cordoned
@@ -386,9 +380,42 @@ fn resumed_since(began: Time, alive_until: Option<Time>, now: Time) -> Time {
     }
 }
 
+/// The cluster's schedulable nodes for [`crate::plan::in_flight_limit`]: the Ready nodes the plan
+/// saw, less those cordoned then other than by the migration (a node a stopped run cordoned
+/// counts, as it did for that run: a resumed run keeps the same limit).
+fn schedulable_nodes(plan: &Plan, records: &BTreeMap<NodeName, NodeRecord>) -> usize {
+    let by_us = |n: &NodeName| {
+        records
+            .get(n)
+            .is_some_and(|r| r.pre_cordoned == Some(false))
+    };
+    let cordoned = plan.cordoned_ready.iter().filter(|n| !by_us(n)).count();
+    plan.ready_nodes.saturating_sub(cordoned)
+}
+
 /// True for errors after which a write may or may not have been applied.
 fn maybe_applied(e: &PortError) -> bool {
     matches!(e, PortError::Timeout { .. } | PortError::Unavailable { .. })
+}
+
+/// A change to the node that a record's save carries where the store can
+/// ([`Orchestrator::persist`]).
+struct Carry<'a> {
+    change: &'a NodeChange,
+    /// The record to store instead when the change goes in the same write (the step the change
+    /// completes is then stored with it), and the phases entered on the way to it.
+    record: Option<NodeRecord>,
+    entered: Vec<Phase>,
+}
+
+impl<'a> Carry<'a> {
+    fn change(change: &'a NodeChange) -> Self {
+        Carry {
+            change,
+            record: None,
+            entered: Vec::new(),
+        }
+    }
 }
 
 /// What a save did ([`Orchestrator::persist`]).
@@ -643,7 +670,10 @@ impl Orchestrator {
         });
 
         let limits = Limits {
-            max_in_flight: self.cfg.max_in_flight,
+            max_in_flight: crate::plan::in_flight_limit(
+                self.cfg.max_in_flight,
+                schedulable_nodes(plan, &records),
+            ),
             control_plane_last: self.cfg.control_plane_last,
         };
         // An earlier run stopped on a failed node: so does this one (as a run never killed would
@@ -765,7 +795,7 @@ impl Orchestrator {
                 // Start new nodes.
                 if stopped.is_none()
                     && !pending.is_empty()
-                    && flying.len() < self.cfg.max_in_flight as usize
+                    && flying.len() < limits.max_in_flight as usize
                 {
                     let started_now = self
                         .start_nodes(&mut pending, &mut flying, &mut retried, limits, sink, now)
@@ -1173,7 +1203,8 @@ impl Orchestrator {
                     let mut next = f.record.clone();
                     next.since = now;
                     let change = NodeChange::Unschedulable(true);
-                    match self.persist(f, next, &[], Some(&change), sink, now).await? {
+                    let carry = Carry::change(&change);
+                    match self.persist(f, next, &[], Some(carry), sink, now).await? {
                         Saved::No => continue,
                         Saved::WithChange => {
                             cordoned.push(name);
@@ -1232,21 +1263,21 @@ impl Orchestrator {
         ))
     }
 
-    /// [`save_via`](Self::save_via), with `change` to the node carried by the same write when
+    /// [`save_via`](Self::save_via), with a change to the node carried by the same write when
     /// the store can ([`StateStore::save_with`]): both land or neither, so the record is still
     /// never behind the cluster. [`Saved::WithChange`] when the change went with the record
-    /// (the caller must not apply it again).
+    /// (the caller must not apply it again); the record stored is then the carry's own, when it
+    /// has one.
     async fn persist(
         &self,
         f: &mut Flying,
         next: NodeRecord,
         entered: &[Phase],
-        change: Option<&NodeChange>,
+        carry: Option<Carry<'_>>,
         sink: &dyn EventSink,
         now: Time,
     ) -> Result<Saved, RunError> {
-        if !f.unsaved && (next == f.stored || (change.is_none() && !needs_store(&f.stored, &next)))
-        {
+        if !f.unsaved && (next == f.stored || (carry.is_none() && !needs_store(&f.stored, &next))) {
             self.emit_phases(f, &next, entered, sink, now);
             f.record = next;
             return Ok(Saved::Yes);
@@ -1256,12 +1287,28 @@ impl Orchestrator {
         // Folded only when the combined write is known to have gone through: a record found
         // stored after an error may come from another write of it, so the change is then
         // applied again (cordon, label and uncordon are idempotent).
-        let (result, folded) = match change {
-            Some(c) => match store.save_with(&name, f.base(), &next, c).await {
-                Ok(true) => (Ok(()), true),
-                Ok(false) => (store.save(&name, f.base(), &next).await, false),
-                Err(e) => (Err(e), false),
-            },
+        let mut next = next;
+        let mut entered = entered.to_vec();
+        // The carry's own record, while it may have landed with the change.
+        let mut instead: Option<(NodeRecord, Vec<Phase>)> = None;
+        let (result, mut folded) = match carry {
+            Some(c) => {
+                let with = c.record.as_ref().unwrap_or(&next);
+                match store.save_with(&name, f.base(), with, c.change).await {
+                    Ok(true) => {
+                        if let Some(r) = c.record {
+                            next = r;
+                            entered.extend(c.entered);
+                        }
+                        (Ok(()), true)
+                    }
+                    Ok(false) => (store.save(&name, f.base(), &next).await, false),
+                    Err(e) => {
+                        instead = c.record.map(|r| (r, c.entered));
+                        (Err(e), false)
+                    }
+                }
+            }
             None => (store.save(&name, f.base(), &next).await, false),
         };
         let stored = match result {
@@ -1293,9 +1340,19 @@ impl Orchestrator {
                 // A timeout or a 5xx may hide a write that landed: read it back.
                 maybe_applied(&e)
                     && match self.stored(&name).await {
+                        // The carry's record landed, so did the change with it (one write).
+                        Ok(Some(r)) if instead.as_ref().is_some_and(|(i, _)| *i == r) => {
+                            if let Some((_, way)) = instead.take() {
+                                entered.extend(way);
+                            }
+                            next = r;
+                            folded = true;
+                            true
+                        }
                         Ok(r) => r.as_ref() == Some(&next),
                         Err(_) => {
                             f.uncertain.push(next.clone());
+                            f.uncertain.extend(instead.take().map(|(r, _)| r));
                             false
                         }
                     }
@@ -1305,7 +1362,7 @@ impl Orchestrator {
         if !stored {
             return Ok(Saved::No);
         }
-        self.emit_phases(f, &next, entered, sink, now);
+        self.emit_phases(f, &next, &entered, sink, now);
         f.stored = next.clone();
         f.record = next;
         f.uncertain.clear();
@@ -1350,8 +1407,8 @@ impl Orchestrator {
 
     /// Looks at one node and acts, then, while the action took effect at once (a cordon, a
     /// label, an uncordon, a verification that passed), looks again within the same tick: the
-    /// node goes cordon then evict, label then restart, uncordon then recycle, verified then done
-    /// without waiting a poll interval between. `cordon_only` takes one look and acts only if
+    /// node goes cordon then evict, label then restart, verified then uncordon then done without
+    /// waiting a poll interval between. `cordon_only` takes one look and acts only if
     /// that is a cordon (used to cordon every node started at one look before any of them evicts,
     /// so that evicted pods do not land on a node about to be cordoned).
     async fn advance(
@@ -1462,8 +1519,18 @@ impl Orchestrator {
             Action::Unlabel if !cordon_only => Some(label(None)),
             _ => None,
         };
+        // The uncordon of a verified node completes its migration: where it goes in the
+        // record's write, that write says Done and no other follows.
+        let carry = change.as_ref().map(|c| Carry {
+            change: c,
+            record: match d.action {
+                Action::Uncordon => uncordoned_record(&d.record, now),
+                _ => None,
+            },
+            entered: vec![Phase::Uncordoned, Phase::Done],
+        });
         match self
-            .persist(f, d.record, &d.entered, change.as_ref(), sink, now)
+            .persist(f, d.record, &d.entered, carry, sink, now)
             .await?
         {
             Saved::No => return Ok(None),

@@ -23,6 +23,13 @@ pub struct Skipped {
 pub struct Plan {
     /// Preflight results; the run refuses to start while any failed.
     pub preflight: PreflightReport,
+    /// Ready nodes in the whole cluster when planned.
+    pub ready_nodes: usize,
+    /// Of those, the ones cordoned when planned (by a person, or by a run that stopped: a run
+    /// counts the nodes whose record says the migration cordoned them as schedulable). A run
+    /// never has every schedulable node in flight at once (each stays cordoned until it is
+    /// verified): the pods a drain evicts need a node to go to ([`in_flight_limit`]).
+    pub cordoned_ready: Vec<NodeName>,
     /// Nodes to migrate, in the order they are considered (workers interleaved by zone, then
     /// control-plane nodes).
     pub order: Vec<PlannedNode>,
@@ -70,6 +77,19 @@ pub fn in_scope(scope: &NodeScope, node: &Node) -> bool {
     }
 }
 
+/// The most nodes a run has in flight at once: `max_in_flight`, but at most one less than the
+/// cluster's `schedulable` nodes (when it has two or more), so that at least one node is left
+/// for the pods a drain evicts while every node in flight is cordoned; never below one.
+#[must_use]
+pub fn in_flight_limit(max_in_flight: u32, schedulable: usize) -> u32 {
+    let room = u32::try_from(schedulable.saturating_sub(1)).unwrap_or(u32::MAX);
+    if schedulable >= 2 {
+        max_in_flight.min(room).max(1)
+    } else {
+        max_in_flight.max(1)
+    }
+}
+
 /// Computes the plan. Pure.
 #[must_use]
 pub fn plan(snapshot: &ClusterSnapshot, cfg: &MigrationConfig) -> Plan {
@@ -92,6 +112,13 @@ pub fn plan(snapshot: &ClusterSnapshot, cfg: &MigrationConfig) -> Plan {
     let report = preflight(snapshot, cfg, &scope);
     Plan {
         preflight: report,
+        ready_nodes: snapshot.nodes.iter().filter(|n| n.ready).count(),
+        cordoned_ready: snapshot
+            .nodes
+            .iter()
+            .filter(|n| n.ready && n.unschedulable)
+            .map(|n| n.name.clone())
+            .collect(),
         order: order_nodes(&chosen, cfg.control_plane_last),
         skipped,
         inputs,
@@ -133,4 +160,20 @@ pub fn order_nodes(nodes: &[&Node], control_plane_last: bool) -> Vec<PlannedNode
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::in_flight_limit;
+
+    #[test]
+    fn the_in_flight_limit_leaves_one_schedulable_node() {
+        assert_eq!(in_flight_limit(4, 10), 4);
+        assert_eq!(in_flight_limit(4, 4), 3);
+        assert_eq!(in_flight_limit(2, 2), 1);
+        // A one-node cluster (or one with every node cordoned) still migrates, one at a time.
+        assert_eq!(in_flight_limit(3, 1), 3);
+        assert_eq!(in_flight_limit(3, 0), 3);
+        assert_eq!(in_flight_limit(0, 5), 1);
+    }
 }

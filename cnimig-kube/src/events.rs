@@ -43,9 +43,9 @@ const FORWARD: [Phase; 9] = [
     Phase::Labelled,
     Phase::AgentRestarted,
     Phase::AgentReady,
-    Phase::Uncordoned,
     Phase::PodsRestarted,
     Phase::Verified,
+    Phase::Uncordoned,
     Phase::Done,
 ];
 
@@ -273,7 +273,7 @@ mod tests {
                 to: Phase::Done,
                 at: Time(0)
             }),
-            vec!["NodeUncordoned", "PodsRestarted", "NodeVerified"]
+            vec!["PodsRestarted", "NodeVerified", "NodeUncordoned"]
         );
         assert_eq!(
             reasons(&Event::Phase {

@@ -131,20 +131,26 @@ impl State {
 }
 
 /// Whether the persisted record (`annotation`) of a node justifies the operation `op` on it: the
-/// orchestrator must save the record that leads to an action before taking the action.
+/// orchestrator must save the record that leads to an action before taking the action, or
+/// (`carried`) save it in the same write as the action.
 ///
 /// The orchestrator keeps in memory the steps a resumed run finds complete by looking (drained,
-/// agent restarted, agent ready, uncordoned, pods restarted, verified), so an operation is
+/// agent restarted, agent ready, pods restarted, verified, uncordoned), so an operation is
 /// justified by the last record that must be stored ahead of it:
 /// - a drain's eviction by the record carried with the cordon (`Pending`, knowing whether the
 ///   node was cordoned before the run) or `Cordoned`;
 /// - the label by `Drained`, the agent restart by `Drained` (the record the label carries) or
 ///   `Labelled`, naming the agent pod;
-/// - the uncordon by `AgentReady`;
 /// - moving pods still on Calico (evict, delete) by a record that names the replaced agent pod
-///   and has not gone past verification;
+///   and has not gone past verification (the one the label carries, in `Drained`);
+/// - the uncordon by `Verified`, or by `Done` when the record lands in the same write (a
+///   store that carries the uncordon writes the migrated node's last record with it);
 /// - every rollback operation by the rollback step that does it.
-pub(crate) fn write_ahead(annotation: Option<&str>, op: &OpKind) -> Result<(), String> {
+pub(crate) fn write_ahead(
+    annotation: Option<&str>,
+    op: &OpKind,
+    carried: bool,
+) -> Result<(), String> {
     let Some(a) = annotation else {
         return Err("the node has no record".into());
     };
@@ -156,14 +162,16 @@ pub(crate) fn write_ahead(annotation: Option<&str>, op: &OpKind) -> Result<(), S
     let rb_step = rb.map(|r| r.step);
     let draining =
         (rec.phase == Phase::Pending && rec.pre_cordoned.is_some()) || rec.phase == Phase::Cordoned;
+    // `Uncordoned` only in a record of an older cnimig, which uncordoned before the pods moved.
     let agent_replaced = rec.agent_restarted_from.is_some()
         && matches!(
             rec.phase,
-            Phase::Labelled
+            Phase::Drained
+                | Phase::Labelled
                 | Phase::AgentRestarted
                 | Phase::AgentReady
-                | Phase::Uncordoned
                 | Phase::PodsRestarted
+                | Phase::Uncordoned
         );
     let ok = match op {
         OpKind::Cordon => rec.phase == Phase::Pending || rb_step == Some(RollbackStep::Cordon),
@@ -186,7 +194,9 @@ pub(crate) fn write_ahead(annotation: Option<&str>, op: &OpKind) -> Result<(), S
                 })
         }
         OpKind::Uncordon => {
-            rec.phase == Phase::AgentReady || rb_step == Some(RollbackStep::Uncordon)
+            rec.phase == Phase::Verified
+                || (carried && rec.phase == Phase::Done && rec.pre_cordoned == Some(false))
+                || rb_step == Some(RollbackStep::Uncordon)
         }
         OpKind::RestoreCni => rb_step == Some(RollbackStep::RestoreCni),
         OpKind::Unlabel { .. } => rb_step == Some(RollbackStep::Unlabel),
@@ -212,26 +222,26 @@ mod tests {
     #[test]
     fn write_ahead_needs_the_record_of_the_step() {
         let mut rec = NodeRecord::new(Time(0));
-        assert!(write_ahead(None, &OpKind::Cordon).is_err());
-        assert!(write_ahead(Some(&rec.to_annotation()), &OpKind::Cordon).is_ok());
+        assert!(write_ahead(None, &OpKind::Cordon, false).is_err());
+        assert!(write_ahead(Some(&rec.to_annotation()), &OpKind::Cordon, false).is_ok());
         let label = OpKind::Label {
             key: "k".into(),
             value: "true".into(),
         };
-        assert!(write_ahead(Some(&rec.to_annotation()), &label).is_err());
+        assert!(write_ahead(Some(&rec.to_annotation()), &label, false).is_err());
         rec.phase = Phase::Labelled;
         let restart = OpKind::RestartAgent { uid: "a".into() };
-        assert!(write_ahead(Some(&rec.to_annotation()), &restart).is_err());
+        assert!(write_ahead(Some(&rec.to_annotation()), &restart, false).is_err());
         rec.agent_restarted_from = Some("a".into());
-        assert!(write_ahead(Some(&rec.to_annotation()), &restart).is_ok());
+        assert!(write_ahead(Some(&rec.to_annotation()), &restart, false).is_ok());
         // The record the label carries names the agent pod to replace.
         rec.phase = Phase::Drained;
-        assert!(write_ahead(Some(&rec.to_annotation()), &restart).is_ok());
+        assert!(write_ahead(Some(&rec.to_annotation()), &restart, false).is_ok());
         let other = OpKind::RestartAgent { uid: "b".into() };
-        assert!(write_ahead(Some(&rec.to_annotation()), &other).is_err());
+        assert!(write_ahead(Some(&rec.to_annotation()), &other, false).is_err());
         rec.phase = Phase::Cordoned;
-        assert!(write_ahead(Some(&rec.to_annotation()), &restart).is_err());
-        assert!(write_ahead(Some("garbage"), &OpKind::Cordon).is_err());
+        assert!(write_ahead(Some(&rec.to_annotation()), &restart, false).is_err());
+        assert!(write_ahead(Some("garbage"), &OpKind::Cordon, false).is_err());
     }
 
     #[test]
@@ -247,18 +257,48 @@ mod tests {
         };
         let mut rec = NodeRecord::new(Time(0));
         // Before the cordon's record says whether the node was cordoned before the run.
-        assert!(write_ahead(Some(&rec.to_annotation()), &evict).is_err());
+        assert!(write_ahead(Some(&rec.to_annotation()), &evict, false).is_err());
         rec.pre_cordoned = Some(false);
-        assert!(write_ahead(Some(&rec.to_annotation()), &evict).is_ok());
-        assert!(write_ahead(Some(&rec.to_annotation()), &delete).is_err());
+        assert!(write_ahead(Some(&rec.to_annotation()), &evict, false).is_ok());
+        assert!(write_ahead(Some(&rec.to_annotation()), &delete, false).is_err());
         // Labelled: nothing is evicted until the agent pod to replace is stored.
         rec.phase = Phase::Labelled;
-        assert!(write_ahead(Some(&rec.to_annotation()), &evict).is_err());
+        assert!(write_ahead(Some(&rec.to_annotation()), &evict, false).is_err());
         rec.agent_restarted_from = Some("a".into());
-        assert!(write_ahead(Some(&rec.to_annotation()), &evict).is_ok());
-        assert!(write_ahead(Some(&rec.to_annotation()), &delete).is_ok());
+        assert!(write_ahead(Some(&rec.to_annotation()), &evict, false).is_ok());
+        assert!(write_ahead(Some(&rec.to_annotation()), &delete, false).is_ok());
+        // The record the label carries names it too: the pods move under it.
+        rec.phase = Phase::Drained;
+        assert!(write_ahead(Some(&rec.to_annotation()), &evict, false).is_ok());
+        assert!(write_ahead(Some(&rec.to_annotation()), &delete, false).is_ok());
+        rec.phase = Phase::Verified;
+        assert!(write_ahead(Some(&rec.to_annotation()), &evict, false).is_err());
         rec.phase = Phase::Done;
-        assert!(write_ahead(Some(&rec.to_annotation()), &evict).is_err());
-        assert!(write_ahead(Some(&rec.to_annotation()), &delete).is_err());
+        assert!(write_ahead(Some(&rec.to_annotation()), &evict, false).is_err());
+        assert!(write_ahead(Some(&rec.to_annotation()), &delete, false).is_err());
+    }
+
+    #[test]
+    fn the_uncordon_needs_the_verified_record_or_lands_with_the_last_one() {
+        let mut rec = NodeRecord::new(Time(0));
+        rec.pre_cordoned = Some(false);
+        rec.agent_restarted_from = Some("a".into());
+        for phase in [Phase::Drained, Phase::AgentReady, Phase::PodsRestarted] {
+            rec.phase = phase;
+            assert!(
+                write_ahead(Some(&rec.to_annotation()), &OpKind::Uncordon, true).is_err(),
+                "{phase:?}"
+            );
+        }
+        rec.phase = Phase::Verified;
+        assert!(write_ahead(Some(&rec.to_annotation()), &OpKind::Uncordon, false).is_ok());
+        // Done saved ahead of the uncordon would leave the node cordoned if the run died
+        // between the two: only a write that carries both may say Done.
+        rec.phase = Phase::Done;
+        assert!(write_ahead(Some(&rec.to_annotation()), &OpKind::Uncordon, false).is_err());
+        assert!(write_ahead(Some(&rec.to_annotation()), &OpKind::Uncordon, true).is_ok());
+        // Never for a node a person had cordoned.
+        rec.pre_cordoned = Some(true);
+        assert!(write_ahead(Some(&rec.to_annotation()), &OpKind::Uncordon, true).is_err());
     }
 }

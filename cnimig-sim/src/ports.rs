@@ -14,8 +14,8 @@ use cnimig_core::machine::NodeRecord;
 use cnimig_core::model::{CalicoFacts, NodeName, PodRef, Time};
 use cnimig_core::ports::{
     AgentObservation, BudgetView, Clock, Cluster, CniDirState, EvictOutcome, Inventory,
-    LockOutcome, NewCni, NodeView, OldCni, PodBudgets, PortError, StateStore, Verification,
-    Verifier,
+    LockOutcome, NewCni, NodeChange, NodeView, OldCni, PodBudgets, PortError, StateStore,
+    Verification, Verifier,
 };
 
 use crate::faults::Call;
@@ -162,25 +162,7 @@ impl Cluster for SimCluster {
             return Err(e);
         }
         let n = s.idx(node)?;
-        let was = s.nodes.get(n).is_some_and(|x| x.node.unschedulable);
-        if unschedulable {
-            if !was {
-                s.on_migration_cordon(n);
-                s.cordoned_by_us.insert(n);
-            }
-            s.log(n, OpKind::Cordon);
-        } else {
-            if s.labelled(n) && !s.agent_ready_with_config(n) {
-                s.violate(
-                    ViolationKind::Order,
-                    format!("node {node} uncordoned while labelled for Cilium but its agent is not Ready with the node config"),
-                );
-            }
-            s.cordoned_by_us.remove(&n);
-            s.log(n, OpKind::Uncordon);
-        }
-        s.set_unschedulable(n, unschedulable);
-        s.check_reach();
+        s.apply_unschedulable(n, unschedulable);
         inj.after(Ok(()))
     }
 
@@ -197,58 +179,7 @@ impl Cluster for SimCluster {
             return Err(e);
         }
         let n = s.idx(node)?;
-        if let Err(why) = cnimig_core::config::validate_label_key(key) {
-            return Err(PortError::Invalid {
-                what: format!("label {key:?} on node {node}"),
-                detail: why.into(),
-            });
-        }
-        match value {
-            Some(v) => {
-                if v == "true" && s.is_migration_label(key) {
-                    let schedulable = s.nodes.get(n).is_some_and(|x| !x.node.unschedulable);
-                    let left: Vec<String> =
-                        s.drainable_since_cordon(n).map(|(_, p)| p.key()).collect();
-                    if schedulable || !left.is_empty() {
-                        let why = if schedulable {
-                            "it is schedulable".to_string()
-                        } else {
-                            format!(
-                                "{} drainable pod(s) are still on it ({})",
-                                left.len(),
-                                left.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
-                            )
-                        };
-                        s.violate(
-                            ViolationKind::Order,
-                            format!("node {node} labelled {key}=true while {why}"),
-                        );
-                    }
-                }
-                if let Some(x) = s.nodes.get_mut(n) {
-                    x.node.labels.insert(key.to_string(), v.to_string());
-                }
-                s.log(
-                    n,
-                    OpKind::Label {
-                        key: key.to_string(),
-                        value: v.to_string(),
-                    },
-                );
-            }
-            None => {
-                if let Some(x) = s.nodes.get_mut(n) {
-                    x.node.labels.remove(key);
-                }
-                s.log(
-                    n,
-                    OpKind::Unlabel {
-                        key: key.to_string(),
-                    },
-                );
-            }
-        }
-        s.check_reach();
+        s.apply_label(n, key, value)?;
         inj.after(Ok(()))
     }
 
@@ -478,24 +409,46 @@ impl StateStore for SimCluster {
             return Err(e);
         }
         let n = s.idx(node)?;
-        let Some(x) = s.nodes.get_mut(n) else {
-            return Err(not_found(node));
-        };
-        let same = match (&x.annotation, prev) {
-            (None, None) => true,
-            (Some(a), Some(p)) => NodeRecord::from_annotation(a).is_ok_and(|r| &r == p),
-            _ => false,
-        };
-        if !same {
-            return Err(PortError::Conflict {
-                what: format!(
-                    "node {node} annotation {}",
-                    cnimig_core::machine::STATE_ANNOTATION
-                ),
+        s.swap_record(node, n, prev, next)?;
+        inj.after(Ok(()))
+    }
+
+    /// One write, as on the Kubernetes API (a JSON Patch that tests the record, replaces it and
+    /// sets the field): both land or neither.
+    async fn save_with(
+        &self,
+        node: &NodeName,
+        prev: Option<&NodeRecord>,
+        next: &NodeRecord,
+        change: &NodeChange,
+    ) -> Result<bool, PortError> {
+        let mut s = self.lock();
+        s.count("StateStore::save_with");
+        let inj = s.api_fault("StateStore::save_with", Call::Exclusive);
+        if let Some(e) = inj.before() {
+            return Err(e);
+        }
+        let n = s.idx(node)?;
+        if let NodeChange::Label { key, .. } = change
+            && let Err(why) = cnimig_core::config::validate_label_key(key)
+        {
+            return Err(PortError::Invalid {
+                what: format!("label {key:?} on node {node}"),
+                detail: why.into(),
             });
         }
-        x.annotation = Some(next.to_annotation());
-        inj.after(Ok(()))
+        s.swap_record(node, n, prev, next)?;
+        s.carried = true;
+        let applied = match change {
+            NodeChange::Unschedulable(on) => {
+                s.apply_unschedulable(n, *on);
+                Ok(())
+            }
+            NodeChange::Label { key, value } => s.apply_label(n, key, value.as_deref()),
+        };
+        s.carried = false;
+        applied?;
+        inj.after(Ok(true))
     }
 
     async fn acquire_lock(
@@ -551,5 +504,127 @@ impl Clock for SimCluster {
         self.lock().count("Clock::sleep_until");
         YieldOnce(false).await;
         self.lock().advance_to(t);
+    }
+}
+
+impl State {
+    /// Cordons or uncordons node `n`, checking the order invariant.
+    fn apply_unschedulable(&mut self, n: usize, unschedulable: bool) {
+        let was = self.nodes.get(n).is_some_and(|x| x.node.unschedulable);
+        if unschedulable {
+            if !was {
+                self.on_migration_cordon(n);
+                self.cordoned_by_us.insert(n);
+            }
+            self.log(n, OpKind::Cordon);
+        } else {
+            if self.labelled(n) && !self.agent_ready_with_config(n) {
+                let node = self
+                    .nodes
+                    .get(n)
+                    .map(|x| x.node.name.to_string())
+                    .unwrap_or_default();
+                self.violate(
+                    ViolationKind::Order,
+                    format!("node {node} uncordoned while labelled for Cilium but its agent is not Ready with the node config"),
+                );
+            }
+            self.cordoned_by_us.remove(&n);
+            self.log(n, OpKind::Uncordon);
+        }
+        self.set_unschedulable(n, unschedulable);
+        self.check_reach();
+    }
+
+    /// Sets (`Some`) or removes (`None`) label `key` on node `n`, checking the order invariant.
+    fn apply_label(&mut self, n: usize, key: &str, value: Option<&str>) -> Result<(), PortError> {
+        let node = self
+            .nodes
+            .get(n)
+            .map(|x| x.node.name.to_string())
+            .unwrap_or_default();
+        if let Err(why) = cnimig_core::config::validate_label_key(key) {
+            return Err(PortError::Invalid {
+                what: format!("label {key:?} on node {node}"),
+                detail: why.into(),
+            });
+        }
+        match value {
+            Some(v) => {
+                if v == "true" && self.is_migration_label(key) {
+                    let schedulable = self.nodes.get(n).is_some_and(|x| !x.node.unschedulable);
+                    let left: Vec<String> = self
+                        .drainable_since_cordon(n)
+                        .map(|(_, p)| p.key())
+                        .collect();
+                    if schedulable || !left.is_empty() {
+                        let why = if schedulable {
+                            "it is schedulable".to_string()
+                        } else {
+                            format!(
+                                "{} drainable pod(s) are still on it ({})",
+                                left.len(),
+                                left.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+                            )
+                        };
+                        self.violate(
+                            ViolationKind::Order,
+                            format!("node {node} labelled {key}=true while {why}"),
+                        );
+                    }
+                }
+                if let Some(x) = self.nodes.get_mut(n) {
+                    x.node.labels.insert(key.to_string(), v.to_string());
+                }
+                self.log(
+                    n,
+                    OpKind::Label {
+                        key: key.to_string(),
+                        value: v.to_string(),
+                    },
+                );
+            }
+            None => {
+                if let Some(x) = self.nodes.get_mut(n) {
+                    x.node.labels.remove(key);
+                }
+                self.log(
+                    n,
+                    OpKind::Unlabel {
+                        key: key.to_string(),
+                    },
+                );
+            }
+        }
+        self.check_reach();
+        Ok(())
+    }
+
+    /// Compare-and-swap of node `n`'s record: `prev` must be what it holds.
+    fn swap_record(
+        &mut self,
+        node: &NodeName,
+        n: usize,
+        prev: Option<&NodeRecord>,
+        next: &NodeRecord,
+    ) -> Result<(), PortError> {
+        let Some(x) = self.nodes.get_mut(n) else {
+            return Err(not_found(node));
+        };
+        let same = match (&x.annotation, prev) {
+            (None, None) => true,
+            (Some(a), Some(p)) => NodeRecord::from_annotation(a).is_ok_and(|r| &r == p),
+            _ => false,
+        };
+        if !same {
+            return Err(PortError::Conflict {
+                what: format!(
+                    "node {node} annotation {}",
+                    cnimig_core::machine::STATE_ANNOTATION
+                ),
+            });
+        }
+        x.annotation = Some(next.to_annotation());
+        Ok(())
     }
 }

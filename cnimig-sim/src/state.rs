@@ -405,6 +405,9 @@ pub(crate) struct State {
     pub(crate) fault_counted: BTreeSet<(FaultKind, String)>,
     /// Check every migration operation against the node's persisted record.
     pub(crate) write_ahead: bool,
+    /// True while a record's save carries a change to its node in the same write
+    /// (`StateStore::save_with`): the operation is then checked against the record it lands with.
+    pub(crate) carried: bool,
     /// Fail every port call after this many (a run cut off from the cluster, as if killed).
     pub(crate) cut_off_after: Option<u64>,
     pub(crate) scope: Option<BTreeSet<usize>>,
@@ -538,6 +541,7 @@ impl State {
             fault_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x6661_756c_7473_2121),
             fault_counted: BTreeSet::new(),
             write_ahead: false,
+            carried: false,
             cut_off_after: None,
             scope: None,
             control_plane_last: true,
@@ -1812,7 +1816,8 @@ impl State {
         };
         let name = node.node.name.clone();
         if self.write_ahead
-            && let Err(why) = crate::faults::write_ahead(node.annotation.as_deref(), &kind)
+            && let Err(why) =
+                crate::faults::write_ahead(node.annotation.as_deref(), &kind, self.carried)
         {
             self.violate(
                 ViolationKind::WriteAhead,

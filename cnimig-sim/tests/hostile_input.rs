@@ -537,7 +537,7 @@ proptest! {
         let stats = sim.stats();
         for write in ["Cluster::set_unschedulable", "Cluster::set_node_label", "Cluster::evict",
                       "Cluster::delete_pod", "NewCni::apply_node_config", "NewCni::restart_agent",
-                      "StateStore::save", "StateStore::acquire_lock"] {
+                      "StateStore::save", "StateStore::save_with", "StateStore::acquire_lock"] {
             prop_assert!(!stats.api_calls.contains_key(write), "{} was called", write);
         }
     }

@@ -140,21 +140,21 @@ fn happy_path_step_by_step() {
     assert!(matches!(d.action, Action::Wait(_)), "not ready yet");
     rec = d.record;
 
+    // The agent is Ready: the node's pods still on Calico move while it is still cordoned.
     let a1 = agent("a1", true, Some("cilium-default"));
     let d = run(&rec, &view, Some(&a1), CniDirState::CILIUM, 7000);
     assert_eq!(d.record.phase, Phase::AgentReady);
-    assert_eq!(d.action, Action::Uncordon);
-    rec = d.record;
-
-    view.node.unschedulable = false;
-    let d = run(&rec, &view, Some(&a1), CniDirState::CILIUM, 8000);
-    assert_eq!(d.record.phase, Phase::Uncordoned);
     assert_eq!(
         d.action,
         Action::Recycle {
             evict: vec![],
             delete: vec![ds.pod.clone()]
         }
+    );
+    assert_eq!(
+        d.record.since,
+        Time(4000),
+        "timed from the restart request, as the restart"
     );
     rec = d.record;
 
@@ -163,6 +163,7 @@ fn happy_path_step_by_step() {
     let d = run(&rec, &view, Some(&a1), CniDirState::CILIUM, 9000);
     assert_eq!(d.record.phase, Phase::PodsRestarted);
     assert_eq!(d.action, Action::Verify);
+    assert!(view.node.unschedulable, "verified before it takes pods");
     rec = d.record;
 
     let r = on_verification(
@@ -175,8 +176,41 @@ fn happy_path_step_by_step() {
     let r = on_verification(&r, &Verification::Healthy, &cfg(), Time(10_000));
     assert_eq!(r.phase, Phase::Verified);
     let d = run(&r, &view, Some(&a1), CniDirState::CILIUM, 10_000);
+    assert_eq!(d.record.phase, Phase::Verified);
+    assert_eq!(d.action, Action::Uncordon, "uncordoned once verified");
+    // A store that writes the uncordon with the record writes the node's last record then.
+    let done = uncordoned_record(&d.record, Time(10_000)).unwrap();
+    assert_eq!(done.phase, Phase::Done);
+    assert_eq!(uncordoned_record(&rec, Time(10_000)), None, "not before");
+    // Otherwise the next look finds it uncordoned and the node is done.
+    view.node.unschedulable = false;
+    let d = run(&d.record, &view, Some(&a1), CniDirState::CILIUM, 11_000);
     assert_eq!(d.record.phase, Phase::Done);
+    assert_eq!(d.entered, vec![Phase::Uncordoned, Phase::Done]);
     assert_eq!(d.action, Action::Finished);
+}
+
+#[test]
+fn an_agent_that_stops_being_ready_after_the_verification_is_verified_again() {
+    let view = NodeView {
+        node: node(true, true),
+        pods: vec![],
+    };
+    let mut rec = NodeRecord::new(Time(0));
+    rec.pre_cordoned = Some(false);
+    rec.agent_restarted_from = Some("a0".into());
+    rec.phase = Phase::Verified;
+    rec.since = Time(1_000);
+    let down = agent("a1", false, Some("cilium-default"));
+    let d = run(&rec, &view, Some(&down), CniDirState::CILIUM, 2_000);
+    assert_eq!(d.record.phase, Phase::PodsRestarted);
+    assert!(matches!(d.action, Action::Wait(_)), "{:?}", d.action);
+    assert_eq!(d.record.since, Time(1_000), "still timed from the restart");
+    // Past the verification's limit (3 × 300 s from the restart) the node rolls back.
+    let d = run(&d.record, &view, Some(&down), CniDirState::CILIUM, 902_000);
+    assert_eq!(d.record.phase, Phase::RollingBack);
+    let cause = &d.record.rollback.as_ref().unwrap().cause;
+    assert!(cause.contains("step Verify"), "{cause}");
 }
 
 #[test]
@@ -190,15 +224,14 @@ fn a_node_cordoned_before_the_run_stays_cordoned() {
     let d = run(&rec, &view, Some(&a), CniDirState::CILIUM, 0);
     assert_eq!(d.record.pre_cordoned, Some(true));
     let mut rec = d.record;
-    rec.phase = Phase::AgentReady;
+    rec.phase = Phase::Verified;
     let d = run(&rec, &view, Some(&a), CniDirState::CILIUM, 1);
     assert_ne!(d.action, Action::Uncordon);
-    assert!(d.record.phase >= Phase::Uncordoned);
+    assert_eq!(d.record.phase, Phase::Done);
     assert_eq!(
-        d.entered.first(),
-        Some(&Phase::Uncordoned),
-        "every phase passed is reported: {:?}",
-        d.entered
+        d.entered,
+        vec![Phase::Uncordoned, Phase::Done],
+        "every phase passed is reported"
     );
 }
 
@@ -286,11 +319,10 @@ fn pods_arriving_after_the_cordon_are_not_chased_and_move_after_the_agent_restar
     // After the agent restart the late pods, still on Calico, are moved like any other.
     let mut rec = d.record;
     rec.phase = Phase::AgentReady;
-    view.node.unschedulable = false;
     view.node.labels.insert(cfg().label, "true".into());
     let a1 = agent("a1", true, Some("cilium-default"));
     let d = run(&rec, &view, Some(&a1), CniDirState::CILIUM, 4_000);
-    assert_eq!(d.record.phase, Phase::Uncordoned);
+    assert_eq!(d.record.phase, Phase::AgentReady);
     let Action::Recycle { evict, .. } = &d.action else {
         panic!("{:?}", d.action);
     };
@@ -383,7 +415,7 @@ fn rollback_of_a_migrated_node_restores_calico_in_order() {
         &rec,
         &Verification::Unhealthy(vec!["pod x cannot reach y".into()]),
         &cfg(),
-        Time(700_000),
+        Time(1_000_000),
     );
     assert_eq!(rec.phase, Phase::RollingBack);
     assert!(
@@ -398,7 +430,7 @@ fn rollback_of_a_migrated_node_restores_calico_in_order() {
     let mut agent_now = a1.clone();
     let mut actions = Vec::new();
     for t in 0..20u64 {
-        let d = run(&rec, &view, Some(&agent_now), cni, 700_000 + t * 1000);
+        let d = run(&rec, &view, Some(&agent_now), cni, 1_000_000 + t * 1000);
         rec = d.record;
         actions.push(d.action.clone());
         match d.action {
@@ -558,33 +590,41 @@ fn a_rollback_on_a_node_that_stays_not_ready_ends_failed_naming_node_step_and_ca
 }
 
 #[test]
-fn the_pods_restart_and_their_verification_are_timed_together_from_the_uncordon() {
-    // Uncordoned at 100 s; the last Calico pod is gone at 250 s.
+fn the_steps_after_the_agent_restart_are_timed_together_from_its_request() {
+    // The agent restart was asked for at 100 s (the record the label carried); the agent is
+    // Ready and the last Calico pod gone at 250 s.
     let mut rec = NodeRecord::new(Time(0));
-    rec.phase = Phase::Uncordoned;
+    rec.phase = Phase::Labelled;
     rec.since = Time(100_000);
     rec.pre_cordoned = Some(false);
     rec.agent_restarted_from = Some("a0".into());
     let view = NodeView {
-        node: node(true, false),
+        node: node(true, true),
         pods: vec![pod("web-1", OwnerKind::ReplicaSet, PodNetwork::Cilium)],
     };
     let a = agent("a1", true, Some("cilium-default"));
     let d = run(&rec, &view, Some(&a), CniDirState::CILIUM, 250_000);
-    assert_eq!(d.record.phase, Phase::PodsRestarted);
+    assert_eq!(
+        d.entered,
+        vec![
+            Phase::AgentRestarted,
+            Phase::AgentReady,
+            Phase::PodsRestarted
+        ]
+    );
     assert_eq!(d.action, Action::Verify);
     assert_eq!(
         d.record.since,
         Time(100_000),
-        "timed from the uncordon, not from the look that found the pods back"
+        "timed from the restart request, not from the look that found the pods back"
     );
     let sick = Verification::Unhealthy(vec!["pod web-1 has no IP yet".into()]);
-    // Within twice the step limit (300 s) of the uncordon: retried.
-    let r = on_verification(&d.record, &sick, &cfg(), Time(650_000));
+    // Within three step limits (300 s each) of the request: retried.
+    let r = on_verification(&d.record, &sick, &cfg(), Time(950_000));
     assert_eq!(r.phase, Phase::PodsRestarted);
     assert_eq!(r.last_problem.as_deref(), Some("pod web-1 has no IP yet"));
     // Past it: the node rolls back naming the problem.
-    let r = on_verification(&d.record, &sick, &cfg(), Time(700_001));
+    let r = on_verification(&d.record, &sick, &cfg(), Time(1_000_001));
     assert_eq!(r.phase, Phase::RollingBack);
     assert!(
         r.rollback
@@ -592,4 +632,34 @@ fn the_pods_restart_and_their_verification_are_timed_together_from_the_uncordon(
             .cause
             .starts_with("step Verify: pod web-1")
     );
+    // The pods' restart has two step limits from the request.
+    let mut calico = view.clone();
+    calico.pods[0].network = PodNetwork::Calico;
+    calico.pods[0].terminating = true;
+    let d = run(&rec, &calico, Some(&a), CniDirState::CILIUM, 650_000);
+    assert_eq!(d.record.phase, Phase::AgentReady);
+    assert!(matches!(d.action, Action::Wait(_)), "{:?}", d.action);
+    let d = run(&rec, &calico, Some(&a), CniDirState::CILIUM, 700_001);
+    assert_eq!(d.record.phase, Phase::RollingBack);
+    let cause = &d.record.rollback.as_ref().unwrap().cause;
+    assert!(cause.starts_with("step RestartPods"), "{cause}");
+}
+
+#[test]
+fn a_record_of_an_older_cnimig_uncordoned_before_its_pods_moved_ends_done() {
+    let mut rec = NodeRecord::new(Time(0));
+    rec.phase = Phase::Uncordoned;
+    rec.since = Time(100_000);
+    rec.pre_cordoned = Some(false);
+    rec.agent_restarted_from = Some("a0".into());
+    let mut view = NodeView {
+        node: node(false, true),
+        pods: vec![pod("logs-x", OwnerKind::DaemonSet, PodNetwork::Calico)],
+    };
+    let a = agent("a1", true, Some("cilium-default"));
+    let d = run(&rec, &view, Some(&a), CniDirState::CILIUM, 150_000);
+    assert!(matches!(d.action, Action::Recycle { .. }), "{:?}", d.action);
+    view.pods[0].network = PodNetwork::Cilium;
+    let d = run(&rec, &view, Some(&a), CniDirState::CILIUM, 160_000);
+    assert_eq!(d.record.phase, Phase::Done);
 }
