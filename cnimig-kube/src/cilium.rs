@@ -55,37 +55,48 @@ impl KubeCluster {
         (at.elapsed() <= crate::CNI_SEEN_TTL).then(|| v.clone())
     }
 
-    /// The versions of `cilium.io` that serve `ciliumnodeconfigs`, by API discovery.
+    /// The version of `cilium.io` to use for `ciliumnodeconfigs`, by API discovery: the group's
+    /// versions from `/apis`, then `v2`'s resources, and `v2alpha1`'s only when `v2` does not
+    /// serve them (two requests on Cilium 1.16 and later, where three would read both).
     ///
     /// # RBAC
     /// None beyond discovery (`/apis/cilium.io/*` is open to authenticated users).
     pub(crate) async fn node_config_api(&self) -> Result<NodeConfigApi, PortError> {
-        let group = match kube::discovery::group(&self.inner.client, "cilium.io").await {
-            Ok(g) => g,
+        let client = &self.inner.client;
+        let groups = client
+            .list_api_groups()
+            .await
+            .map_err(|e| port_error("discover", "API groups", e))?;
+        let Some(group) = groups.groups.iter().find(|g| g.name == "cilium.io") else {
             // No Cilium CRD at all: say what to install, as when the version is missing.
-            Err(kube::Error::Discovery(kube::error::DiscoveryError::MissingApiGroup(_))) => {
-                return Err(PortError::NotFound {
-                    what: "CRD ciliumnodeconfigs.cilium.io (API group cilium.io not served); install Cilium 1.13 or later".into(),
-                });
-            }
-            Err(e) => return Err(port_error("discover", "API group cilium.io", e)),
+            return Err(PortError::NotFound {
+                what: "CRD ciliumnodeconfigs.cilium.io (API group cilium.io not served); install Cilium 1.13 or later".into(),
+            });
         };
-        let served: Vec<String> = group
-            .versions()
-            .filter(|v| {
-                group
-                    .versioned_resources(v)
-                    .iter()
-                    .any(|(r, _)| r.plural == "ciliumnodeconfigs")
-            })
-            .map(str::to_string)
-            .collect();
-        NodeConfigApi::from_served(served.iter().map(String::as_str)).ok_or_else(|| {
-            PortError::NotFound {
-                what: format!(
-                    "CRD ciliumnodeconfigs.cilium.io at v2 or v2alpha1 (served: {served:?}); install Cilium 1.13 or later"
-                ),
+        let versions: Vec<&str> = group.versions.iter().map(|v| v.version.as_str()).collect();
+        let mut serving = Vec::new();
+        // In the order `NodeConfigApi::from_served` prefers them.
+        for v in ["v2", "v2alpha1"] {
+            if !versions.contains(&v) {
+                continue;
             }
+            let resources = client
+                .list_api_group_resources(&format!("cilium.io/{v}"))
+                .await
+                .map_err(|e| port_error("discover", format!("API cilium.io/{v}"), e))?;
+            if resources
+                .resources
+                .iter()
+                .any(|r| r.name == "ciliumnodeconfigs")
+            {
+                serving.push(v);
+                break;
+            }
+        }
+        NodeConfigApi::from_served(serving.iter().copied()).ok_or_else(|| PortError::NotFound {
+            what: format!(
+                "CRD ciliumnodeconfigs.cilium.io at v2 or v2alpha1 (cilium.io serves {versions:?}, none of them with ciliumnodeconfigs); install Cilium 1.13 or later"
+            ),
         })
     }
 

@@ -214,6 +214,9 @@ struct Inner {
     caches: watch::Caches,
     /// The Lease's `renewTime` as the latest `acquire_lock` found it, before writing its own.
     lock_renewed_before: std::sync::Mutex<Option<cnimig_core::model::Time>>,
+    /// The run lock's Lease as our last write of it returned it (a renewal sends it back
+    /// without reading it first).
+    lease: std::sync::Mutex<Option<k8s_openapi::api::coordination::v1::Lease>>,
 }
 
 /// How long `cni_dir` may answer from the annotation the last `node_view` read (the orchestrator
@@ -263,6 +266,7 @@ impl KubeCluster {
                 clock: SystemClock,
                 caches: watch::Caches::default(),
                 lock_renewed_before: std::sync::Mutex::new(None),
+                lease: std::sync::Mutex::new(None),
             }),
         })
     }

@@ -92,6 +92,19 @@ fn millis(t: &MicroTime) -> u64 {
 }
 
 impl KubeCluster {
+    /// Keeps the Lease as our write returned it (see [`acquire_lock`](StateStore::acquire_lock)).
+    fn keep_lease(&self, lease: Lease) {
+        if let Ok(mut g) = self.inner.lease.lock() {
+            *g = Some(lease);
+        }
+    }
+
+    /// The Lease kept by [`keep_lease`](Self::keep_lease), taken: a write that fails or a reader
+    /// that finds another holder leaves none.
+    fn take_kept_lease(&self) -> Option<Lease> {
+        self.inner.lease.lock().ok().and_then(|mut g| g.take())
+    }
+
     fn set_lock_renewed_before(&self, t: Option<Time>) {
         if let Ok(mut g) = self.inner.lock_renewed_before.lock() {
             *g = t;
@@ -322,7 +335,9 @@ impl StateStore for KubeCluster {
 
     /// GET the Lease; CREATE it when absent, or UPDATE it (with the read `resourceVersion`) when
     /// we hold it, nobody does, or the holder's `renewTime + leaseDurationSeconds` is before
-    /// `now`. A lost race (409) re-reads, up to three times.
+    /// `now`. A lost race (409) re-reads, up to three times. A renewal skips the GET: it sends
+    /// back the Lease our last write returned, whose `resourceVersion` makes the UPDATE 409 if
+    /// anyone else wrote it since (then it reads and decides as above).
     ///
     /// Taking the lock turns on the adapter's watch-fed caches (the module `watch`: nodes,
     /// budgets, each looked-at node's pods) for the run's reads; losing it to another holder or
@@ -332,7 +347,7 @@ impl StateStore for KubeCluster {
     /// `get`, `create`, `update leases` (`coordination.k8s.io`) in the system namespace.
     ///
     /// # Errors
-    /// Any read or write failure; [`PortError::Conflict`] after three lost races.
+    /// Any read or write failure; [`PortError::Conflict`] after three lost races (four tries with a renewal's).
     async fn acquire_lock(
         &self,
         holder: &str,
@@ -343,11 +358,21 @@ impl StateStore for KubeCluster {
         let name = self.inner.opts.lock_name.as_str();
         let what = format!("lease {}/{name}", self.inner.opts.system_namespace);
         let secs = i32::try_from(ttl.as_secs().max(1)).unwrap_or(i32::MAX);
-        for _ in 0..3 {
-            let current = api
-                .get_opt(name)
-                .await
-                .map_err(|e| port_error("get", &what, e))?;
+        // The Lease as our last write returned it: a renewal (or a release) sends it back with
+        // its resourceVersion, without reading it first. Anyone else's write since makes that
+        // 409 (or 404 if deleted), and the next try reads it.
+        let mut cached = self
+            .take_kept_lease()
+            .filter(|l| l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(holder));
+        for _ in 0..4 {
+            let from_cache = cached.is_some();
+            let current = match cached.take() {
+                Some(l) => Some(l),
+                None => api
+                    .get_opt(name)
+                    .await
+                    .map_err(|e| port_error("get", &what, e))?,
+            };
             let Some(mut lease) = current else {
                 let lease = Lease {
                     metadata: ObjectMeta {
@@ -364,7 +389,8 @@ impl StateStore for KubeCluster {
                     }),
                 };
                 match api.create(&PostParams::default(), &lease).await {
-                    Ok(_) => {
+                    Ok(written) => {
+                        self.keep_lease(written);
                         self.set_lock_renewed_before(None);
                         self.inner.caches.activate();
                         return Ok(LockOutcome::Acquired);
@@ -395,12 +421,14 @@ impl StateStore for KubeCluster {
             spec.lease_duration_seconds = Some(secs);
             // `replace` sends the resourceVersion we read: a concurrent writer makes it 409.
             match api.replace(name, &PostParams::default(), &lease).await {
-                Ok(_) => {
+                Ok(written) => {
+                    self.keep_lease(written);
                     self.set_lock_renewed_before(renewed_before);
                     self.inner.caches.activate();
                     return Ok(LockOutcome::Acquired);
                 }
                 Err(e) if api_code(&e) == Some(409) => continue,
+                Err(e) if from_cache && api_code(&e) == Some(404) => continue,
                 Err(e) => return Err(port_error("update", &what, e)),
             }
         }
@@ -413,7 +441,8 @@ impl StateStore for KubeCluster {
         self.inner.lock_renewed_before.lock().ok().and_then(|g| *g)
     }
 
-    /// Clears the holder (UPDATE with the read `resourceVersion`) if `holder` holds the Lease.
+    /// Clears the holder (UPDATE with the read `resourceVersion`) if `holder` holds the Lease;
+    /// like a renewal, from the Lease our last write returned when there is one.
     ///
     /// # RBAC
     /// `get`, `update leases`.
@@ -426,12 +455,17 @@ impl StateStore for KubeCluster {
         let api = self.leases();
         let name = self.inner.opts.lock_name.as_str();
         let what = format!("lease {}/{name}", self.inner.opts.system_namespace);
-        for _ in 0..3 {
-            let Some(mut lease) = api
-                .get_opt(name)
-                .await
-                .map_err(|e| port_error("get", &what, e))?
-            else {
+        let mut cached = self.take_kept_lease();
+        for _ in 0..4 {
+            let from_cache = cached.is_some();
+            let current = match cached.take() {
+                Some(l) => Some(l),
+                None => api
+                    .get_opt(name)
+                    .await
+                    .map_err(|e| port_error("get", &what, e))?,
+            };
+            let Some(mut lease) = current else {
                 return Ok(());
             };
             let Some(spec) = lease.spec.as_mut() else {
@@ -444,6 +478,7 @@ impl StateStore for KubeCluster {
             match api.replace(name, &PostParams::default(), &lease).await {
                 Ok(_) => return Ok(()),
                 Err(e) if api_code(&e) == Some(409) => continue,
+                Err(e) if from_cache && api_code(&e) == Some(404) => continue,
                 Err(e) => return Err(port_error("update", &what, e)),
             }
         }

@@ -122,3 +122,54 @@ async fn one_lease_holder_at_a_time() {
     })
     .await;
 }
+
+/// A renewal sends back the Lease its last write returned, without reading it first: a run whose
+/// Lease another run took over (after it expired) must find that out from the 409, not renew
+/// over it, and its release must leave the new holder's Lease alone.
+#[tokio::test]
+async fn a_renewal_without_a_read_still_sees_a_takeover() {
+    let env = crate::env_or_skip!();
+    let admin = env.admin.clone();
+    common::with_temp_ns(admin.clone(), "lease-takeover", |ns| async move {
+        let a = env.cluster(common::opts(&ns));
+        let b = env.cluster(common::opts(&ns));
+        let now = cnimig_kube::SystemClock::unix_now();
+        let ttl = Duration::from_secs(30);
+        let at = |s: u64| now.after(Duration::from_secs(s));
+        assert_eq!(
+            a.acquire_lock("run-a", now, ttl).await.unwrap(),
+            LockOutcome::Acquired
+        );
+        assert_eq!(
+            a.acquire_lock("run-a", at(10), ttl).await.unwrap(),
+            LockOutcome::Acquired
+        );
+        // run-a stalls; once its Lease expired, run-b takes it.
+        assert_eq!(
+            b.acquire_lock("run-b", at(45), ttl).await.unwrap(),
+            LockOutcome::Acquired
+        );
+        assert_eq!(b.previous_lock_renewal(), Some(at(10)));
+        match a.acquire_lock("run-a", at(46), ttl).await.unwrap() {
+            LockOutcome::HeldBy { holder, .. } => assert_eq!(holder, "run-b"),
+            other => panic!("run-a renewed over run-b's Lease: {other:?}"),
+        }
+        a.release_lock("run-a").await.unwrap();
+        match a.acquire_lock("run-c", at(47), ttl).await.unwrap() {
+            LockOutcome::HeldBy { holder, .. } => assert_eq!(holder, "run-b"),
+            other => panic!("run-a's release cleared run-b's Lease: {other:?}"),
+        }
+        // run-b renews from its own write, then releases; the next run takes it at once.
+        assert_eq!(
+            b.acquire_lock("run-b", at(50), ttl).await.unwrap(),
+            LockOutcome::Acquired
+        );
+        assert_eq!(b.previous_lock_renewal(), Some(at(45)));
+        b.release_lock("run-b").await.unwrap();
+        assert_eq!(
+            a.acquire_lock("run-c", at(51), ttl).await.unwrap(),
+            LockOutcome::Acquired
+        );
+    })
+    .await;
+}
