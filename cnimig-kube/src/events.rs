@@ -6,7 +6,7 @@
 //! each progress event with [`node_events`] and publishes it on the Node through
 //! `kube::runtime::events::Recorder` (repeats become an event series). Reasons are PascalCase:
 //! `NodeMigrationStarted`, `NodeCordoned`, `NodeDrained`, `NodeLabelled`, `CiliumAgentRestarted`,
-//! `CiliumAgentReady`, `NodeUncordoned`, `PodsRestarted`, `NodeVerified`, `NodeRollingBack`,
+//! `CiliumAgentReady`, `PodsRestarted`, `NodeVerified`, `NodeUncordoned`, `NodeRollingBack`,
 //! `EvictionBlocked`, `NodeMigrated`, `NodeRolledBack`, `NodeMigrationFailed`.
 //!
 //! Events of cluster-scoped Nodes live in the `default` namespace (as kubelet's do).

@@ -478,7 +478,7 @@ pub fn planned_writes(
             "each node: Drained".into(),
             "POST pods/eviction (UID precondition)".into(),
             format!("{evictable} pods in all, not DaemonSet/mirror/hostNetwork pods"),
-            "Eviction; PodDisruptionBudgets honoured, max_in_flight nodes at once".into(),
+            "Eviction; PodDisruptionBudgets honoured, max_in_flight nodes at once (never every schedulable node)".into(),
         ),
         (
             "each node: Labelled".into(),
@@ -493,16 +493,17 @@ pub fn planned_writes(
             "the agent restarts and reads the CiliumNodeConfig".into(),
         ),
         (
-            "each node: Uncordoned".into(),
-            "PATCH nodes (merge)".into(),
-            "the node".into(),
-            "spec.unschedulable = false (only if cnimig cordoned it)".into(),
-        ),
-        (
             "each node: PodsRestarted".into(),
             "DELETE pods".into(),
             "pods left on the node still on Calico addresses".into(),
-            "recreated by their controllers on Cilium".into(),
+            "recreated by their controllers on Cilium (the node still cordoned)".into(),
+        ),
+        (
+            "each node: Uncordoned".into(),
+            "PATCH nodes (merge)".into(),
+            "the node".into(),
+            "spec.unschedulable = false once the node is verified (only if cnimig cordoned it)"
+                .into(),
         ),
         (
             "every step".into(),

@@ -105,6 +105,23 @@ impl KubeCluster {
         self.inner.lease.lock().ok().and_then(|mut g| g.take())
     }
 
+    /// `kept` (the Lease our last write returned) when there is one, else the Lease as the API
+    /// server holds it (one GET).
+    async fn kept_or_read(
+        &self,
+        kept: Option<Lease>,
+        api: &Api<Lease>,
+        what: &str,
+    ) -> Result<Option<Lease>, PortError> {
+        match kept {
+            Some(l) => Ok(Some(l)),
+            None => api
+                .get_opt(self.inner.opts.lock_name.as_str())
+                .await
+                .map_err(|e| port_error("get", what, e)),
+        }
+    }
+
     fn set_lock_renewed_before(&self, t: Option<Time>) {
         if let Ok(mut g) = self.inner.lock_renewed_before.lock() {
             *g = t;
@@ -366,13 +383,7 @@ impl StateStore for KubeCluster {
             .filter(|l| l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(holder));
         for _ in 0..4 {
             let from_cache = cached.is_some();
-            let current = match cached.take() {
-                Some(l) => Some(l),
-                None => api
-                    .get_opt(name)
-                    .await
-                    .map_err(|e| port_error("get", &what, e))?,
-            };
+            let current = self.kept_or_read(cached.take(), &api, &what).await?;
             let Some(mut lease) = current else {
                 let lease = Lease {
                     metadata: ObjectMeta {
@@ -458,13 +469,7 @@ impl StateStore for KubeCluster {
         let mut cached = self.take_kept_lease();
         for _ in 0..4 {
             let from_cache = cached.is_some();
-            let current = match cached.take() {
-                Some(l) => Some(l),
-                None => api
-                    .get_opt(name)
-                    .await
-                    .map_err(|e| port_error("get", &what, e))?,
-            };
+            let current = self.kept_or_read(cached.take(), &api, &what).await?;
             let Some(mut lease) = current else {
                 return Ok(());
             };
