@@ -186,6 +186,15 @@ impl NodeRecord {
         self.since = now;
         self.last_problem = None;
     }
+    /// [`enter`](Self::enter), keeping `since` for a phase timed from the one before
+    /// ([`keeps_since`]).
+    fn advance(&mut self, phase: Phase, now: Time) {
+        let since = self.since;
+        self.enter(phase, now);
+        if keeps_since(phase) {
+            self.since = since;
+        }
+    }
 }
 
 /// Per-step limits and drain options the machine needs from the config.
@@ -328,11 +337,7 @@ pub fn decide(record: &NodeRecord, obs: &Observation<'_>, cfg: &StepConfig, now:
     let action = loop {
         match step(&mut rec, obs, cfg, now) {
             Step::Advance(p) => {
-                let restarted_at = rec.since;
-                rec.enter(p, now);
-                if keeps_since(p) {
-                    rec.since = restarted_at;
-                }
+                rec.advance(p, now);
                 entered.push(p);
             }
             Step::Act(a) => break a,
@@ -688,11 +693,7 @@ pub fn on_verification(
         return rec;
     }
     match result {
-        Verification::Healthy => {
-            let since = rec.since;
-            rec.enter(Phase::Verified, now);
-            rec.since = since;
-        }
+        Verification::Healthy => rec.advance(Phase::Verified, now),
         Verification::Unhealthy(problems) => {
             let text = problems.join("; ");
             if timed_out(&rec, verify_limit(cfg), now) {

@@ -381,16 +381,21 @@ fn resumed_since(began: Time, alive_until: Option<Time>, now: Time) -> Time {
 }
 
 /// The cluster's schedulable nodes for [`crate::plan::in_flight_limit`]: the Ready nodes the plan
-/// saw, less those cordoned then other than by the migration (a node a stopped run cordoned
-/// counts, as it did for that run: a resumed run keeps the same limit).
-fn schedulable_nodes(plan: &Plan, records: &BTreeMap<NodeName, NodeRecord>) -> usize {
+/// saw, less those cordoned then other than by the migration (a node a stopped run cordoned and
+/// left in flight counts, as it did for that run: a resumed run keeps the same limit; a node that
+/// ended and is cordoned again is a person's).
+fn schedulable_nodes(
+    ready: usize,
+    cordoned_ready: &[NodeName],
+    records: &BTreeMap<NodeName, NodeRecord>,
+) -> usize {
     let by_us = |n: &NodeName| {
         records
             .get(n)
-            .is_some_and(|r| r.pre_cordoned == Some(false))
+            .is_some_and(|r| r.pre_cordoned == Some(false) && !r.phase.is_terminal())
     };
-    let cordoned = plan.cordoned_ready.iter().filter(|n| !by_us(n)).count();
-    plan.ready_nodes.saturating_sub(cordoned)
+    let cordoned = cordoned_ready.iter().filter(|n| !by_us(n)).count();
+    ready.saturating_sub(cordoned)
 }
 
 /// True for errors after which a write may or may not have been applied.
@@ -404,18 +409,7 @@ struct Carry<'a> {
     change: &'a NodeChange,
     /// The record to store instead when the change goes in the same write (the step the change
     /// completes is then stored with it), and the phases entered on the way to it.
-    record: Option<NodeRecord>,
-    entered: Vec<Phase>,
-}
-
-impl<'a> Carry<'a> {
-    fn change(change: &'a NodeChange) -> Self {
-        Carry {
-            change,
-            record: None,
-            entered: Vec::new(),
-        }
-    }
+    record: Option<(NodeRecord, Vec<Phase>)>,
 }
 
 /// What a save did ([`Orchestrator::persist`]).
@@ -672,7 +666,7 @@ impl Orchestrator {
         let limits = Limits {
             max_in_flight: crate::plan::in_flight_limit(
                 self.cfg.max_in_flight,
-                schedulable_nodes(plan, &records),
+                schedulable_nodes(plan.ready_nodes, &plan.cordoned_ready, &records),
             ),
             control_plane_last: self.cfg.control_plane_last,
         };
@@ -1203,7 +1197,10 @@ impl Orchestrator {
                     let mut next = f.record.clone();
                     next.since = now;
                     let change = NodeChange::Unschedulable(true);
-                    let carry = Carry::change(&change);
+                    let carry = Carry {
+                        change: &change,
+                        record: None,
+                    };
                     match self.persist(f, next, &[], Some(carry), sink, now).await? {
                         Saved::No => continue,
                         Saved::WithChange => {
@@ -1293,18 +1290,18 @@ impl Orchestrator {
         let mut instead: Option<(NodeRecord, Vec<Phase>)> = None;
         let (result, mut folded) = match carry {
             Some(c) => {
-                let with = c.record.as_ref().unwrap_or(&next);
+                let with = c.record.as_ref().map_or(&next, |(r, _)| r);
                 match store.save_with(&name, f.base(), with, c.change).await {
                     Ok(true) => {
-                        if let Some(r) = c.record {
+                        if let Some((r, way)) = c.record {
                             next = r;
-                            entered.extend(c.entered);
+                            entered.extend(way);
                         }
                         (Ok(()), true)
                     }
                     Ok(false) => (store.save(&name, f.base(), &next).await, false),
                     Err(e) => {
-                        instead = c.record.map(|r| (r, c.entered));
+                        instead = c.record;
                         (Err(e), false)
                     }
                 }
@@ -1524,10 +1521,10 @@ impl Orchestrator {
         let carry = change.as_ref().map(|c| Carry {
             change: c,
             record: match d.action {
-                Action::Uncordon => uncordoned_record(&d.record, now),
+                Action::Uncordon => uncordoned_record(&d.record, now)
+                    .map(|r| (r, vec![Phase::Uncordoned, Phase::Done])),
                 _ => None,
             },
-            entered: vec![Phase::Uncordoned, Phase::Done],
         });
         match self
             .persist(f, d.record, &d.entered, carry, sink, now)
@@ -1754,5 +1751,28 @@ mod tests {
             |renewed: u64, now: u64| s(now).since(resumed_since(s(10), Some(s(renewed)), s(now)));
         assert!(counted(400, 1000) > counted(100, 700));
         assert_eq!(counted(400, 1000), Duration::from_secs(390));
+    }
+
+    #[test]
+    fn a_node_cordoned_by_a_stopped_run_still_counts_as_schedulable() {
+        let name = |s: &str| NodeName::new(s).unwrap();
+        let cordoned = [name("a"), name("b"), name("c"), name("d")];
+        let rec = |phase: Phase, pre_cordoned: bool| {
+            let mut r = NodeRecord::new(Time(0));
+            r.phase = phase;
+            r.pre_cordoned = Some(pre_cordoned);
+            r
+        };
+        let records = BTreeMap::from([
+            // In flight, cordoned by the stopped run: schedulable for the limit.
+            (name("a"), rec(Phase::Cordoned, false)),
+            // In flight, cordoned by a person before that run.
+            (name("b"), rec(Phase::Cordoned, true)),
+            // Migrated and uncordoned by a run, cordoned again since: a person's cordon.
+            (name("c"), rec(Phase::Done, false)),
+        ]);
+        // 10 Ready nodes, 4 cordoned when planned, one of them by the migration: 7.
+        assert_eq!(schedulable_nodes(10, &cordoned, &records), 7);
+        assert_eq!(schedulable_nodes(10, &cordoned, &BTreeMap::new()), 6);
     }
 }

@@ -95,7 +95,7 @@ impl KubeCluster {
         }
         NodeConfigApi::from_served(serving.iter().copied()).ok_or_else(|| PortError::NotFound {
             what: format!(
-                "CRD ciliumnodeconfigs.cilium.io at v2 or v2alpha1 (cilium.io serves {versions:?}, none of them with ciliumnodeconfigs); install Cilium 1.13 or later"
+                "CRD ciliumnodeconfigs.cilium.io at v2 or v2alpha1 (cilium.io serves {versions:?}; neither v2 nor v2alpha1 among them has ciliumnodeconfigs); install Cilium 1.13 or later"
             ),
         })
     }

@@ -179,7 +179,8 @@ impl Cluster for SimCluster {
             return Err(e);
         }
         let n = s.idx(node)?;
-        s.apply_label(n, key, value)?;
+        label_key_ok(node, key)?;
+        s.apply_label(n, key, value);
         inj.after(Ok(()))
     }
 
@@ -429,25 +430,16 @@ impl StateStore for SimCluster {
             return Err(e);
         }
         let n = s.idx(node)?;
-        if let NodeChange::Label { key, .. } = change
-            && let Err(why) = cnimig_core::config::validate_label_key(key)
-        {
-            return Err(PortError::Invalid {
-                what: format!("label {key:?} on node {node}"),
-                detail: why.into(),
-            });
+        if let NodeChange::Label { key, .. } = change {
+            label_key_ok(node, key)?;
         }
         s.swap_record(node, n, prev, next)?;
         s.carried = true;
-        let applied = match change {
-            NodeChange::Unschedulable(on) => {
-                s.apply_unschedulable(n, *on);
-                Ok(())
-            }
+        match change {
+            NodeChange::Unschedulable(on) => s.apply_unschedulable(n, *on),
             NodeChange::Label { key, value } => s.apply_label(n, key, value.as_deref()),
-        };
+        }
         s.carried = false;
-        applied?;
         inj.after(Ok(true))
     }
 
@@ -536,22 +528,17 @@ impl State {
         self.check_reach();
     }
 
-    /// Sets (`Some`) or removes (`None`) label `key` on node `n`, checking the order invariant.
-    fn apply_label(&mut self, n: usize, key: &str, value: Option<&str>) -> Result<(), PortError> {
-        let node = self
-            .nodes
-            .get(n)
-            .map(|x| x.node.name.to_string())
-            .unwrap_or_default();
-        if let Err(why) = cnimig_core::config::validate_label_key(key) {
-            return Err(PortError::Invalid {
-                what: format!("label {key:?} on node {node}"),
-                detail: why.into(),
-            });
-        }
+    /// Sets (`Some`) or removes (`None`) label `key` (checked by [`label_key_ok`]) on node `n`,
+    /// checking the order invariant.
+    fn apply_label(&mut self, n: usize, key: &str, value: Option<&str>) {
         match value {
             Some(v) => {
                 if v == "true" && self.is_migration_label(key) {
+                    let node = self
+                        .nodes
+                        .get(n)
+                        .map(|x| x.node.name.to_string())
+                        .unwrap_or_default();
                     let schedulable = self.nodes.get(n).is_some_and(|x| !x.node.unschedulable);
                     let left: Vec<String> = self
                         .drainable_since_cordon(n)
@@ -597,7 +584,6 @@ impl State {
             }
         }
         self.check_reach();
-        Ok(())
     }
 
     /// Compare-and-swap of node `n`'s record: `prev` must be what it holds.
@@ -627,4 +613,12 @@ impl State {
         x.annotation = Some(next.to_annotation());
         Ok(())
     }
+}
+
+/// A label key the API server would accept, or the error it would give (nothing is changed then).
+fn label_key_ok(node: &NodeName, key: &str) -> Result<(), PortError> {
+    cnimig_core::config::validate_label_key(key).map_err(|why| PortError::Invalid {
+        what: format!("label {key:?} on node {node}"),
+        detail: why.into(),
+    })
 }
