@@ -64,7 +64,7 @@ fn resource(api: CalicoApi, kind: &str, plural: &str) -> ApiResource {
 
 impl KubeCluster {
     /// The resources (plurals) `group_version` serves, `None` when it is not served (404).
-    async fn served_resources(
+    pub(crate) async fn served_resources(
         &self,
         group_version: &str,
     ) -> Result<Option<Vec<String>>, PortError> {

@@ -55,48 +55,35 @@ impl KubeCluster {
         (at.elapsed() <= crate::CNI_SEEN_TTL).then(|| v.clone())
     }
 
-    /// The version of `cilium.io` to use for `ciliumnodeconfigs`, by API discovery: the group's
-    /// versions from `/apis`, then `v2`'s resources, and `v2alpha1`'s only when `v2` does not
-    /// serve them (two requests on Cilium 1.16 and later, where three would read both).
+    /// The version of `cilium.io` to use for `ciliumnodeconfigs`, by API discovery: `v2`'s
+    /// resources, and `v2alpha1`'s only when `v2` is not served or lacks them (one request on
+    /// Cilium 1.16 and later; a 404 says a version is not served, so `/apis` is not read).
     ///
     /// # RBAC
     /// None beyond discovery (`/apis/cilium.io/*` is open to authenticated users).
     pub(crate) async fn node_config_api(&self) -> Result<NodeConfigApi, PortError> {
-        let client = &self.inner.client;
-        let groups = client
-            .list_api_groups()
-            .await
-            .map_err(|e| port_error("discover", "API groups", e))?;
-        let Some(group) = groups.groups.iter().find(|g| g.name == "cilium.io") else {
-            // No Cilium CRD at all: say what to install, as when the version is missing.
-            return Err(PortError::NotFound {
-                what: "CRD ciliumnodeconfigs.cilium.io (API group cilium.io not served); install Cilium 1.13 or later".into(),
-            });
-        };
-        let versions: Vec<&str> = group.versions.iter().map(|v| v.version.as_str()).collect();
-        let mut serving = Vec::new();
+        let mut served = Vec::new();
         // In the order `NodeConfigApi::from_served` prefers them.
         for v in ["v2", "v2alpha1"] {
-            if !versions.contains(&v) {
+            let Some(resources) = self.served_resources(&format!("cilium.io/{v}")).await? else {
                 continue;
-            }
-            let resources = client
-                .list_api_group_resources(&format!("cilium.io/{v}"))
-                .await
-                .map_err(|e| port_error("discover", format!("API cilium.io/{v}"), e))?;
-            if resources
-                .resources
-                .iter()
-                .any(|r| r.name == "ciliumnodeconfigs")
+            };
+            served.push(v);
+            if resources.iter().any(|r| r == "ciliumnodeconfigs")
+                && let Some(api) = NodeConfigApi::from_served([v])
             {
-                serving.push(v);
-                break;
+                return Ok(api);
             }
         }
-        NodeConfigApi::from_served(serving.iter().copied()).ok_or_else(|| PortError::NotFound {
-            what: format!(
-                "CRD ciliumnodeconfigs.cilium.io at v2 or v2alpha1 (cilium.io serves {versions:?}; neither v2 nor v2alpha1 among them has ciliumnodeconfigs); install Cilium 1.13 or later"
-            ),
+        Err(PortError::NotFound {
+            what: if served.is_empty() {
+                // No Cilium CRD at all: say what to install, as when the version is missing.
+                "CRD ciliumnodeconfigs.cilium.io (cilium.io/v2 and cilium.io/v2alpha1 not served); install Cilium 1.13 or later".into()
+            } else {
+                format!(
+                    "CRD ciliumnodeconfigs.cilium.io at v2 or v2alpha1 (cilium.io serves {served:?} of them, without ciliumnodeconfigs); install Cilium 1.13 or later"
+                )
+            },
         })
     }
 

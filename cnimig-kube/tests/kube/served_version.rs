@@ -89,6 +89,21 @@ async fn node_config_goes_in_at_v2alpha1_when_only_that_is_served() {
     crd.spec.versions[0].storage = true;
     let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
     crds.create(&PostParams::default(), &crd).await.unwrap();
+    // As on Cilium 1.13 to 1.15, cilium.io/v2 is served too, for other kinds: discovery must
+    // look past it to v2alpha1.
+    let text =
+        std::fs::read_to_string(repo_root().join("deploy/crds/ciliumendpoints.yaml")).unwrap();
+    let endpoints: CustomResourceDefinition = serde_yaml_ng::from_str(&text).unwrap();
+    assert!(
+        endpoints
+            .spec
+            .versions
+            .iter()
+            .any(|v| v.name == "v2" && v.served)
+    );
+    crds.create(&PostParams::default(), &endpoints)
+        .await
+        .unwrap();
     let ns = "cilium-served";
     Api::<Namespace>::all(admin.clone())
         .create(
@@ -106,7 +121,12 @@ async fn node_config_goes_in_at_v2alpha1_when_only_that_is_served() {
             async move {
                 kube::discovery::group(&admin, "cilium.io")
                     .await
-                    .is_ok_and(|g| serves_node_configs(&g, "v2alpha1"))
+                    .is_ok_and(|g| {
+                        serves_node_configs(&g, "v2alpha1")
+                            && g.versioned_resources("v2")
+                                .iter()
+                                .any(|(r, _)| r.plural == "ciliumendpoints")
+                    })
             }
         },
     )
@@ -132,7 +152,7 @@ async fn node_config_goes_in_at_v2alpha1_when_only_that_is_served() {
         .find(|m| m.manager.as_deref() == Some("cnimig"))
         .expect("cnimig's managed fields");
     assert_eq!(ours.api_version.as_deref(), Some("cilium.io/v2alpha1"));
-    // v2 is not served on this cluster at all.
+    // v2 serves no ciliumnodeconfigs on this cluster.
     let v2: Api<DynamicObject> = Api::namespaced_with(admin.clone(), ns, &cnc("v2"));
     match v2.get(&nc.name).await {
         Err(kube::Error::Api(e)) => assert_eq!(e.code, 404, "{e:?}"),
@@ -159,6 +179,26 @@ async fn node_config_goes_in_at_v2alpha1_when_only_that_is_served() {
     .await;
     let err = cilium.apply_node_config(&nc).await.unwrap_err().to_string();
     assert!(err.contains("install Cilium 1.13 or later"), "{err}");
+    assert!(err.contains("without ciliumnodeconfigs"), "{err}");
+    // Nor any cilium.io version at all.
+    crds.delete(
+        &endpoints.metadata.name.clone().unwrap(),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    wait_until(
+        "cilium.io no longer served",
+        Duration::from_secs(60),
+        || {
+            let admin = admin.clone();
+            async move { kube::discovery::group(&admin, "cilium.io").await.is_err() }
+        },
+    )
+    .await;
+    let err = cilium.apply_node_config(&nc).await.unwrap_err().to_string();
+    assert!(err.contains("install Cilium 1.13 or later"), "{err}");
+    assert!(err.contains("not served"), "{err}");
 }
 
 fn serves_node_configs(group: &kube::discovery::ApiGroup, version: &str) -> bool {
