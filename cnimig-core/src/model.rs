@@ -635,6 +635,10 @@ pub struct ClusterSnapshot {
     /// it cordoned, pods it evicted that are still being replaced) from problems.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub records: BTreeMap<NodeName, crate::machine::NodeRecord>,
+    /// Nodes whose agent config and CNI directory the adapter cannot observe, with why
+    /// ([`Inventory::unobservable`](crate::ports::Inventory::unobservable)).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unobservable: BTreeMap<NodeName, String>,
 }
 
 impl ClusterSnapshot {

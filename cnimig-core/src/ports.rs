@@ -153,6 +153,11 @@ pub struct Inventory {
     pub connectivity_checker: bool,
     /// The Cilium agent's requests per node.
     pub cilium_agent_requests: Resources,
+    /// Nodes on which this adapter cannot see what a node's `AgentReady` step waits for (the
+    /// node config its Cilium agent resolved, Cilium's CNI config in `/etc/cni/net.d`), each with
+    /// why and what to do. A run would time out there and roll the node back, so preflight
+    /// refuses them (rule `node-observability`). Empty when the adapter sees every node.
+    pub unobservable: BTreeMap<NodeName, String>,
 }
 
 impl Inventory {
@@ -170,6 +175,7 @@ impl Inventory {
             connectivity_checker: self.connectivity_checker,
             cilium_agent_requests: self.cilium_agent_requests,
             records: BTreeMap::new(),
+            unobservable: self.unobservable,
         }
     }
 }

@@ -23,6 +23,7 @@
 //! | `nodes-not-ready` | nodes in scope that are not Ready |
 //! | `nodes-cordoned` | nodes in scope that a person already cordoned |
 //! | `scope` | node names in the config that do not exist, an empty scope |
+//! | `node-observability` | nodes whose agent config and CNI directory the adapter cannot observe (fail) |
 //! | `nat-outgoing` | Calico pools whose natOutgoing would SNAT traffic to the new CIDR |
 //!
 //! Prefix arithmetic is real (two networks overlap when either contains the other's network
@@ -171,6 +172,7 @@ pub const RULE_IDS: &[&str] = &[
     nodes::NODES_NOT_READY,
     nodes::NODES_CORDONED,
     nodes::SCOPE,
+    nodes::NODE_OBSERVABILITY,
     network::NAT_OUTGOING,
 ];
 
@@ -183,7 +185,7 @@ pub fn preflight(
     scope: &[NodeName],
 ) -> PreflightReport {
     let ctx = Ctx::new(snapshot, cfg, scope);
-    let rules: [fn(&Ctx<'_>) -> Vec<Check>; 17] = [
+    let rules: [fn(&Ctx<'_>) -> Vec<Check>; 18] = [
         network::pod_cidr_overlap,
         network::pod_cidr_capacity,
         network::tunnel_port,
@@ -200,6 +202,7 @@ pub fn preflight(
         nodes::nodes_not_ready,
         nodes::nodes_cordoned,
         nodes::scope,
+        nodes::node_observability,
         network::nat_outgoing,
     ];
     PreflightReport {

@@ -157,12 +157,27 @@ impl KubeCluster {
     }
 }
 
+/// Why this adapter cannot observe a real node's `AgentReady` step, and what to do meanwhile
+/// (preflight rule `node-observability`).
+fn unobservable_why() -> String {
+    format!(
+        "this version of cnimig-kube reads them from the annotations {} on the agent pod and {} on \
+         the node, which only cnimig's emulator writes; reading them on a real node (a helper \
+         pod listing the directory, the agent's config-sources) is not built yet, so migrate \
+         these nodes with Cilium's per-node procedure meanwhile",
+        crate::AGENT_CONFIG_ANNOTATION,
+        crate::CNI_DIR_ANNOTATION
+    )
+}
+
 #[async_trait]
 impl Cluster for KubeCluster {
     /// Nodes, pods, budgets, the service CIDR (the `ServiceCIDR` named `kubernetes`, else
     /// [`KubeOptions::service_cidr`](crate::KubeOptions::service_cidr)), whether Goldpinger runs
     /// (a pod labelled `app=goldpinger` or `app.kubernetes.io/name=goldpinger`), and the Cilium
-    /// agent's requests (container `cilium-agent` of DaemonSet `cilium`, zero when absent).
+    /// agent's requests (container `cilium-agent` of DaemonSet `cilium`, zero when absent). Nodes
+    /// without the emulator's [`CNI_DIR_ANNOTATION`](crate::CNI_DIR_ANNOTATION) are
+    /// `unobservable` (real nodes: see the crate's "Emulator contracts").
     ///
     /// # RBAC
     /// `list nodes`, `list pods`, `list poddisruptionbudgets`, `get configmaps`,
@@ -204,6 +219,20 @@ impl Cluster for KubeCluster {
                 *r = r.plus(p.requests);
             }
         }
+        // A node without the emulator's CNI-directory annotation is a real one: see
+        // `unobservable_why`.
+        let unobservable = nodes
+            .iter()
+            .filter(|n| {
+                !n.metadata
+                    .annotations
+                    .as_ref()
+                    .is_some_and(|a| a.contains_key(crate::CNI_DIR_ANNOTATION))
+            })
+            .filter_map(|n| n.metadata.name.as_deref())
+            .filter_map(|n| NodeName::new(n).ok())
+            .map(|n| (n, unobservable_why()))
+            .collect();
         let nodes = nodes
             .iter()
             .filter_map(convert::node)
@@ -224,6 +253,7 @@ impl Cluster for KubeCluster {
             connectivity_checker,
             cilium_agent_requests: self.cilium_agent_requests().await?,
             pods,
+            unobservable,
         })
     }
 

@@ -87,7 +87,9 @@
 //! Two things a real cluster exposes only on the node are read from annotations that the
 //! emulator (`cnimig-emu`) writes, documented on the methods that read them:
 //! [`AGENT_CONFIG_ANNOTATION`] (the node config a Cilium agent resolved) and
-//! [`CNI_DIR_ANNOTATION`] (the state of `/etc/cni/net.d`).
+//! [`CNI_DIR_ANNOTATION`] (the state of `/etc/cni/net.d`). A node without the latter is a real
+//! one: the inventory lists it as `unobservable`, and preflight (rule `node-observability`)
+//! refuses a run over it before any write.
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;

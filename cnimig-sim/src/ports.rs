@@ -76,6 +76,8 @@ impl Cluster for SimCluster {
             cluster_cidr: s.scenario.cluster_cidr,
             connectivity_checker: s.scenario.connectivity_checker,
             cilium_agent_requests: s.scenario.cilium_agent.resources(),
+            // The simulator's nodes expose their agent and CNI directory to the model.
+            unobservable: BTreeMap::new(),
         })
     }
 

@@ -121,6 +121,7 @@ impl Fixture {
                 memory_bytes: 128 * MI,
             },
             records: std::collections::BTreeMap::new(),
+            unobservable: std::collections::BTreeMap::new(),
         };
         let mut cfg = MigrationConfig::new("10.245.0.0/16".parse().unwrap());
         cfg.other_routed_cidrs

@@ -12,6 +12,7 @@ pub(super) const CONNECTIVITY_CHECKER: &str = "connectivity-checker";
 pub(super) const NODES_NOT_READY: &str = "nodes-not-ready";
 pub(super) const NODES_CORDONED: &str = "nodes-cordoned";
 pub(super) const SCOPE: &str = "scope";
+pub(super) const NODE_OBSERVABILITY: &str = "node-observability";
 
 /// Rule `agent-room`: every node in scope has room for the Cilium agent's requests.
 pub(super) fn agent_room(ctx: &Ctx<'_>) -> Vec<Check> {
@@ -128,6 +129,48 @@ pub(super) fn nodes_not_ready(ctx: &Ctx<'_>) -> Vec<Check> {
             bounded(bad)
         ),
     )]
+}
+
+/// Rule `node-observability`: the adapter can see, on every node in scope, what the node's
+/// `AgentReady` step waits for (the node config its Cilium agent resolved, Cilium's CNI config in
+/// `/etc/cni/net.d`). A node it cannot see would be cordoned, drained, relabelled and its agent
+/// restarted, then time out there and be rolled back: refused before any change.
+pub(super) fn node_observability(ctx: &Ctx<'_>) -> Vec<Check> {
+    let mut by_why: std::collections::BTreeMap<&str, Vec<&NodeName>> =
+        std::collections::BTreeMap::new();
+    for n in ctx.scope_nodes() {
+        if let Some(why) = ctx.snap.unobservable.get(&n.name) {
+            by_why.entry(why.as_str()).or_default().push(&n.name);
+        }
+    }
+    if by_why.is_empty() {
+        let n = ctx.scope_nodes().count();
+        return vec![Check::pass(
+            NODE_OBSERVABILITY,
+            format!(
+                "The agent's node config and the CNI directory can be observed on every node in scope ({n})."
+            ),
+        )];
+    }
+    by_why
+        .into_iter()
+        .map(|(why, nodes)| {
+            Check::fail(
+                NODE_OBSERVABILITY,
+                format!(
+                    "{} in scope: cnimig cannot observe the Cilium agent's resolved node config and \
+                     /etc/cni/net.d there ({}: {why}). A run would cordon, drain and relabel {}, \
+                     restart {} agent, never see it reach AgentReady and roll {} back, so nothing \
+                     is started.",
+                    count(nodes.len(), "node"),
+                    bounded(&nodes),
+                    verb(nodes.len(), "it", "them"),
+                    verb(nodes.len(), "its", "their"),
+                    verb(nodes.len(), "it", "each"),
+                ),
+            )
+        })
+        .collect()
 }
 
 /// Rule `nodes-cordoned`: nodes a person cordoned stay cordoned after their migration.
@@ -250,6 +293,47 @@ mod tests {
     use crate::model::Resources;
 
     const MI: u64 = 1 << 20;
+
+    // ---- node-observability ----
+
+    #[test]
+    fn nodes_whose_agent_cannot_be_observed_fail_grouped_by_reason_and_only_in_scope() {
+        let mut f = Fixture::healthy();
+        assert_pass(&f.run(), NODE_OBSERVABILITY);
+        f.snap
+            .unobservable
+            .insert(name("worker-1"), "no emulator annotation".into());
+        f.snap
+            .unobservable
+            .insert(name("worker-2"), "no emulator annotation".into());
+        f.snap
+            .unobservable
+            .insert(name("cp-1"), "another reason".into());
+        let r = f.run();
+        assert!(!r.ok(), "{r}");
+        let c = expect(&r, NODE_OBSERVABILITY, Severity::Fail);
+        assert_eq!(c.len(), 2, "one check per reason: {c:?}");
+        let two = c
+            .iter()
+            .find(|c| c.message.contains("no emulator annotation"))
+            .unwrap();
+        assert!(
+            two.message.starts_with("2 nodes in scope")
+                && two
+                    .message
+                    .contains("worker-1, worker-2: no emulator annotation"),
+            "{two:?}"
+        );
+        assert!(two.message.contains("roll each back"), "{two:?}");
+        // A node out of scope is not refused.
+        f.scope.retain(|n| n.as_str() != "cp-1");
+        let c = expect(&f.run(), NODE_OBSERVABILITY, Severity::Fail);
+        assert_eq!(c.len(), 1, "{c:?}");
+        f.scope.clear();
+        f.scope.push(name("cp-1"));
+        f.snap.unobservable.remove(&name("cp-1"));
+        assert_pass(&f.run(), NODE_OBSERVABILITY);
+    }
 
     // ---- agent-room ----
 
