@@ -161,9 +161,8 @@ impl KubeCluster {
 /// (preflight rule `node-observability`).
 fn unobservable_why() -> String {
     format!(
-        "this version of cnimig-kube reads them from the annotations {} on the agent pod and {} on \
-         the node, which only cnimig's emulator writes; reading them on a real node (a helper \
-         pod listing the directory, the agent's config-sources) is not built yet, so migrate \
+        "This version of cnimig-kube reads both from annotations only its emulator writes ({} on \
+         the agent pod, {} on the node); reading them on a real node is not built yet: migrate \
          these nodes with Cilium's per-node procedure meanwhile",
         crate::AGENT_CONFIG_ANNOTATION,
         crate::CNI_DIR_ANNOTATION

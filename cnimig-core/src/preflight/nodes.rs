@@ -158,14 +158,15 @@ pub(super) fn node_observability(ctx: &Ctx<'_>) -> Vec<Check> {
             Check::fail(
                 NODE_OBSERVABILITY,
                 format!(
-                    "{} in scope: cnimig cannot observe the Cilium agent's resolved node config and \
-                     /etc/cni/net.d there ({}: {why}). A run would cordon, drain and relabel {}, \
-                     restart {} agent, never see it reach AgentReady and roll {} back, so nothing \
-                     is started.",
+                    "{} in scope ({}): cnimig cannot observe there which node config the Cilium \
+                     agent resolved, nor /etc/cni/net.d, so a run would cordon, drain and relabel \
+                     {}, restart {} agent, never see {} reach AgentReady and roll {} back. \
+                     Nothing is started. {why}.",
                     count(nodes.len(), "node"),
                     bounded(&nodes),
                     verb(nodes.len(), "it", "them"),
                     verb(nodes.len(), "its", "their"),
+                    verb(nodes.len(), "it", "them"),
                     verb(nodes.len(), "it", "each"),
                 ),
             )
@@ -302,26 +303,27 @@ mod tests {
         assert_pass(&f.run(), NODE_OBSERVABILITY);
         f.snap
             .unobservable
-            .insert(name("worker-1"), "no emulator annotation".into());
+            .insert(name("worker-1"), "No emulator annotation".into());
         f.snap
             .unobservable
-            .insert(name("worker-2"), "no emulator annotation".into());
+            .insert(name("worker-2"), "No emulator annotation".into());
         f.snap
             .unobservable
-            .insert(name("cp-1"), "another reason".into());
+            .insert(name("cp-1"), "Another reason".into());
         let r = f.run();
         assert!(!r.ok(), "{r}");
         let c = expect(&r, NODE_OBSERVABILITY, Severity::Fail);
         assert_eq!(c.len(), 2, "one check per reason: {c:?}");
         let two = c
             .iter()
-            .find(|c| c.message.contains("no emulator annotation"))
+            .find(|c| c.message.contains("No emulator annotation"))
             .unwrap();
         assert!(
-            two.message.starts_with("2 nodes in scope")
+            two.message
+                .starts_with("2 nodes in scope (worker-1, worker-2): ")
                 && two
                     .message
-                    .contains("worker-1, worker-2: no emulator annotation"),
+                    .ends_with("Nothing is started. No emulator annotation."),
             "{two:?}"
         );
         assert!(two.message.contains("roll each back"), "{two:?}");

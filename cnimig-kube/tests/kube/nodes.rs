@@ -186,7 +186,8 @@ async fn a_real_node_is_refused_before_any_write() {
             .collect();
         assert_eq!(fails.len(), 1, "{}", plan.preflight);
         assert!(
-            fails[0].starts_with("1 node in scope: ") && fails[0].contains(&real),
+            fails[0].starts_with(&format!("1 node in scope ({real}): "))
+                && fails[0].contains(&real),
             "{fails:?}"
         );
         assert!(!fails[0].contains(&emulated), "{fails:?}");
