@@ -1,5 +1,8 @@
 //! Migrates a cluster from Calico to Cilium node by node, with the core's orchestrator over
 //! `KubeCluster`. Cilium must already be installed with the migration values `kube_plan` prints.
+//! Real nodes are refused for now (preflight rule `node-observability`, exit 4 before any write):
+//! it migrates the test control plane's emulated nodes (see the README's "Running against a
+//! cluster").
 //!
 //! It always prints the plan first. Without `--yes` it changes nothing: it prints the writes a
 //! run makes (objects, fields, order) and sends the first write of each kind with server-side

@@ -463,7 +463,11 @@ pub fn planned_writes(
             ),
         ),
         (
-            format!("each of {nodes} nodes, before every step"),
+            if nodes == 1 {
+                "the node, before every step".to_string()
+            } else {
+                format!("each of {nodes} nodes, before every step")
+            },
             "PATCH nodes (JSON patch with a test op)".into(),
             "the node".into(),
             format!("metadata.annotations[{STATE_ANNOTATION}] = the node's migration record"),
