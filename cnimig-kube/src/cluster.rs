@@ -220,6 +220,7 @@ impl Cluster for KubeCluster {
         }
         // A node without the emulator's CNI-directory annotation is a real one: see
         // `unobservable_why`.
+        let why = unobservable_why();
         let unobservable = nodes
             .iter()
             .filter(|n| {
@@ -230,7 +231,7 @@ impl Cluster for KubeCluster {
             })
             .filter_map(|n| n.metadata.name.as_deref())
             .filter_map(|n| NodeName::new(n).ok())
-            .map(|n| (n, unobservable_why()))
+            .map(|n| (n, why.clone()))
             .collect();
         let nodes = nodes
             .iter()

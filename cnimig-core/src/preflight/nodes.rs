@@ -3,7 +3,7 @@
 
 use super::{Check, Ctx, bounded, count, fmt_bytes, verb};
 use crate::config::NodeScope;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::model::{NodeName, OwnerKind};
 
@@ -136,8 +136,7 @@ pub(super) fn nodes_not_ready(ctx: &Ctx<'_>) -> Vec<Check> {
 /// `/etc/cni/net.d`). A node it cannot see would be cordoned, drained, relabelled and its agent
 /// restarted, then time out there and be rolled back: refused before any change.
 pub(super) fn node_observability(ctx: &Ctx<'_>) -> Vec<Check> {
-    let mut by_why: std::collections::BTreeMap<&str, Vec<&NodeName>> =
-        std::collections::BTreeMap::new();
+    let mut by_why: BTreeMap<&str, Vec<&NodeName>> = BTreeMap::new();
     for n in ctx.scope_nodes() {
         if let Some(why) = ctx.snap.unobservable.get(&n.name) {
             by_why.entry(why.as_str()).or_default().push(&n.name);
@@ -155,18 +154,17 @@ pub(super) fn node_observability(ctx: &Ctx<'_>) -> Vec<Check> {
     by_why
         .into_iter()
         .map(|(why, nodes)| {
+            let them = verb(nodes.len(), "it", "them");
             Check::fail(
                 NODE_OBSERVABILITY,
                 format!(
                     "{} in scope ({}): cnimig cannot observe there which node config the Cilium \
                      agent resolved, nor /etc/cni/net.d, so a run would cordon, drain and relabel \
-                     {}, restart {} agent, never see {} reach AgentReady and roll {} back. \
-                     Nothing is started. {why}.",
+                     {them}, restart {} agent, never see {them} reach AgentReady and roll {} \
+                     back. Nothing is started. {why}.",
                     count(nodes.len(), "node"),
                     bounded(&nodes),
-                    verb(nodes.len(), "it", "them"),
                     verb(nodes.len(), "its", "their"),
-                    verb(nodes.len(), "it", "them"),
                     verb(nodes.len(), "it", "each"),
                 ),
             )
